@@ -182,6 +182,7 @@ def test_none_is_identity(frames: list[np.ndarray]) -> None:
     out = degrade_image(frames[0], TransmissionConfig())
     assert np.array_equal(out.image, frames[0])
     assert out.nbytes == frames[0].nbytes and out.payload is None and out.keyframe
+    assert not np.shares_memory(out.image, frames[0])  # the receiver's copy, not the sender's frame
 
 
 def test_jpeg_bytes_and_psnr_fall_with_quality(frames: list[np.ndarray]) -> None:
