@@ -1,0 +1,122 @@
+"""Descriptor extraction: RGB uint8 images -> L2-normalised float32 descriptors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import ImageError
+from .images import as_rgb8, load_image
+from .models.registry import Preprocess, VprModel, select_device
+
+log = logging.getLogger(__name__)
+
+
+def resize_rgb(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Resize to ``size`` = (H, W): area interpolation when shrinking, bilinear when enlarging."""
+    if size is None or image.shape[:2] == tuple(size):
+        return image
+    h, w = size
+    shrink = h * w < image.shape[0] * image.shape[1]
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def to_tensor_batch(images: Sequence[np.ndarray], pre: Preprocess) -> torch.Tensor:
+    """Stack same-size RGB uint8 images into a normalised (B, 3, H, W) float tensor."""
+    arr = np.stack([resize_rgb(im, pre.input_size) for im in images])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@dataclass
+class Extraction:
+    """Descriptors of the images that could be used, and why the others could not."""
+
+    descriptors: np.ndarray  # (N_ok, D) float32
+    indices: np.ndarray  # (N_ok,) positions in the input sequence
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (input position, reason)
+
+
+class DescriptorExtractor:
+    """Runs a :class:`VprModel` on batches of images, on GPU when present."""
+
+    def __init__(self, model: VprModel, *, device: str | torch.device = "auto", batch_size: int = 32) -> None:
+        self.device = device if isinstance(device, torch.device) else select_device(device)
+        self.model = model.to(self.device).eval()
+        self.preprocess = model.preprocess
+        self.batch_size = max(1, int(batch_size))
+        self.dim = int(model.descriptor_dim)
+
+    @torch.inference_mode()
+    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Descriptors (N, D) for validated RGB uint8 images; raises ImageError on a bad one."""
+        images = [as_rgb8(im, name=f"image {i}") for i, im in enumerate(images)]
+        out = np.empty((len(images), self.dim), dtype=np.float32)
+        if self.preprocess.input_size is not None:
+            groups = {None: list(range(len(images)))}
+        else:  # native sizes: batch images of equal size together
+            groups: dict = {}
+            for i, im in enumerate(images):
+                groups.setdefault(im.shape[:2], []).append(i)
+        for idx in groups.values():
+            for s in range(0, len(idx), self.batch_size):
+                chunk = idx[s : s + self.batch_size]
+                x = to_tensor_batch([images[i] for i in chunk], self.preprocess).to(self.device)
+                out[chunk] = self.model(x).float().cpu().numpy()
+        return out
+
+    def extract_stream(
+        self,
+        items: Iterable[object],
+        *,
+        load: Callable[[object], np.ndarray] = load_image,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
+        total: int | None = None,
+        desc: str = "extract",
+        progress: bool = True,
+    ) -> Extraction:
+        """Load (and optionally degrade) items one by one, batching the model calls.
+
+        Items that fail to load or validate are skipped, counted and logged with the reason.
+        """
+        descs: list[np.ndarray] = []
+        kept: list[int] = []
+        skipped: list[tuple[int, str]] = []
+        batch: list[np.ndarray] = []
+        batch_idx: list[int] = []
+
+        def flush() -> None:
+            if batch:
+                descs.append(self(batch))
+                kept.extend(batch_idx)
+                batch.clear()
+                batch_idx.clear()
+
+        for i, item in enumerate(tqdm(items, total=total, desc=desc, disable=not progress, unit="img")):
+            try:
+                image = as_rgb8(load(item), name=str(item))
+                if transform is not None:
+                    image = transform(image)
+            except ImageError as exc:
+                skipped.append((i, str(exc)))
+                log.warning("skipped %s", exc)
+                continue
+            batch.append(image)
+            batch_idx.append(i)
+            if len(batch) >= self.batch_size:
+                flush()
+        flush()
+        d = np.concatenate(descs) if descs else np.empty((0, self.dim), np.float32)
+        return Extraction(d, np.asarray(kept, dtype=np.int64), skipped)
+
+    def extract_files(self, paths: Sequence[str | Path], **kw) -> Extraction:
+        return self.extract_stream(paths, total=len(paths), **kw)

@@ -1,0 +1,110 @@
+"""Self-describing checkpoints.
+
+A checkpoint is a ``torch.save`` dict of plain types and tensors only, so it loads with
+``weights_only=True`` (no pickle code execution)::
+
+    {"format": "vpr_ros.checkpoint", "version": 1, "kind": "deployed" | "training",
+     "model": {"name", "config", "descriptor_dim", "preprocess"},
+     "state_dict": {...}, "meta": {...}}
+
+Training checkpoints add optimizer/scheduler/RNG state under other keys (see
+``vpr_ros.training``); :func:`load_model` reads the model from either kind.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ... import __version__
+from ..errors import ModelError
+from ..fileio import atomic_path
+from .registry import Preprocess, VprModel, create_model
+
+FORMAT = "vpr_ros.checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(
+    model: VprModel,
+    path: str | os.PathLike,
+    *,
+    kind: str = "deployed",
+    meta: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` atomically as a self-describing checkpoint and return the path."""
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "model": model.describe(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "vpr_ros_version": __version__,
+                 **(meta or {})},
+    }
+    if extra:
+        clash = set(extra) & set(payload)
+        if clash:
+            raise ModelError(f"checkpoint extra keys clash with reserved keys: {sorted(clash)}")
+        payload.update(extra)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate a checkpoint dict (``weights_only=True``); clear errors on bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, not a torch file, disallowed pickle globals
+        raise ModelError(f"{path}: not a readable vpr_ros checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a vpr_ros checkpoint (missing format tag {FORMAT!r})")
+    if int(ckpt.get("version", -1)) > VERSION:
+        raise ModelError(
+            f"{path}: checkpoint version {ckpt.get('version')} is newer than supported ({VERSION})"
+        )
+    model = ckpt.get("model")
+    if not isinstance(model, dict) or not {"name", "config", "descriptor_dim"} <= set(model):
+        raise ModelError(f"{path}: checkpoint lacks its model description")
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise ModelError(f"{path}: checkpoint lacks a state_dict")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], *, source: str = "checkpoint") -> VprModel:
+    """Rebuild the described model and load its weights (strict)."""
+    desc = ckpt["model"]
+    preprocess = Preprocess.from_dict(desc["preprocess"]) if desc.get("preprocess") else None
+    model = create_model(desc["name"], pretrained=False, preprocess=preprocess, **desc["config"])
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{source}: weights do not fit model {desc['name']!r}: {exc}") from None
+    if model.descriptor_dim != int(desc["descriptor_dim"]):
+        raise ModelError(
+            f"{source}: descriptor_dim {desc['descriptor_dim']} in the checkpoint but the model gives "
+            f"{model.descriptor_dim}"
+        )
+    return model
+
+
+def load_model(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", expected_name: str | None = None
+) -> VprModel:
+    """Load a checkpoint into a ready-to-run model in eval mode on ``device``."""
+    ckpt = read_checkpoint(path)
+    name = ckpt["model"]["name"]
+    if expected_name and name != expected_name:
+        raise ModelError(f"{path}: checkpoint holds model {name!r}, expected {expected_name!r}")
+    model = model_from_checkpoint(ckpt, source=str(path))
+    return model.to(device).eval()

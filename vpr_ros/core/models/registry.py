@@ -1,0 +1,166 @@
+"""Model registry: every model's facts (preprocessing, builder, defaults) live here, once.
+
+A model is registered with :func:`register_model`; everything else (the localizer node,
+map builder, evaluation, training, checkpoints) creates models by name through
+:func:`create_model` and reads preprocessing from the model itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How raw RGB uint8 images become the model's input tensor."""
+
+    input_size: tuple[int, int] | None = (240, 320)  # (H, W); None keeps each image's own size
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_size": list(self.input_size) if self.input_size else None,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ModelError(f"unknown preprocessing keys: {sorted(unknown)}")
+        size = d.get("input_size")
+        if size is not None:
+            if len(size) != 2 or min(int(s) for s in size) < 16:
+                raise ModelError(f"preprocessing input_size must be [H, W] with H, W >= 16, got {size}")
+            size = (int(size[0]), int(size[1]))
+        return cls(
+            input_size=size,
+            mean=tuple(float(v) for v in d.get("mean", IMAGENET_MEAN)),
+            std=tuple(float(v) for v in d.get("std", IMAGENET_STD)),
+        )
+
+
+class VprModel(nn.Module):
+    """Base class of registered models: image batch -> L2-normalised global descriptors.
+
+    Subclasses set ``descriptor_dim`` and implement :meth:`forward`; models used for
+    feature distillation also implement :meth:`forward_features`.
+    """
+
+    name: str = ""
+    descriptor_dim: int = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config: dict[str, Any] = {}
+        self.preprocess = Preprocess()
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - optional
+        raise NotImplementedError(f"{type(self).__name__} exposes no intermediate features")
+
+    def describe(self) -> dict[str, Any]:
+        """The self-description stored in checkpoints."""
+        return {
+            "name": self.name,
+            "config": dict(self.config),
+            "descriptor_dim": int(self.descriptor_dim),
+            "preprocess": self.preprocess.to_dict(),
+        }
+
+
+Builder = Callable[..., VprModel]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    builder: Builder
+    description: str
+    preprocess: Preprocess
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(
+    name: str, *, description: str, preprocess: Preprocess | None = None, **defaults: Any
+) -> Callable[[Builder], Builder]:
+    """Decorator registering ``builder(pretrained: bool, **config) -> VprModel`` under ``name``."""
+
+    def wrap(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ModelError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = ModelSpec(name, builder, description, preprocess or Preprocess(), dict(defaults))
+        return builder
+
+    return wrap
+
+
+def _ensure_builtin() -> None:
+    # Importing the model modules registers them.
+    from . import heads, structvpr  # noqa: F401
+
+
+def list_models() -> list[str]:
+    _ensure_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    _ensure_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; known models: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    preprocess: Preprocess | dict[str, Any] | None = None,
+    **config: Any,
+) -> VprModel:
+    """Build a registered model. ``pretrained`` loads the backbone's published weights
+    (ImageNet for MobileNetV2) through its library's normal weights API."""
+    spec = get_spec(name)
+    unknown = set(config) - set(spec.defaults)
+    if unknown:
+        raise ModelError(
+            f"model {name!r} has no config keys {sorted(unknown)}; valid keys: {sorted(spec.defaults)}"
+        )
+    merged = {**spec.defaults, **config}
+    model = spec.builder(pretrained=pretrained, **merged)
+    model.name = name
+    model.config = merged
+    if isinstance(preprocess, dict):
+        preprocess = Preprocess.from_dict(preprocess)
+    model.preprocess = preprocess or spec.preprocess
+    return model
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cuda``/``cuda:N``/``cpu`` are explicit."""
+    pref = (preference or "auto").lower()
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {preference!r} requested but CUDA is not available on this machine")
+        return torch.device(pref)
+    if pref == "cpu":
+        return torch.device("cpu")
+    raise ModelError(f"unknown device {preference!r}; use auto, cpu, cuda or cuda:N")
