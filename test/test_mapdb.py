@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -205,6 +206,43 @@ def test_empty_map_query_and_k_clamping():
         pmap.query(q, k=0)
 
 
+def test_queries_and_saves_from_other_threads_while_adding(tmp_path):
+    x = unit(2000, 16, seed=13)
+    pmap = PlaceMap(16)  # exact, so every self-query must come back first
+    pmap.add(x[:100])
+    done = threading.Event()
+    problems: list[str] = []
+
+    def reader(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not done.is_set():
+            i = int(rng.integers(0, 100))
+            (res,) = pmap.query(x[i], k=3)
+            if res.ids[0] != i or res.entries[0].id != i:
+                problems.append(f"query {i} gave {res.ids.tolist()}")
+
+    def saver() -> None:
+        while not done.is_set():
+            pmap.save(tmp_path / "live")
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(2)] + [
+        threading.Thread(target=saver)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        for start in range(100, 2000, 100):
+            pmap.add(x[start : start + 100])
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not problems, problems[:5]
+    assert len(pmap) == 2000
+    pmap.save(tmp_path / "live")
+    assert len(PlaceMap.load(tmp_path / "live")) == 2000
+
+
 # ---------------------------------------------------------------------------- input validation
 
 
@@ -291,9 +329,12 @@ def test_hnsw_recall_against_exact():
     x, q = unit(2000, 32, seed=5), unit(100, 32, seed=6)
     pmap = PlaceMap(32, "hnsw")
     pmap.add(x)
-    _, ids = pmap.search(q, 1)
+    scores, ids = pmap.search(q, 5)
     exact = np.argmax(q @ x.T, axis=1)
     assert np.mean(ids[:, 0] == exact) >= 0.9
+    # hnsw reports real inner products (higher is better), like the flat index
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[ids]), rtol=1e-5, atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 0).all()
 
 
 def test_ivfpq_buffers_until_trained_then_recall_and_round_trip(tmp_path):

@@ -49,7 +49,7 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,47 @@ class _Grow:
         self._n = need
 
 
+class _RWLock:
+    """Many readers (search, query, save) or one writer (add); waiting writers go first."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_writers += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
 def _int_param(kind: str, name: str, value: Any, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise MapError(f"index {kind!r}: parameter {name} must be an integer >= {low}, got {value!r}")
@@ -220,7 +261,8 @@ class PlaceMap:
     ``dim`` is the descriptor length, ``model`` the name of the model that produced the
     descriptors (checked by :meth:`load` against ``expected_model``), ``index`` one of
     :data:`INDEX_KINDS` with its ``index_params`` (see the module docstring), ``metric``
-    ``"ip"`` (inner product, default) or ``"l2"``. Methods are thread-safe.
+    ``"ip"`` (inner product, default) or ``"l2"``. Thread-safe: searches and saves run
+    concurrently; :meth:`add` waits for them and excludes them.
     """
 
     def __init__(
@@ -237,7 +279,7 @@ class PlaceMap:
         self.metric = metric
         self.index_kind = index
         self._params = _resolve_params(index, self.dim, dict(index_params))
-        self._lock = threading.RLock()
+        self._lock = _RWLock()
         self._read_only = False
         self._active = "hnsw" if index == "hnsw" else "flat"
         self._index = self._new_index(self._active)
@@ -284,7 +326,7 @@ class PlaceMap:
     @property
     def ids(self) -> np.ndarray:
         """All ids, in storage order (the row order of :meth:`descriptors`)."""
-        with self._lock:
+        with self._lock.read():
             return self._ids.view().copy()
 
     # ------------------------------------------------------------------ index construction
@@ -426,7 +468,7 @@ class PlaceMap:
         x = self._check_descriptors(descriptors)
         n = len(x)
         stamps, pos, ori, frames, sources = self._columns(entries, n)
-        with self._lock:
+        with self._lock.write():
             if self._read_only:
                 raise MapError(
                     "this map was loaded with mmap=True and is read-only; load it without mmap to add"
@@ -459,7 +501,7 @@ class PlaceMap:
         """Raw top-``k``: ``(scores (Q, k) float32, ids (Q, k) int64)``; missing neighbours get id -1."""
         x = self._check_descriptors(descriptors, "query descriptors")
         k = self._check_k(k)
-        with self._lock:
+        with self._lock.read():
             scores, rows = self._search_rows(x, k)
             ids = np.full(rows.shape, -1, np.int64)
             found = rows >= 0
@@ -473,7 +515,7 @@ class PlaceMap:
         """
         x = self._check_descriptors(descriptors, "query descriptors")
         k = self._check_k(k)
-        with self._lock:
+        with self._lock.read():
             kk = min(k, len(self))
             if kk == 0:
                 empty = [QueryResult(np.empty(0, np.int64), np.empty(0, np.float32), []) for _ in x]
@@ -509,17 +551,17 @@ class PlaceMap:
 
     def entry(self, id: int) -> MapEntry:
         """The metadata of place ``id``; :class:`UnknownEntryError` (a MapError and KeyError) if absent."""
-        with self._lock:
+        with self._lock.read():
             return self._entry_at(self._row(int(id)))
 
     def entries(self) -> list[MapEntry]:
         """Every place's metadata, in storage order."""
-        with self._lock:
+        with self._lock.read():
             return [self._entry_at(i) for i in range(len(self))]
 
     def descriptors(self) -> np.ndarray:
         """All stored descriptors ``(N, dim)`` float32, rows in :attr:`ids` order (not for trained ivfpq)."""
-        with self._lock:
+        with self._lock.read():
             if self._active == "ivfpq":
                 raise MapError("an ivfpq map stores compressed codes; its descriptors cannot be read back")
             return self._all_vectors()
@@ -534,7 +576,7 @@ class PlaceMap:
         files no longer referenced removed. A crash leaves the previous map loadable.
         """
         target = map_path(path)
-        with self._lock:
+        with self._lock.read():
             try:
                 target.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
