@@ -10,8 +10,12 @@ from .registry import (
     register_model,
     select_device,
 )
+from .resolve import DEFAULT_WEIGHTS, parse_size, resolve_model
 
 __all__ = [
+    "DEFAULT_WEIGHTS",
+    "parse_size",
+    "resolve_model",
     "Preprocess",
     "VprModel",
     "create_model",

@@ -1,0 +1,278 @@
+"""``vpr-ros``: the command-line front end.
+
+Subcommands translate arguments into explicit library calls; nothing here is imported by
+the library. Training (``vpr_ros.training``) and ROS (``vpr_ros.ros``) subcommands are
+registered lazily so the core CLI works without torch-training extras or rclpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .core.errors import VprError
+
+log = logging.getLogger("vpr_ros")
+
+DEMO_DEGRADATIONS = ("none", "jpeg:10", "resize:0.25", "h264:40")
+
+
+def default_shared() -> Path:
+    """``$VPR_ROS_SHARED``, else ``../shared`` beside the current directory."""
+    return Path(os.environ.get("VPR_ROS_SHARED", Path.cwd().parent / "shared"))
+
+
+# --------------------------------------------------------------------------- shared options
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--weights", help="deployed checkpoint (.pt); 'default' = the packaged student")
+    g.add_argument("--model", help="registered model name (ImageNet-initialised unless --weights)")
+    g.add_argument("--input-size", default=None, help="preprocessing size HxW (e.g. 240x320) or 'native'")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    g.add_argument("--batch-size", type=int, default=32)
+
+
+def _add_dataset_args(p: argparse.ArgumentParser, *, default_name: str | None = None) -> None:
+    g = p.add_argument_group("dataset")
+    g.add_argument("--dataset", default=default_name, choices=["nordland", "ie_tower", "folder"],
+                   help="dataset reader")
+    g.add_argument("--root", type=Path, help="dataset folder (for nordland/ie_tower: the shared data folder)")
+    g.add_argument("--every", type=int, default=1, help="use every N-th image (quick runs)")
+    g.add_argument("--limit", type=int, default=None, help="at most this many database/query images")
+
+
+def _extractor(args: argparse.Namespace):
+    from .core.extract import DescriptorExtractor
+    from .core.models import parse_size, resolve_model
+
+    size = "keep" if args.input_size is None else parse_size(args.input_size)
+    model = resolve_model(args.weights, args.model, input_size=size)
+    ext = DescriptorExtractor(model, device=args.device, batch_size=args.batch_size)
+    pre = model.preprocess.input_size
+    log.info("model %s (%d-d) on %s, input %s", model.name, model.descriptor_dim, ext.device,
+             "native" if pre is None else f"{pre[0]}x{pre[1]}")
+    return ext
+
+
+def _model_label(args: argparse.Namespace, ext) -> str:
+    if args.weights:
+        return Path(args.weights).stem if args.weights != "default" else f"{ext.model.name}@default"
+    return ext.model.name if args.model else f"{ext.model.name}"
+
+
+def _dataset(args: argparse.Namespace):
+    from .core.datasets import load_dataset
+
+    if args.root is None:
+        raise VprError("--root is required (the dataset folder)")
+    kw = {}
+    if args.dataset in ("nordland", "ie_tower"):
+        kw = {"every": args.every, "limit": args.limit}
+    ds = load_dataset(args.dataset, args.root, **kw)
+    if args.dataset == "folder" and (args.every > 1 or args.limit):
+        ds = ds.subset(args.every, args.limit)
+    log.info("%s", ds.summary())
+    return ds
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .core.models import DEFAULT_WEIGHTS, get_spec, list_models
+
+    for name in list_models():
+        print(f"{name:24s} {get_spec(name).description}")
+    state = "present" if DEFAULT_WEIGHTS.is_file() else "not built"
+    print(f"\npackaged default weights: {DEFAULT_WEIGHTS} ({state})")
+    return 0
+
+
+def cmd_degrade(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .core.images import ImageError, load_image, save_image
+    from .core.transmission import TransmissionConfig, Transmitter
+
+    src = Path(args.images)
+    if not src.is_dir():
+        raise VprError(f"{src}: not a folder of images")
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
+    if not files:
+        raise VprError(f"{src}: no images (.jpg/.png/.bmp) found")
+    if args.limit:
+        files = files[: args.limit]
+    rows = []
+    for spec in args.spec:
+        cfg = TransmissionConfig.parse(spec)
+        tx = Transmitter(cfg)
+        out_dir = Path(args.out) / cfg.label
+        skipped = 0
+        for f in tqdm(files, desc=cfg.label, unit="img"):
+            try:
+                received = tx.process(load_image(f)).image
+            except ImageError as exc:
+                skipped += 1
+                log.warning("skipped %s", exc)
+                continue
+            target = out_dir / f.relative_to(src).with_suffix(".png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_image(target, received)  # lossless: what arrived, bit for bit
+        st = tx.stats
+        rows.append((cfg.label, st["frames"], st["mean_bytes"], st["kbps"], skipped, out_dir))
+    print(f"{'degradation':20s} {'frames':>6s} {'bytes/frame':>12s} {'kbps':>9s} {'skipped':>7s}  folder")
+    for label, n, b, kbps, sk, d in rows:
+        print(f"{label:20s} {n:6d} {b:12.1f} {kbps:9.1f} {sk:7d}  {d}")
+    return 0
+
+
+def cmd_build_map(args: argparse.Namespace) -> int:
+    from .core.datasets import ImageRecord
+    from .core.experiment import map_from_records
+
+    ext = _extractor(args)
+    if args.images:
+        src = Path(args.images)
+        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
+        if not files:
+            raise VprError(f"{src}: no images (.jpg/.png/.bmp) found")
+        records = [ImageRecord(path=f, name=f.name, frame_index=i) for i, f in enumerate(files)]
+    else:
+        records = _dataset(args).database
+    t0 = time.perf_counter()
+    place_map, _, skipped = map_from_records(ext, records, model=ext.model.name, index=args.index)
+    path = place_map.save(args.out)
+    print(f"map {path}: {len(place_map)} entries ({place_map.dim}-d, {place_map.index_kind}), "
+          f"{len(skipped)} images skipped, {time.perf_counter() - t0:.1f} s")
+    for i, reason in skipped[:10]:
+        print(f"  skipped #{i}: {reason}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace, specs: Sequence[str]) -> tuple[list, dict]:
+    from .core.evaluation import format_table
+    from .core.experiment import evaluate_dataset, write_report
+    from .core.transmission import TransmissionConfig
+
+    configs = [TransmissionConfig.parse(s) for s in specs]  # fail on a bad spec before any work
+    ds = _dataset(args)
+    ext = _extractor(args)
+    t0 = time.perf_counter()
+    runs = evaluate_dataset(ds, ext, configs, model_label=_model_label(args, ext))
+    paths = write_report(runs, ds, args.out)
+    print()
+    print(format_table([r.result for r in runs]))
+    print(f"\n{ds.summary()}")
+    print(f"evaluated in {time.perf_counter() - t0:.0f} s on {ext.device}")
+    return runs, paths
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _, paths = run_eval(args, args.degrade or ["none"])
+    print("\nwritten:")
+    for name, p in paths.items():
+        print(f"  {name:28s} {p}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    shared = Path(args.shared) if args.shared else default_shared()
+    root = shared / "data" / "nordland_64x32"
+    if not root.is_dir():
+        raise VprError(f"the demo needs the Nordland data at {root}; pass --shared or set VPR_ROS_SHARED")
+    print(f"vpr_ros demo: map from Nordland summer, queries from Nordland winter ({root})")
+    args.dataset, args.root, args.limit = "nordland", root, None
+    _, paths = run_eval(args, args.degrade or list(DEMO_DEGRADATIONS))
+    if not args.no_ros:
+        paths.update(_demo_ros(args, root))
+    print("\nplots and results:")
+    for name, p in paths.items():
+        print(f"  {name:28s} {p}")
+    return 0
+
+
+def _demo_ros(args: argparse.Namespace, root: Path) -> dict[str, Path]:
+    try:
+        demo = importlib.import_module("vpr_ros.ros.demo")
+    except ImportError as exc:
+        print(f"\n(ROS graph part skipped: {exc})")
+        return {}
+    return demo.run_graph_demo(nordland_root=root, out_dir=Path(args.out) / "ros", every=args.every,
+                               weights=args.weights, input_size=args.input_size)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpr-ros", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list registered models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("degrade", help="write degraded copies of images and report bytes per frame")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively, sorted)")
+    p.add_argument("--spec", action="append", required=True,
+                   help="transmission spec, repeatable: none, jpeg:10, resize:0.25, h264:40, kbps:200@10")
+    p.add_argument("--out", required=True, help="output folder (one subfolder per spec)")
+    p.add_argument("--limit", type=int, default=None)
+    p.set_defaults(func=cmd_degrade)
+
+    p = sub.add_parser("build-map", help="describe images and write a place map (.vprmap)")
+    p.add_argument("--images", help="folder of images (else --dataset/--root database images)")
+    _add_dataset_args(p)
+    _add_model_args(p)
+    p.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq", "auto"])
+    p.add_argument("--out", required=True, help="map path (a .vprmap folder)")
+    p.set_defaults(func=cmd_build_map)
+
+    p = sub.add_parser("eval", help="recall@N of a model on a dataset under degradations, with plots")
+    _add_dataset_args(p, default_name="nordland")
+    _add_model_args(p)
+    p.add_argument("--degrade", action="append", help="query degradation spec, repeatable (default none)")
+    p.add_argument("--out", default="results/eval", help="folder for results.json and plots")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="Nordland winter->summer at high and low quality (+ the ROS graph)")
+    p.add_argument("--shared", help="shared data folder (default $VPR_ROS_SHARED or ../shared)")
+    p.add_argument("--out", default="results/demo")
+    p.add_argument("--every", type=int, default=3, help="use every N-th Nordland place (default 3)")
+    p.add_argument("--degrade", action="append", help=f"degradation specs (default {DEMO_DEGRADATIONS})")
+    p.add_argument("--no-ros", action="store_true", help="skip the ROS graph part")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_demo, input_size="128x256")
+
+    for module in ("vpr_ros.training.cli", "vpr_ros.ros.cli"):
+        try:
+            importlib.import_module(module).register(sub)
+        except ImportError as exc:  # optional rooms (training extras, rclpy) not installed
+            log.debug("subcommands of %s unavailable: %s", module, exc)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader reports CPU-feature probing at INFO
+    try:
+        return int(args.func(args) or 0)
+    except VprError as exc:
+        print(f"vpr-ros {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

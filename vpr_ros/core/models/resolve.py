@@ -1,0 +1,62 @@
+"""Pick the model a run uses: a weights file, a registered name, or the packaged default."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from ..errors import ModelError
+from .checkpoint import load_model
+from .registry import VprModel, create_model
+
+log = logging.getLogger(__name__)
+
+#: The deployed student shipped with the package (produced by ``vpr_ros.training``).
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "structvpr_mobilenetv2_loqi.pt"
+DEFAULT_MODEL = "structvpr_mobilenetv2"
+
+
+def resolve_model(
+    weights: str | os.PathLike | None = None,
+    model: str | None = None,
+    *,
+    pretrained: bool = True,
+    input_size: tuple[int, int] | None | str = "keep",
+) -> VprModel:
+    """Return an eval-mode model on CPU.
+
+    ``weights`` (a checkpoint path, or ``"default"`` for the packaged student) wins; else
+    ``model`` builds a registered model (ImageNet backbone when ``pretrained``); with neither,
+    the packaged student is used when present, else ImageNet-initialised StructVPR.
+    ``input_size`` overrides the preprocessing size ((H, W), or None for native size).
+    """
+    if weights == "default" or (weights is None and model is None):
+        if DEFAULT_WEIGHTS.is_file():
+            weights = DEFAULT_WEIGHTS
+        elif weights == "default":
+            raise ModelError(f"the packaged default weights {DEFAULT_WEIGHTS} are missing")
+        else:
+            model = DEFAULT_MODEL
+            log.info("no packaged weights at %s: using ImageNet-initialised %s", DEFAULT_WEIGHTS, model)
+    if weights is not None:
+        net = load_model(weights, expected_name=model)
+    else:
+        net = create_model(model, pretrained=pretrained).eval()
+    if input_size != "keep":
+        net.preprocess = dataclasses.replace(net.preprocess, input_size=input_size)
+    return net
+
+
+def parse_size(text: str) -> tuple[int, int] | None:
+    """``"240x320"`` -> (240, 320) as (H, W); ``"native"`` -> None."""
+    if text.lower() in ("native", "none"):
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ModelError(f"bad input size {text!r}; expected HxW such as 240x320, or 'native'") from None
+    if h < 16 or w < 16:
+        raise ModelError(f"input size {text!r} is too small (minimum 16x16)")
+    return h, w
