@@ -14,6 +14,7 @@ Usage::
 
     .venv/bin/python scripts/build_msgs.py            # into that venv
     python scripts/build_msgs.py --python /path/venv/bin/python [--prefix DIR] [--force]
+    .venv/bin/python scripts/build_msgs.py --toolchain-only   # wheels + rewrite only (colcon users)
 """
 
 from __future__ import annotations
@@ -281,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clean", action="store_true", help="wipe the build directory first")
     ap.add_argument("--offline", action="store_true", help="never call pip; fail if wheels are missing")
     ap.add_argument("--uninstall", action="store_true", help="remove what a previous run installed")
+    ap.add_argument("--toolchain-only", action="store_true",
+                    help="only install the generator wheels and rewrite include dirs (e.g. before colcon)")
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     args = ap.parse_args(argv)
     t0 = time.monotonic()
@@ -303,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             raise BuildError(f"numpy is not importable by {python}")
         n = rewrite_include_dirs(Path(info["prefix"]) / "share", info["include"], info["numpy_include"])
         log(f"include-dir rewrite: {n} .cmake file(s) updated" if n else "include-dir rewrite: nothing to do")
+        if args.toolchain_only:
+            log(f"toolchain ready; build with AMENT_PREFIX_PATH={info['prefix']} "
+                f"CMAKE_PREFIX_PATH={info['prefix']} ({time.monotonic() - t0:.1f}s)")
+            return 0
 
         cmake = ensure_cmake(python, args.offline)
         for names in (("cc", "gcc"), ("c++", "g++")):
