@@ -116,14 +116,15 @@ def probe(python: str) -> dict:
 
 
 def pick_python(arg: str | None) -> str:
-    """The interpreter of the venv to build for: --python, else $VIRTUAL_ENV, else this one."""
+    """The interpreter of the venv to build for: --python, else this one if it is a venv's,
+    else $VIRTUAL_ENV's."""
     if arg:
-        return arg
+        return str(Path(arg).absolute())
+    if sys.prefix != sys.base_prefix:
+        return sys.executable
     venv = os.environ.get("VIRTUAL_ENV")
     if venv and (Path(venv) / "bin" / "python").exists():
         return str(Path(venv) / "bin" / "python")
-    if sys.prefix != sys.base_prefix:
-        return sys.executable
     raise BuildError("no virtual environment: activate the project venv, run this script with the venv's "
                      "python, or pass --python /path/to/venv/bin/python")
 
@@ -274,8 +275,8 @@ def uninstall(build_dir: Path, info: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--python", help="interpreter of the target venv (default: $VIRTUAL_ENV/bin/python "
-                                     "or the running one if it is a venv)")
+    ap.add_argument("--python", help="interpreter of the target venv (default: the running one if it "
+                                     "is a venv's, else $VIRTUAL_ENV/bin/python)")
     ap.add_argument("--prefix", type=Path, help="install prefix (default: the venv's sys.prefix)")
     ap.add_argument("--build-dir", type=Path, help="cmake build directory (default: build/build_msgs/<id>)")
     ap.add_argument("--force", action="store_true", help="rebuild even when up to date")
