@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .fileio import atomic_write_text
 
 RECALL_NS = (1, 5, 10, 20)
 
@@ -297,20 +298,8 @@ def save_results_json(results: Sequence[EvalResult | dict[str, Any]], path: str 
     """Write ``{"results": [...]}`` atomically (temporary file beside ``path``, then os.replace).
 
     NumPy values become plain numbers, non-finite floats become null; parent folders are created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"results": [_jsonable(r) for r in results]}
-    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
 
 
 def load_results_json(path: str | os.PathLike) -> list[EvalResult]:
