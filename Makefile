@@ -37,11 +37,11 @@ weights:
 	  ln -s $(SHARED)/weights/mobilenet_v2-b0353104.pth $(TORCH_HOME)/hub/checkpoints/; fi
 
 demo: setup
-	$(VENV)/bin/vpr-ros demo --shared $(SHARED)
+	scripts/confine.sh $(VENV)/bin/vpr-ros demo --shared $(SHARED)
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q
+	scripts/confine.sh $(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
