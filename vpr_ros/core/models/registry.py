@@ -111,7 +111,7 @@ def register_model(
 
 def _ensure_builtin() -> None:
     # Importing the model modules registers them.
-    from . import heads, structvpr  # noqa: F401
+    from . import heads, scicevpr, structvpr  # noqa: F401
 
 
 def list_models() -> list[str]:
