@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .backends import InferenceBackend, make_backend
 from .errors import ImageError
 from .images import as_rgb8, load_image
-from .models.registry import Preprocess, VprModel, select_device
+from .models.registry import Preprocess, VprModel
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +48,35 @@ class Extraction:
 
 
 class DescriptorExtractor:
-    """Runs a :class:`VprModel` on batches of images, on GPU when present."""
+    """Runs a :class:`VprModel` on batches of images through an inference backend, on GPU when present.
 
-    def __init__(self, model: VprModel, *, device: str | torch.device = "auto", batch_size: int = 32) -> None:
-        self.device = device if isinstance(device, torch.device) else select_device(device)
-        self.model = model.to(self.device).eval()
-        self.preprocess = model.preprocess
+    ``backend``: ``"torch"`` (default, eager channels_last), ``"onnx"`` (ONNX Runtime), or a ready
+    :class:`~vpr_ros.core.backends.InferenceBackend`; ``precision`` ``"fp32"`` or ``"fp16"`` (CUDA
+    only); ``backend_options`` go to :func:`~vpr_ros.core.backends.make_backend` (e.g. ``cache_dir``,
+    ``threads`` for onnx, ``channels_last``, ``compile`` for torch).
+    """
+
+    def __init__(
+        self,
+        model: VprModel,
+        *,
+        device: str | torch.device = "auto",
+        batch_size: int = 32,
+        backend: str | InferenceBackend = "torch",
+        precision: str = "fp32",
+        **backend_options: object,
+    ) -> None:
         self.batch_size = max(1, int(batch_size))
-        self.dim = int(model.descriptor_dim)
+        if isinstance(backend, InferenceBackend):
+            self.backend = backend
+        else:
+            self.backend = make_backend(model, backend, device=device, precision=precision,
+                                        max_batch=self.batch_size, **backend_options)
+        self.device = self.backend.device
+        self.model = self.backend.model
+        self.preprocess = self.backend.preprocess
+        self.dim = int(self.backend.dim)
 
-    @torch.inference_mode()
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Descriptors (N, D) for validated RGB uint8 images; raises ImageError on a bad one."""
         images = [as_rgb8(im, name=f"image {i}") for i, im in enumerate(images)]
@@ -70,8 +90,7 @@ class DescriptorExtractor:
         for idx in groups.values():
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s : s + self.batch_size]
-                x = to_tensor_batch([images[i] for i in chunk], self.preprocess).to(self.device)
-                out[chunk] = self.model(x).float().cpu().numpy()
+                out[chunk] = self.backend([images[i] for i in chunk])
         return out
 
     def extract_stream(
