@@ -1,0 +1,126 @@
+"""Training subcommands: ``train``, ``export``, ``bag-dataset``.
+
+The project CLI calls :func:`register` with its subparsers; ``python -m vpr_ros.training`` uses
+:func:`main`. Handlers turn arguments into explicit library calls (no argparse namespace reaches
+library code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..core.errors import VprError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``train``, ``export`` and ``bag-dataset`` to ``subparsers``."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a recipe (LoQI distillation)",
+        description="Train a recipe; --set overrides keys, --resume continues run.dir.",
+    )
+    p.add_argument("--config", required=True, help="recipe YAML (see training/*.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set optim.lr=1e-4 --set data.root=/data/nordland",
+    )
+    p.add_argument("--resume", action="store_true", help="continue from run.dir/last.pt")
+    p.set_defaults(handler=_cmd_train)
+
+    p = subparsers.add_parser("export", help="training checkpoint -> deployed weights (student only)")
+    p.add_argument("checkpoint", help="training checkpoint (run.dir/last.pt)")
+    p.add_argument("out", help="deployed weights file to write (.pt)")
+    p.add_argument("--sidecar", action="store_true", help="also write OUT.json describing the training")
+    p.set_defaults(handler=_cmd_export)
+
+    p = subparsers.add_parser("bag-dataset", help="summarise (and export) the place set of recorded bags")
+    p.add_argument("bags", nargs="+", help="rosbag2 folders (or ROS 1 .bag files)")
+    p.add_argument("--image-topic", default="/camera/image_raw")
+    p.add_argument("--position-topic", default="/odom", help="nav_msgs/Odometry or sensor_msgs/NavSatFix")
+    p.add_argument("--max-gap", type=float, default=0.2, help="max image-position time gap (s)")
+    p.add_argument("--pos-radius", type=float, default=10.0, help="revisit radius (m)")
+    p.add_argument("--neg-radius", type=float, default=25.0, help="negatives beyond this distance (m)")
+    p.add_argument(
+        "--min-time-gap", type=float, default=30.0, help="same-bag revisits at least this far apart (s)"
+    )
+    p.add_argument("--every", type=int, default=1, help="keep every n-th image")
+    p.add_argument("--out", help="write images/*.png and positions.csv (name,x,y,stamp,sequence) here")
+    p.set_defaults(handler=_cmd_bag_dataset)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    metrics = "  ".join(f"{k} {100 * v:.1f}" for k, v in result.metrics.items())
+    print(f"{result.run_dir}: {result.steps} steps in {result.train_seconds:.1f} s; {metrics}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_deployed
+
+    path = export_deployed(args.checkpoint, args.out, sidecar=args.sidecar)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_bag_dataset(args: argparse.Namespace) -> int:
+    from ..core.images import save_image
+    from .data import bag_places
+
+    places = bag_places(
+        args.bags,
+        image_topic=args.image_topic,
+        position_topic=args.position_topic,
+        pos_radius_m=args.pos_radius,
+        neg_radius_m=args.neg_radius,
+        min_time_gap_s=args.min_time_gap,
+        max_gap_s=args.max_gap,
+        every=args.every,
+    )
+    print(places.summary())
+    if args.out:
+        out = Path(args.out)
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        with open(out / "positions.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["name", "x", "y", "stamp", "sequence"])
+            for i, r in enumerate(places.database):
+                name = f"images/{r.sequence}_{i:06d}.png"
+                save_image(out / name, r.load())
+                w.writerow(
+                    [name, f"{r.position[0]:.3f}", f"{r.position[1]:.3f}", f"{r.stamp:.6f}", r.sequence]
+                )
+        print(f"wrote {len(places.database)} images and {out / 'positions.csv'}")
+    return 0
+
+
+def run_handler(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand; library errors print one line and return 2."""
+    try:
+        return int(args.handler(args) or 0)
+    except VprError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m vpr_ros.training``."""
+    parser = argparse.ArgumentParser(prog="python -m vpr_ros.training", description=__doc__.split("\n")[0])
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_handler(args)

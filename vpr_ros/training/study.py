@@ -1,0 +1,285 @@
+"""The LoQI ablation study: regenerate the recall table of every loss combination on one place split.
+
+    python -m vpr_ros.training.study --out results/loqi [--recipe training/loqi_nordland_jpeg10.yaml]
+
+1. the teacher: no VPR-trained weights can be had here, so an ImageNet model is first fine-tuned for
+   place recognition on high-quality images with the triplet loss (``--teacher-recipe``, same split),
+   unless ``--teacher CKPT`` names one;
+2. baselines on the held-out places with degraded queries: the ImageNet model without any training and
+   the teacher (fine-tuned without distillation), plus both on high-quality queries for reference;
+3. one student per loss combination (``--variants``), each initialised from the teacher and trained by
+   the recipe with only its losses switched on: ``triplet`` alone is fine-tuning on low-quality images
+   without distillation;
+4. ``table.md``, ``results.json`` and ``recall.png`` in ``--out``; ``--install PATH`` exports the best
+   student (validation R@1) as deployed weights with a JSON sidecar.
+
+Runs live in ``OUT/runs/<name>``; a finished run is reused and an interrupted one resumed, so the
+study can be re-run after a stop and only does what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.evaluation import EvalResult, save_results_json
+from ..core.fileio import atomic_write_text
+from ..core.models import create_model, load_model, select_device
+from ..core.plots import plot_recall_curves
+from .config import TrainConfig, load_config
+from .data import Degrader, build_places, degrade_queries, split_places
+from .engine import train
+from .evaluate import evaluate_model
+from .export import export_deployed
+
+log = logging.getLogger("vpr_ros.training.study")
+
+#: loss combinations of the paper's ablation (ickd, mse, triplet)
+VARIANTS: dict[str, tuple[bool, bool, bool]] = {
+    "triplet": (False, False, True),
+    "ickd": (True, False, False),
+    "mse": (False, True, False),
+    "ickd+mse": (True, True, False),
+    "ickd+triplet": (True, False, True),
+    "mse+triplet": (False, True, True),
+    "ickd+mse+triplet": (True, True, True),
+}
+
+
+def _run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train ``cfg`` unless its run directory already has a finished summary; resume when interrupted."""
+    run_dir = Path(cfg.run.dir)
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        log.info("reusing finished run %s", run_dir)
+        return json.loads(summary.read_text())
+    train(cfg, resume=(run_dir / "last.pt").is_file())
+    return json.loads(summary.read_text())
+
+
+def _row(name: str, kind: str, metrics: dict[str, float], ns: Sequence[int], **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": kind,
+        **{f"R@{n}": metrics.get(f"R@{n}") for n in ns},
+        **{f"teacher_db/R@{n}": metrics.get(f"teacher_db/R@{n}") for n in ns},
+        **extra,
+    }
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], ns: Sequence[int], *, title: str) -> str:
+    """The study table in Markdown."""
+    head = [
+        "model",
+        "losses",
+        "queries",
+        *(f"R@{n}" for n in ns[:2]),
+        *(f"R@{n} (teacher db)" for n in ns[:2]),
+        "train steps",
+        "train time",
+    ]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        t = r.get("train_seconds")
+        cells = [
+            r["name"],
+            r.get("losses", "-"),
+            r.get("queries", "-"),
+            *(_pct(r.get(f"R@{n}")) for n in ns[:2]),
+            *(_pct(r.get(f"teacher_db/R@{n}")) for n in ns[:2]),
+            str(r.get("steps", "-")),
+            "-" if t is None else f"{t / 60:.1f} min",
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_study(
+    recipe: TrainConfig,
+    out: str | Path,
+    *,
+    teacher_recipe: TrainConfig | None = None,
+    teacher: str | None = None,
+    variants: Sequence[str] = tuple(VARIANTS),
+    install: str | Path | None = None,
+) -> list[dict[str, Any]]:
+    """Run the study (see the module docstring) and return its rows."""
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    ns = recipe.run.recall_ns
+    rows: list[dict[str, Any]] = []
+    # 1. teacher
+    teacher_seconds = None
+    if teacher is None:
+        if teacher_recipe is None:
+            raise ValueError("give a teacher checkpoint or a teacher recipe")
+        teacher_recipe.run.dir = str(out / "runs" / "teacher")
+        t_summary = _run(teacher_recipe)
+        teacher = str(Path(teacher_recipe.run.dir) / "last.pt")
+        teacher_seconds = t_summary["train_seconds"]
+    # 2. baselines on the recipe's validation split
+    places = build_places(recipe.data)
+    _, val = split_places(places, recipe.data.split)
+    val = val.with_positive_queries(recipe.data.max_val_queries)
+    degrader = Degrader(recipe.degradation.specs)
+    device = select_device(recipe.run.device)
+    lq = degrade_queries(val, degrader, seed=recipe.run.seed)
+    hq = [q.load() for q in val.queries]
+    size = recipe.model.input_size
+    imagenet = create_model(recipe.model.name, pretrained=True, **recipe.model.config)
+    if size:
+        import dataclasses
+
+        imagenet.preprocess = dataclasses.replace(imagenet.preprocess, input_size=tuple(size))
+    teacher_model = load_model(teacher)
+    bs = recipe.run.val_batch_size
+    for label, model, note in (
+        ("ImageNet MobileNetV2 (no VPR training)", imagenet, "-"),
+        ("teacher: fine-tuned on HQ, no distillation", teacher_model, "triplet (HQ)"),
+    ):
+        db = None
+        for qname, queries in ((degrader.label, lq), ("none (HQ reference)", hq)):
+            rec, db = evaluate_model(model, val, queries, db_desc=db, device=device, batch_size=bs, ns=ns)
+            metrics = {f"R@{n}": rec[n] for n in ns}
+            rows.append(
+                _row(
+                    f"{label} [queries {qname}]",
+                    "baseline",
+                    metrics,
+                    ns,
+                    losses=note,
+                    queries=qname,
+                    queries_n=rec.n_queries,
+                    train_seconds=teacher_seconds if model is teacher_model else None,
+                    steps=None,
+                )
+            )
+    # 3. students
+    for name in variants:
+        ickd, mse, trip = VARIANTS[name]
+        cfg = load_config_copy(recipe)
+        cfg.loss.ickd, cfg.loss.mse, cfg.loss.triplet = ickd, mse, trip
+        cfg.model.teacher, cfg.model.init = teacher, "teacher"
+        cfg.run.dir = str(out / "runs" / name.replace("+", "_"))
+        t0 = time.time()
+        summary = _run(cfg)
+        log.info("variant %s done in %.0f s wall", name, time.time() - t0)
+        label = "student: triplet on LQ, no distillation" if name == "triplet" else f"student: LoQI {name}"
+        rows.append(
+            _row(
+                label,
+                "student",
+                summary["metrics"],
+                ns,
+                losses=name,
+                queries=degrader.label,
+                train_seconds=summary["train_seconds"],
+                steps=summary["steps"],
+                variant=name,
+                checkpoint=summary["checkpoint"],
+            )
+        )
+    # 4. outputs
+    title = (
+        f"LoQI on {val.name} ({len(val.queries)} queries, {len(val.database)} database images; "
+        f"{val.relation.describe()}), degradation {degrader.label}, input {size}"
+    )
+    atomic_write_text(out / "table.md", markdown_table(rows, ns, title=title))
+    results = [
+        EvalResult(
+            name=val.name,
+            model=r["name"],
+            degradation=r["queries"],
+            recalls={n: r[f"R@{n}"] for n in ns},
+            n_queries=len(val.queries),
+            extra={k: v for k, v in r.items() if k not in ("name",) and not k.startswith("R@")},
+        )
+        for r in rows
+    ]
+    save_results_json(results, out / "results.json")
+    plot_recall_curves(
+        [r for r in results if r.degradation != "none (HQ reference)"],
+        out / "recall.png",
+        title=f"LoQI ablation, {degrader.label} queries",
+    )
+    students = [r for r in rows if r["kind"] == "student"]
+    if install and students:
+        best = max(students, key=lambda r: (r["R@1"], r[f"R@{ns[1]}"] if len(ns) > 1 else 0))
+        meta = {
+            "study": str(out),
+            "selected_by": "validation R@1 (student database)",
+            "variant": best["variant"],
+            "dataset": val.name,
+            "split": recipe.data.split.__dict__,
+            "input_size": size,
+            "teacher_training": "ImageNet MobileNetV2 fine-tuned with the triplet loss on high-quality "
+            "images of the same split (no VPR-trained weights available)",
+        }
+        export_deployed(best["checkpoint"], install, meta=meta, sidecar=True)
+        log.info("installed %s (%s) at %s", best["name"], best["checkpoint"], install)
+    return rows
+
+
+def load_config_copy(cfg: TrainConfig) -> TrainConfig:
+    """A deep copy of a config (variants change a few keys)."""
+    from .config import config_from_dict
+
+    return config_from_dict(cfg.to_dict())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vpr_ros.training.study", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="results/loqi", help="output folder (table.md, results.json, recall.png)")
+    p.add_argument("--recipe", default="training/loqi_nordland_jpeg10.yaml", help="student recipe")
+    p.add_argument("--teacher-recipe", default="training/teacher_nordland.yaml", help="teacher recipe")
+    p.add_argument("--teacher", help="use this teacher checkpoint instead of training one")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of both recipes (e.g. data.root=...)",
+    )
+    p.add_argument(
+        "--set-student",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the student recipe only",
+    )
+    p.add_argument("--install", help="export the best student here (e.g. vpr_ros/weights/..._loqi.pt)")
+    args = p.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    recipe = load_config(args.recipe, [*args.overrides, *args.set_student])
+    teacher_recipe = None if args.teacher else load_config(args.teacher_recipe, args.overrides)
+    rows = run_study(
+        recipe,
+        args.out,
+        teacher_recipe=teacher_recipe,
+        teacher=args.teacher,
+        variants=variants,
+        install=args.install,
+    )
+    print((Path(args.out) / "table.md").read_text())
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
