@@ -1,0 +1,547 @@
+"""Localizer node: describes camera frames with the VPR student and matches them against a place map.
+
+Data path: the subscription callback stamps the receipt time and queues the message (bounded,
+drop-oldest, counted); a worker thread takes up to ``max_batch`` queued frames, decodes them,
+describes them in one forward pass and queries the :class:`~vpr_ros.core.mapdb.PlaceMap`, then
+publishes one ``vpr_ros_msgs/PlaceMatch`` per frame (header = the image's; ``latency_ms`` from
+receipt to publish). A slow model therefore never blocks the executor nor grows memory.
+
+Modes: ``localize`` (query a saved map), ``map`` (add keyframes, no PlaceMatch), ``both``.
+Keyframes are every ``keyframe_every``-th good frame, or any frame whose best score is below
+``novelty_threshold``, with the pose of the odometry message (``odom_topic``) nearest in time
+within ``odom_tolerance_s``. The map is saved atomically by the ``~/save_map`` service and on
+shutdown.
+
+Bad input (unsupported encoding, step/size mismatch, empty, corrupt compressed data, NaN float
+images, frames over ``max_pixels``) is rejected, logged throttled with the reason and counted
+on ``/diagnostics``. A stamp earlier than the previous frame's is counted as ``out_of_order``
+and the frame is still localised (the result carries its own stamp) but never becomes a
+keyframe, so map stamps stay monotonic (a bag restart keeps localising instead of going
+silent). Bad configuration (missing/corrupt map in localize mode, missing/corrupt weights, a
+map made by another model or of another descriptor dimension, invalid parameters) raises
+:class:`~vpr_ros.core.errors.ConfigError` / another ``VprError`` from the constructor:
+``main`` prints the one-line reason and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray
+from geometry_msgs.msg import Point, Pose, Quaternion
+from nav_msgs.msg import Odometry
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from sensor_msgs.msg import CompressedImage, Image
+
+from vpr_ros.core.errors import ConfigError, MapError, ModelError, VprError
+from vpr_ros.core.extract import DescriptorExtractor
+from vpr_ros.core.mapdb import INDEX_KINDS, MapEntry, PlaceMap, QueryResult, map_path
+from vpr_ros.core.models import DEFAULT_WEIGHTS, parse_size, resolve_model
+from vpr_ros.core.models.resolve import DEFAULT_MODEL
+from vpr_ros.ros.conversions import float_to_stamp, stamp_to_float
+from vpr_ros.ros.params import (
+    DropOldestQueue,
+    LatencyWindow,
+    ParamSpec,
+    ReasonCounter,
+    RejectedFrame,
+    declare_params,
+    diagnostic_status,
+    image_from_msg,
+    set_parameters_callback,
+)
+
+__all__ = ["MODES", "PARAMS", "LocalizerNode", "build_extractor", "check_map_model", "main", "model_label"]
+
+NODE_NAME = "localizer"
+MODES = ("localize", "map", "both")
+
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("image_topic", "/camera/image_raw", "camera topic (base name)", read_only=True),
+    ParamSpec("image_transport", "raw", "raw: sensor_msgs/Image on image_topic; compressed: "
+              "CompressedImage on <image_topic>/compressed", choices=("raw", "compressed"), read_only=True),
+    ParamSpec("match_topic", "/vpr/place_match", "vpr_ros_msgs/PlaceMatch output topic", read_only=True),
+    ParamSpec("odom_topic", "", "nav_msgs/Odometry giving keyframe poses in map modes (empty: no poses)",
+              read_only=True),
+    ParamSpec("transmission_stats_topic", "", "TransmissionStats topic; its mode labels matches of the same "
+              "stamp (empty: use the degradation parameter)", read_only=True),
+    ParamSpec("weights", "default", "checkpoint path; 'default' = packaged student (ImageNet-initialised "
+              "model when it is not built); 'imagenet' = ImageNet-initialised model", read_only=True),
+    ParamSpec("model", "", "registered model name (empty: the checkpoint's, or structvpr_mobilenetv2)",
+              read_only=True),
+    ParamSpec("input_size", "", "preprocessing size HxW (e.g. 240x320), 'native', or empty for the model's",
+              read_only=True),
+    ParamSpec("device", "auto", "auto (CUDA when present), cpu, cuda or cuda:N", read_only=True),
+    ParamSpec("map_path", "", "place map (.vprmap directory); required. Map modes start empty when missing",
+              read_only=True),
+    ParamSpec("mode", "localize", "localize (query only), map (add keyframes, no PlaceMatch) or both",
+              choices=MODES, read_only=True),
+    ParamSpec("index", "flat", "faiss index kind of a new map", choices=INDEX_KINDS, read_only=True),
+    ParamSpec("top_k", 5, "candidates per PlaceMatch", low=1, high=100),
+    ParamSpec("min_score", -1.0, "candidates scoring below this are left out (cosine similarity)",
+              low=-1.0, high=1.0),
+    ParamSpec("queue_size", 10, "frames waiting for the model; the oldest is dropped when full",
+              low=1, high=1000, read_only=True),
+    ParamSpec("max_batch", 8, "queued frames described together in one forward pass", low=1, high=256),
+    ParamSpec("keyframe_every", 1, "map modes: every N-th good frame becomes a keyframe (0: novelty only)",
+              low=0, high=1_000_000),
+    ParamSpec("novelty_threshold", -1.0, "map modes: a frame whose best score is below this becomes a "
+              "keyframe (-1: off)", low=-1.0, high=1.0),
+    ParamSpec("odom_tolerance_s", 0.05, "largest |odometry stamp - image stamp| for a keyframe pose (s)",
+              low=0.0, high=60.0),
+    ParamSpec("require_pose", False,
+              "map modes with odom_topic: skip keyframes without odometry in tolerance"),
+    ParamSpec("save_on_shutdown", True, "map modes: save the map to map_path when the node stops"),
+    ParamSpec("source", "", "source label of new keyframes (empty: the image topic)"),
+    ParamSpec("degradation", "", "PlaceMatch.degradation when no TransmissionStats labels the frame"),
+    ParamSpec("max_pixels", 4096 * 4096, "larger frames are rejected", low=1, high=8192 * 8192),
+    ParamSpec("diagnostics_period_s", 1.0, "period of /diagnostics messages (0 = none)", low=0.0,
+              high=3600.0, read_only=True),
+    ParamSpec("log_throttle_s", 5.0, "a rejected-frame reason is logged at most once per this many seconds",
+              low=0.0, high=3600.0),
+)
+
+
+# --------------------------------------------------------------------------- model and map
+
+
+def model_label(weights: str, name: str) -> str:
+    """The name stored in maps the node builds: ``<model>@<weights>`` (default, imagenet or file stem)."""
+    if weights == "default":
+        tag = "default" if DEFAULT_WEIGHTS.is_file() else "imagenet"
+    elif weights == "imagenet":
+        tag = "imagenet"
+    else:
+        tag = Path(weights).stem
+    return f"{name}@{tag}"
+
+
+def build_extractor(weights: str = "default", model: str = "", input_size: str | tuple | None = "",
+                    device: str = "auto", batch_size: int = 8) -> tuple[DescriptorExtractor, str]:
+    """Resolve the model as the node does; return the extractor and its :func:`model_label`.
+
+    ``input_size``: "" keeps the model's, "native", "HxW", or an (H, W) tuple / None.
+    Raises :class:`ConfigError` / :class:`ModelError` with the reason.
+    """
+    if isinstance(input_size, str):
+        size = "keep" if not input_size.strip() else parse_size(input_size.strip())
+    else:
+        size = input_size
+    weights = (weights or "default").strip()
+    try:
+        if weights == "default":
+            net = resolve_model(None, model or None, input_size=size)
+        elif weights == "imagenet":
+            net = resolve_model(None, model or DEFAULT_MODEL, input_size=size)
+        else:
+            if not Path(weights).is_file():
+                raise ModelError(f"weights file {weights} does not exist")
+            net = resolve_model(weights, model or None, input_size=size)
+    except VprError:
+        raise
+    except Exception as exc:  # torchvision download attempts offline, unreadable files, ...
+        raise ModelError(f"cannot build the model (weights {weights!r}, model {model!r}): "
+                         f"{type(exc).__name__}: {exc}") from None
+    ext = DescriptorExtractor(net, device=device, batch_size=batch_size)
+    return ext, model_label(weights if weights in ("default", "imagenet") else weights, net.name)
+
+
+def check_map_model(map_model: str, label: str) -> str | None:
+    """Why a map built by ``map_model`` cannot be queried with descriptors of ``label``, or None.
+
+    Maps record ``<model>`` (``vpr-ros build-map``) or ``<model>@<weights>`` (this node, the demo);
+    the model must agree, and the weights too when the map names them.
+    """
+    if not map_model:
+        return None
+    base, _, tag = map_model.partition("@")
+    name, _, our_tag = label.partition("@")
+    if base != name:
+        return f"the map was built with model {map_model!r} but this node runs {label!r}"
+    if tag and tag != our_tag:
+        return f"the map was built with weights {tag!r} of {base} but this node runs weights {our_tag!r}"
+    return None
+
+
+def _no_map(target: Path) -> str:
+    return (f"no place map at {target} (mode 'localize' needs one; build it with `vpr-ros build-map` "
+            "or run with mode: map)")
+
+
+def open_map(path: str, mode: str, dim: int, label: str, index: str) -> tuple[PlaceMap, bool]:
+    """Load the map at ``path`` (refusing another model/dimension), or start one in map modes.
+
+    Returns the map and whether it was loaded from disk.
+    """
+    if not path:
+        raise ConfigError("parameter 'map_path' is required (the .vprmap directory to query or build)")
+    target = map_path(Path(path).expanduser())
+    if not target.exists() and mode != "localize":
+        return PlaceMap(dim, index, model=label), False
+    if not target.exists():
+        raise MapError(_no_map(target))
+    pmap = PlaceMap.load(target, expected_dim=dim)
+    reason = check_map_model(pmap.model, label)
+    if reason:
+        raise MapError(f"map {target}: {reason}")
+    return pmap, True
+
+
+# --------------------------------------------------------------------------- node
+
+
+@dataclass
+class _Frame:
+    """A queued message with what the callback knew about it."""
+
+    msg: Image | CompressedImage
+    received: float  # time.monotonic() at the callback
+    query_id: int
+    out_of_order: bool
+
+
+class LocalizerNode(Node):
+    """Visual place recognition against a place map; see the module docstring.
+
+    ``extractor`` (with its ``label``) may be passed in-process to share one loaded model
+    (demo, tests); the ``weights``/``model``/``input_size``/``device`` parameters are then only
+    reported.
+    """
+
+    def __init__(self, node_name: str = NODE_NAME, *, extractor: DescriptorExtractor | None = None,
+                 label: str | None = None, **kwargs: Any) -> None:
+        super().__init__(node_name, **kwargs)
+        try:
+            self._setup(extractor, label)
+        except BaseException:
+            self.destroy_node()
+            raise
+
+    # ------------------------------------------------------------------ setup
+
+    def _setup(self, extractor: DescriptorExtractor | None, label: str | None) -> None:
+        self._closed = True  # until the worker runs
+        self._values = declare_params(self, PARAMS)
+        v = self._values
+        log = self.get_logger()
+        if not v["map_path"]:
+            raise ConfigError(f"{self.get_name()}: parameter 'map_path' is required "
+                              "(the .vprmap directory to query or build)")
+        target = map_path(Path(v["map_path"]).expanduser())
+        if v["mode"] == "localize" and not target.exists():  # cheap checks before loading the model
+            raise MapError(_no_map(target))
+        if extractor is None:
+            t0 = time.perf_counter()
+            extractor, label = build_extractor(v["weights"], v["model"], v["input_size"], v["device"],
+                                               v["max_batch"])
+            log.info(f"model {label} ({extractor.dim}-d) on {extractor.device}, "
+                     f"input {extractor.preprocess.input_size or 'native'}, {time.perf_counter() - t0:.1f} s")
+        self.extractor = extractor
+        self.label = label or extractor.model.name
+        self.place_map, loaded = open_map(v["map_path"], v["mode"], extractor.dim, self.label, v["index"])
+        self._map_target = target
+        if loaded and not self.place_map.model:
+            log.warning(f"map {self._map_target} does not name its model; assuming {self.label}")
+        elif loaded and "@" not in self.place_map.model:
+            log.warning(f"map {self._map_target} names model {self.place_map.model!r} but not its weights")
+        self._mapping = v["mode"] in ("map", "both")
+        self._publishing = v["mode"] in ("localize", "both")
+
+        self._queue = DropOldestQueue(v["queue_size"])
+        self._rejects = ReasonCounter(lambda m: self.get_logger().warning(m), v["log_throttle_s"])
+        self._latency = LatencyWindow()
+        self.frames_in = 0
+        self.frames_ok = 0
+        self.out_of_order = 0
+        self.keyframes_added = 0
+        self.keyframes_without_pose = 0
+        self.batches = 0
+        self._good_count = 0
+        self._last_stamp: float | None = None
+        self._odom: list[tuple[float, tuple, tuple, str]] = []  # sorted by stamp
+        self._odom_lock = threading.Lock()
+        self._labels: collections.OrderedDict[tuple[int, int], str] = collections.OrderedDict()
+        self._busy = threading.Lock()  # held while a batch is in flight (shutdown waits for it)
+
+        from vpr_ros_msgs.msg import PlaceCandidate, PlaceMatch
+        from vpr_ros_msgs.srv import SaveMap
+
+        self._match_t, self._cand_t = PlaceMatch, PlaceCandidate
+        reliable = QoSProfile(depth=10)
+        self._match_pub = self.create_publisher(PlaceMatch, v["match_topic"], reliable)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", reliable)
+        if v["image_transport"] == "compressed":
+            topic, msg_type = f"{v['image_topic'].rstrip('/')}/compressed", CompressedImage
+        else:
+            topic, msg_type = v["image_topic"], Image
+        self.input_topic = topic
+        self._sub = self.create_subscription(msg_type, topic, self._on_image, qos_profile_sensor_data)
+        if v["odom_topic"]:
+            self.create_subscription(Odometry, v["odom_topic"], self._on_odom, QoSProfile(depth=50))
+        if v["transmission_stats_topic"]:
+            from vpr_ros_msgs.msg import TransmissionStats
+
+            self.create_subscription(TransmissionStats, v["transmission_stats_topic"], self._on_stats,
+                                     QoSProfile(depth=50))
+        self.create_service(SaveMap, "~/save_map", self._on_save_map)
+        self.add_on_set_parameters_callback(set_parameters_callback(PARAMS, lambda: self._values,
+                                                                    self._apply))
+        if v["diagnostics_period_s"] > 0:
+            self.create_timer(v["diagnostics_period_s"], self._publish_diagnostics)
+        self._worker = threading.Thread(target=self._run, name="localizer-worker", daemon=True)
+        self._closed = False
+        self._worker.start()
+        log.info(f"{v['mode']}: {topic} -> {v['match_topic'] if self._publishing else '(no matches)'}; map "
+                 f"{self._map_target} ({len(self.place_map)} places, "
+                 f"{'loaded' if loaded else 'new'})")
+
+    def _apply(self, values: dict[str, Any]) -> str | None:
+        self._rejects._period = float(values["log_throttle_s"])
+        self._values = values
+        return None
+
+    # ------------------------------------------------------------------ callbacks (thin)
+
+    def _on_image(self, msg: Image | CompressedImage) -> None:
+        received = time.monotonic()
+        self.frames_in += 1
+        stamp = stamp_to_float(msg.header.stamp)
+        late = self._last_stamp is not None and stamp < self._last_stamp
+        if late:
+            self.out_of_order += 1
+        else:
+            self._last_stamp = stamp
+        self._queue.put(_Frame(msg, received, self.frames_in, late))
+
+    def _on_odom(self, msg: Odometry) -> None:
+        p, q = msg.pose.pose.position, msg.pose.pose.orientation
+        item = (stamp_to_float(msg.header.stamp), (p.x, p.y, p.z), (q.x, q.y, q.z, q.w), msg.header.frame_id)
+        with self._odom_lock:
+            if self._odom and item[0] < self._odom[-1][0]:
+                bisect.insort(self._odom, item, key=lambda o: o[0])
+            else:
+                self._odom.append(item)
+            if len(self._odom) > 2000:
+                del self._odom[:1000]
+
+    def _on_stats(self, msg: Any) -> None:
+        self._labels[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = msg.mode
+        while len(self._labels) > 256:
+            self._labels.popitem(last=False)
+
+    def _on_save_map(self, request: Any, response: Any) -> Any:
+        try:
+            path, n = self.save_map(request.path or None)
+        except (MapError, OSError) as exc:
+            response.success, response.message, response.entries = False, str(exc), 0
+            self.get_logger().error(f"save_map failed: {exc}")
+            return response
+        response.success, response.message, response.entries = True, f"saved {n} places to {path}", int(n)
+        self.get_logger().info(response.message)
+        return response
+
+    # ------------------------------------------------------------------ worker
+
+    def _run(self) -> None:
+        while not self._queue.closed:
+            batch = self._queue.get_batch(self._values["max_batch"], timeout=0.2)
+            if not batch:
+                continue
+            with self._busy:
+                try:
+                    self._process(batch)
+                except Exception as exc:  # keep the node alive whatever one batch does
+                    for _ in batch:
+                        self._rejects.add("internal", f"{type(exc).__name__}: {exc}")
+
+    def _process(self, batch: list[_Frame]) -> None:
+        v = self._values
+        frames, images = [], []
+        for f in batch:
+            try:
+                images.append(image_from_msg(f.msg, v["max_pixels"]))
+                frames.append(f)
+            except RejectedFrame as exc:
+                stamp = stamp_to_float(f.msg.header.stamp)
+                self._rejects.add(exc.reason, f"frame {f.query_id} (stamp {stamp:.3f}): {exc.detail}")
+        if not frames:
+            return
+        descriptors = self.extractor(images)
+        self.batches += 1
+        k = v["top_k"]
+        if self._mapping:
+            results = []
+            for f, d in zip(frames, descriptors, strict=True):
+                result = self.place_map.query(d, k)[0]
+                results.append(result)
+                self._maybe_add_keyframe(f, d, result)
+        else:
+            results = self.place_map.query(descriptors, k)
+        self.frames_ok += len(frames)
+        if not self._publishing:
+            return
+        for f, result in zip(frames, results, strict=True):
+            msg = self._place_match(f, result)
+            msg.latency_ms = float((time.monotonic() - f.received) * 1000.0)
+            self._match_pub.publish(msg)
+            self._latency.add(msg.latency_ms)
+
+    def _place_match(self, frame: _Frame, result: QueryResult) -> Any:
+        v = self._values
+        header = frame.msg.header
+        label = self._labels.get((header.stamp.sec, header.stamp.nanosec), v["degradation"])
+        cands = []
+        for eid, score, entry in zip(result.ids, result.scores, result.entries, strict=True):
+            if float(score) < v["min_score"]:
+                continue
+            cand = self._cand_t(entry_id=int(eid), score=float(score), source=entry.source)
+            try:
+                cand.stamp = float_to_stamp(entry.stamp)
+            except ValueError:
+                pass
+            if entry.position is not None:
+                cand.has_pose = True
+                cand.pose = Pose(position=Point(x=float(entry.position[0]), y=float(entry.position[1]),
+                                                z=float(entry.position[2])))
+                if entry.orientation is not None:
+                    x, y, z, w = (float(c) for c in entry.orientation)
+                    cand.pose.orientation = Quaternion(x=x, y=y, z=z, w=w)
+                cand.pose_frame_id = entry.frame_id
+            cands.append(cand)
+        return self._match_t(header=header, query_id=int(frame.query_id), model=self.label, matches=cands,
+                             degradation=label)
+
+    def _maybe_add_keyframe(self, frame: _Frame, descriptor: np.ndarray, result: QueryResult) -> None:
+        v = self._values
+        self._good_count += 1
+        if frame.out_of_order:
+            return
+        every = v["keyframe_every"]
+        best = float(result.scores[0]) if len(result) else None
+        novel = best is None or best < v["novelty_threshold"]
+        if not ((every > 0 and (self._good_count - 1) % every == 0) or novel):
+            return
+        header = frame.msg.header
+        stamp = stamp_to_float(header.stamp)
+        entry = MapEntry(stamp=stamp, frame_id=header.frame_id, source=v["source"] or self.input_topic)
+        if v["odom_topic"]:
+            odom = self._odom_at(stamp, v["odom_tolerance_s"])
+            if odom is None:
+                self.keyframes_without_pose += 1
+                if v["require_pose"]:
+                    return
+            else:
+                entry.position, entry.orientation, entry.frame_id = odom[1], odom[2], odom[3]
+        self.place_map.add(descriptor[None, :], [entry])
+        self.keyframes_added += 1
+
+    def _odom_at(self, stamp: float, tolerance: float) -> tuple | None:
+        """The odometry sample nearest to ``stamp`` within ``tolerance`` seconds, or None."""
+        with self._odom_lock:
+            if not self._odom:
+                return None
+            i = bisect.bisect_left(self._odom, stamp, key=lambda o: o[0])
+            near = [self._odom[j] for j in (i - 1, i) if 0 <= j < len(self._odom)]
+        best = min(near, key=lambda o: abs(o[0] - stamp))
+        return best if abs(best[0] - stamp) <= tolerance else None
+
+    # ------------------------------------------------------------------ map, diagnostics, shutdown
+
+    def save_map(self, path: str | None = None) -> tuple[Path, int]:
+        """Save the map atomically to ``path`` (default ``map_path``); return where and how many places."""
+        target = self.place_map.save(Path(path).expanduser() if path else self._map_target)
+        return target, len(self.place_map)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Counters as published on /diagnostics."""
+        p50, p95 = self._latency.percentiles(50, 95)
+        rejects = self._rejects.snapshot()
+        out: dict[str, Any] = {
+            "mode": self._values["mode"],
+            "model": self.label,
+            "device": str(self.extractor.device),
+            "frames_received": self.frames_in,
+            "frames_processed": self.frames_ok,
+            "rate_hz": self._latency.rate(),
+            "latency_p50_ms": p50,
+            "latency_p95_ms": p95,
+            "queue_size": len(self._queue),
+            "queue_drops": self._queue.dropped,
+            "batches": self.batches,
+            "mean_batch": self.frames_ok / self.batches if self.batches else 0.0,
+            "rejected_total": sum(rejects.values()),
+            "out_of_order": self.out_of_order,
+            "map_size": len(self.place_map),
+            "keyframes_added": self.keyframes_added,
+            "keyframes_without_pose": self.keyframes_without_pose,
+        }
+        out.update({f"rejected_{k}": n for k, n in sorted(rejects.items())})
+        return out
+
+    def _publish_diagnostics(self) -> None:
+        values = self.diagnostics()
+        warn = None
+        if values["queue_drops"] or values["rejected_total"] or values["out_of_order"]:
+            warn = (f"{values['queue_drops']} dropped, {values['rejected_total']} rejected, "
+                    f"{values['out_of_order']} out of order")
+        error = None if self._worker.is_alive() or self._closed else "localizer worker stopped"
+        arr = DiagnosticArray()
+        arr.header.stamp = self.get_clock().now().to_msg()
+        arr.status = [diagnostic_status(f"vpr_ros: {self.get_name()}", self.get_fully_qualified_name(),
+                                        values, warn=warn, error=error)]
+        self._diag_pub.publish(arr)
+
+    def close(self) -> None:
+        """Stop the worker (after its batch in flight) and, in map modes, save the map. Idempotent."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._queue.close()
+        self._worker.join(timeout=30.0)
+        if self._mapping and self._values["save_on_shutdown"]:
+            with self._busy:
+                try:
+                    path, n = self.save_map()
+                    self.get_logger().info(f"saved {n} places to {path}")
+                except (MapError, OSError) as exc:
+                    self.get_logger().error(f"saving the map on shutdown failed: {exc}")
+
+    def destroy_node(self) -> None:
+        self.close()
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    """``ros2 run vpr_ros localizer_node [--ros-args ...]``; exit status 2 on bad configuration."""
+    try:
+        with rclpy.init(args=args):
+            try:
+                node = LocalizerNode()
+            except VprError as exc:
+                print(f"localizer_node: error: {exc}", file=sys.stderr)
+                return 2
+            executor = MultiThreadedExecutor()
+            executor.add_node(node)
+            try:
+                executor.spin()
+            finally:
+                executor.shutdown()
+                node.destroy_node()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
