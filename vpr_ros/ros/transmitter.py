@@ -154,8 +154,8 @@ class TransmitterNode(Node):
         except TransmissionError as exc:
             return str(exc)
         with self._tx_lock:
-            if config != self._tx.config:
-                self._tx = Transmitter(config)
+            if config.label != self._tx.config.label:  # the label names every setting that changes output
+                self._tx = Transmitter(config)  # a new stream: video modes restart with a keyframe
                 self.get_logger().info(f"transmission now {config.label}")
         if values["stats_window"] != self._recent.maxlen:
             self._recent = collections.deque(self._recent, maxlen=values["stats_window"])
