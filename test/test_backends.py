@@ -165,7 +165,7 @@ def test_bad_names_and_impossible_settings_raise_model_error(student):
     with pytest.raises(ModelError, match="unknown precision 'int8'"):
         make_backend(student, "torch", device="cpu", precision="int8")
     with pytest.raises(ModelError, match="no option"):
-        make_backend(student, "torch", device="cpu", threads=2)
+        make_backend(student, "torch", device="cpu", spin=True)
     with pytest.raises(ModelError, match="fp16 needs a CUDA device"):
         make_backend(student, "torch", device="cpu", precision="fp16")
     with pytest.raises(ModelError, match="fp16 needs a CUDA device"):
@@ -188,3 +188,12 @@ def test_backend_is_an_inference_backend_and_describes_itself(onnx_backend):
     assert isinstance(onnx_backend, InferenceBackend)
     info = onnx_backend.describe()
     assert info["kind"] == "onnx" and info["threads"] >= 1 and info["onnx"].endswith(".onnx")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_buffered_preprocessing_equals_to_tensor_batch(real_images, channels_last):
+    model = create_model("structvpr_mobilenetv2", preprocess=Preprocess(input_size=(48, 80))).eval()
+    backend = make_backend(model, "torch", device="cpu", channels_last=channels_last, max_batch=8)
+    x = backend._buffers_for(len(real_images), (48, 80)).fill(real_images)
+    assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert torch.allclose(x, to_tensor_batch(real_images, model.preprocess), atol=1e-5)

@@ -128,12 +128,22 @@ class _InputBuffers:
         self.scale = 1.0 / (255.0 * std_t)
         self.bias = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) / std_t
         self.non_blocking = cuda
+        # On CPU the conversion runs in numpy: single-threaded and steady. torch's OpenMP ops on a
+        # busy machine (more runnable threads than cores) can take 50x longer on a few-MB tensor.
+        self._cpu = None if cuda else (self.work.numpy(), self.scale.numpy(), self.bias.numpy())
 
     def fill(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Preprocess ``images`` (RGB uint8) into the reused input tensor; returns its first N rows."""
         n = len(images)
         for i, im in enumerate(images):
             _resize_into(im, self.staging[i])
+        if self._cpu is not None:
+            work, scale, bias = self._cpu
+            np.multiply(self.staging[:n].transpose(0, 3, 1, 2), scale, out=work[:n])
+            np.subtract(work[:n], bias, out=work[:n])
+            if self.tensor is not self.work:
+                self.tensor[:n].copy_(self.work[:n])
+            return self.tensor[:n]
         src = self.staging_t[:n]
         if self.upload is not None:
             self.upload[:n].copy_(src, non_blocking=self.non_blocking)
@@ -210,18 +220,26 @@ class InferenceBackend:
 
 
 class TorchBackend(InferenceBackend):
-    """Eager PyTorch (``channels_last`` by default), optionally ``torch.compile``-d, fp32 or fp16 (CUDA)."""
+    """Eager PyTorch (``channels_last`` by default), optionally ``torch.compile``-d, fp32 or fp16 (CUDA).
+
+    ``threads`` sets torch's intra-op threads for the whole process (``torch.set_num_threads``).
+    On CPU cores shared with other busy processes, torch's OpenMP pool with more than one thread
+    can be an order of magnitude slower than one thread (its workers spin-wait at every op);
+    use ``threads=1`` there, or start the process with ``OMP_WAIT_POLICY=PASSIVE``.
+    """
 
     kind = "torch"
 
     def __init__(self, model: VprModel, *, device: torch.device, precision: str = "fp32", max_batch: int = 32,
-                 channels_last: bool = True, compile: bool = False) -> None:
+                 channels_last: bool = True, compile: bool = False, threads: int | None = None) -> None:
         if precision == "fp16":
             if device.type != "cuda":
                 raise ModelError(f"precision fp16 needs a CUDA device (got {device}); half-precision "
                                  "convolutions on CPU are slower and less accurate than fp32: use fp32")
             model = copy.deepcopy(model).half()  # leave the caller's fp32 model as it is
         super().__init__(model, device, precision, max_batch)
+        if threads:  # process-wide: torch has one intra-op pool per process
+            torch.set_num_threads(int(threads))
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device).eval()
         if channels_last:
@@ -284,8 +302,11 @@ class OnnxBackend(InferenceBackend):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.spin = bool(spin)
         opts.log_severity_level = 3
+        def session() -> Any:
+            return ort.InferenceSession(str(self.path), sess_options=opts, providers=list(providers))
+
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=list(providers))
+            self.session = session()
         except Exception as exc:  # a damaged cache file is exported again, once; anything else is fatal
             if self.exported:
                 raise ModelError(f"ONNX Runtime could not load {self.path}: {exc}") from exc
@@ -293,7 +314,7 @@ class OnnxBackend(InferenceBackend):
             self.path.unlink(missing_ok=True)
             self.path, self.exported = export_onnx(model, cache)
             try:
-                self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=list(providers))
+                self.session = session()
             except Exception as exc2:
                 raise ModelError(f"ONNX Runtime could not load {self.path}: {exc2}") from exc2
         self.providers = self.session.get_providers()
@@ -400,7 +421,7 @@ def make_backend(
 
     ``device``: ``auto`` (CUDA when torch — or for onnx, ONNX Runtime — has it), ``cpu``,
     ``cuda[:N]``. ``precision``: ``fp32`` or ``fp16`` (CUDA only). ``options`` go to the
-    backend: torch ``channels_last`` (True), ``compile`` (False); onnx ``cache_dir``,
+    backend: torch ``channels_last`` (True), ``compile`` (False), ``threads``; onnx ``cache_dir``,
     ``threads``, ``spin`` (False), ``providers``. Unknown kinds, precisions or options raise
     :class:`ModelError`.
     """
@@ -408,7 +429,7 @@ def make_backend(
         raise ModelError(f"unknown inference backend {kind!r}; expected one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    allowed = {"torch": {"channels_last", "compile"},
+    allowed = {"torch": {"channels_last", "compile", "threads"},
                "onnx": {"cache_dir", "threads", "spin", "providers"}}[kind]
     unknown = sorted(set(options) - allowed)
     if unknown:
