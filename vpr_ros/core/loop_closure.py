@@ -176,6 +176,11 @@ class Detection:
 
 FeatureLookup = Callable[[LoopCandidate], Features | None]
 
+#: ``LoopCandidate.reason`` of candidates that could not be verified for lack of image features.
+NO_QUERY_FEATURES = "no image features for the query"
+NO_MATCH_FEATURES = "no image features for the match (never seen, or evicted from the feature cache)"
+MAX_CLOSURES_REACHED = "max_closures reached"
+
 
 # --------------------------------------------------------------------------- detector
 
@@ -319,7 +324,7 @@ class LoopClosureDetector:
         accepted = 0
         for cand in det.candidates:
             if accepted >= cfg.max_closures and not verify_all:
-                cand.reason = "max_closures reached"
+                cand.reason = MAX_CLOSURES_REACHED
                 continue
             if cfg.geometric_verification:
                 self._verify(cand, query_features, lookup)
@@ -330,16 +335,16 @@ class LoopClosureDetector:
                 cand.accepted = True
                 accepted += 1
             elif ok:
-                cand.reason = "max_closures reached"
+                cand.reason = MAX_CLOSURES_REACHED
         return det
 
     def _verify(self, cand: LoopCandidate, query_features: Features | None, lookup: FeatureLookup) -> None:
         if query_features is None:
-            cand.reason = "no image features for the query"
+            cand.reason = NO_QUERY_FEATURES
             return
         match_features = lookup(cand)
         if match_features is None:
-            cand.reason = "no image features for the match (never seen or evicted from the cache)"
+            cand.reason = NO_MATCH_FEATURES
             return
         v = verify_pair(query_features, match_features, self.config.verification)
         cand.verified, cand.inliers, cand.matches = v.verified, v.inliers, v.matches
