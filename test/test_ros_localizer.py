@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -445,3 +446,33 @@ def test_main_prints_one_line_and_exits_2(tmp_path, torch_home):
     errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert errors == [f"localizer_node: error: no place map at {missing}.vprmap (mode 'localize' needs one; "
                       "build it with `vpr-ros build-map` or run with mode: map)"], out.stderr
+
+
+def test_node_main_serves_then_saves_map_on_sigint(nordland_dir, torch_home, tmp_path, monkeypatch):
+    """``localizer_node`` as its own process (mode both): PlaceMatch over DDS, SIGINT saves the map."""
+    monkeypatch.setenv("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")  # images between processes
+    tp = topics()
+    target = tmp_path / "main_map"
+    env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "vpr_ros.ros.localizer", "--ros-args", "-p", f"map_path:={target}",
+           "-p", "mode:=both", "-p", "weights:=imagenet", "-p", "input_size:=native", "-p", "device:=cpu",
+           "-p", f"image_topic:={tp['image_topic']}", "-p", f"match_topic:={tp['match_topic']}"]
+    frames = [r.load() for r in load_nordland(nordland_dir, every=300).queries][:4]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        with InProcessGraph() as graph:
+            probe = Probe(graph, tp)
+            ok = graph.wait_for(lambda: probe.pub.get_subscription_count() > 0
+                                and probe.node.count_publishers(tp["match_topic"]) > 0, 90.0)
+            assert ok, "localizer_node did not come up"
+            for i, frame in enumerate(frames):
+                probe.pub.publish(rgb_to_image_msg(frame, "rgb8", header(i)))
+                assert graph.wait_for(lambda i=i: stamp_of(i) in probe.matches, 20.0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert f"saved {len(frames)} places to {target}.vprmap" in out
+    assert len(PlaceMap.load(target)) == len(frames)
+    assert [len(probe.matches[stamp_of(i)].matches) for i in range(len(frames))] == [0, 1, 2, 3]

@@ -389,9 +389,10 @@ class LocalizerNode(Node):
         else:
             results = self.place_map.query(descriptors, k)
         self.frames_ok += len(frames)
-        if not self._publishing:
-            return
         for f, result in zip(frames, results, strict=True):
+            if not self._publishing:  # map mode: latency = receipt to keyframe decision
+                self._latency.add((time.monotonic() - f.received) * 1000.0)
+                continue
             msg = self._place_match(f, result)
             msg.latency_ms = float((time.monotonic() - f.received) * 1000.0)
             self._match_pub.publish(msg)
@@ -513,9 +514,17 @@ class LocalizerNode(Node):
             with self._busy:
                 try:
                     path, n = self.save_map()
-                    self.get_logger().info(f"saved {n} places to {path}")
+                    self._final_log(f"saved {n} places to {path}")
                 except (MapError, OSError) as exc:
-                    self.get_logger().error(f"saving the map on shutdown failed: {exc}")
+                    self._final_log(f"saving the map on shutdown failed: {exc}", error=True)
+
+    def _final_log(self, text: str, error: bool = False) -> None:
+        """Log during shutdown: to stderr once the context is gone (/rosout cannot take it then)."""
+        if self.context.ok():
+            (self.get_logger().error if error else self.get_logger().info)(text)
+        else:
+            level = "ERROR" if error else "INFO"
+            print(f"[{level}] [{self.get_name()}]: {text}", file=sys.stderr, flush=True)
 
     def destroy_node(self) -> None:
         self.close()

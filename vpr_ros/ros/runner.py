@@ -140,22 +140,27 @@ def wire_graph(params: dict[str, dict[str, Any]], *, use_transmitter: bool) -> d
 
     With the transmitter, it reads the camera (``localizer.image_topic``) and the localizer
     reads the transmitter's output; the localizer labels matches from the transmitter's stats.
+    The loop-closure node reads the localizer's matches and the images the localizer reads,
+    unless its section names other topics.
     """
     out = {k: dict(v) for k, v in params.items()}
-    if not use_transmitter:
-        return out
     from vpr_ros.ros.localizer import PARAMS as LOC
     from vpr_ros.ros.transmitter import PARAMS as TX
 
     loc_d = {s.name: s.default for s in LOC}
     tx_d = {s.name: s.default for s in TX}
-    loc, tx = out.setdefault("localizer", {}), out.setdefault("transmitter", {})
-    tx.setdefault("image_topic", loc.get("image_topic", loc_d["image_topic"]))
-    tx.setdefault("image_transport", loc.get("image_transport", loc_d["image_transport"]))
-    loc["image_topic"] = tx.get("output_topic", tx_d["output_topic"])
-    loc["image_transport"] = "raw"
-    if not loc.get("transmission_stats_topic"):
-        loc["transmission_stats_topic"] = tx.get("stats_topic", tx_d["stats_topic"])
+    loc = out.setdefault("localizer", {})
+    if use_transmitter:
+        tx = out.setdefault("transmitter", {})
+        tx.setdefault("image_topic", loc.get("image_topic", loc_d["image_topic"]))
+        tx.setdefault("image_transport", loc.get("image_transport", loc_d["image_transport"]))
+        loc["image_topic"] = tx.get("output_topic", tx_d["output_topic"])
+        loc["image_transport"] = "raw"
+        if not loc.get("transmission_stats_topic"):
+            loc["transmission_stats_topic"] = tx.get("stats_topic", tx_d["stats_topic"])
+    lc = out.setdefault("loop_closure", {})
+    for key in ("match_topic", "image_topic", "image_transport"):
+        lc.setdefault(key, loc.get(key, loc_d[key]))
     return out
 
 

@@ -1,0 +1,130 @@
+"""Launch the vpr_ros graph: camera -> [transmitter] -> localizer -> [loop closure].
+
+    ros2 launch vpr_ros localize.launch.py map_path:=/data/maps/route.vprmap
+    ros2 launch vpr_ros localize.launch.py camera_topic:=/camera/image_raw mode:=map \
+        odom_topic:=/odom map_path:=~/maps/new.vprmap
+    ros2 launch vpr_ros localize.launch.py use_transmitter:=true tx_mode:=jpeg jpeg_quality:=10 \
+        use_loop_closure:=true
+
+Every node reads its section of ``params_file`` (default: ``config/localize.yaml`` of the
+installed package); a launch argument left empty keeps the file's value. With the transmitter,
+the localizer reads the transmitter's output instead of the camera and labels its matches
+with the transmitter's mode (as ``vpr-ros localize --transmitter`` does in one process).
+"""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+from ament_index_python.packages import get_package_share_directory
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
+from launch.launch_context import LaunchContext
+from launch.launch_description import LaunchDescription
+from launch_ros.actions import Node
+
+PACKAGE = "vpr_ros"
+
+#: (launch argument, node, parameter, type, description); "" keeps the params file's value.
+OVERRIDES: tuple[tuple[str, str, str, type, str], ...] = (
+    ("camera_topic", "localizer", "image_topic", str,
+     "camera image topic (base name, e.g. /camera/image_raw)"),
+    ("image_transport", "localizer", "image_transport", str,
+     "raw (sensor_msgs/Image) or compressed (<camera_topic>/compressed)"),
+    ("weights", "localizer", "weights", str,
+     "model checkpoint (.pt); 'default' = packaged student, 'imagenet' = ImageNet-initialised model"),
+    ("model", "localizer", "model", str, "registered model name (empty: the checkpoint's)"),
+    ("input_size", "localizer", "input_size", str, "preprocessing size HxW, or 'native'"),
+    ("device", "localizer", "device", str, "auto (GPU when present), cpu, cuda or cuda:N"),
+    ("map_path", "localizer", "map_path", str, "place map (.vprmap) to query, or to build in map modes"),
+    ("mode", "localizer", "mode", str, "localize, map (build the map) or both"),
+    ("odom_topic", "localizer", "odom_topic", str, "nav_msgs/Odometry for keyframe poses in map modes"),
+    ("top_k", "localizer", "top_k", int, "candidates per PlaceMatch"),
+    ("match_topic", "localizer", "match_topic", str, "PlaceMatch output topic"),
+    ("tx_mode", "transmitter", "mode", str, "transmission: none, jpeg, resize, h264, h265 or bitrate"),
+    ("jpeg_quality", "transmitter", "jpeg_quality", int, "JPEG quality 1..100 (tx_mode jpeg)"),
+    ("scale", "transmitter", "scale", float, "resolution factor (0, 1] before the codec"),
+    ("qp", "transmitter", "qp", int, "H.264/H.265 constant quantiser 0..51"),
+    ("gop", "transmitter", "gop", int, "H.264/H.265 keyframe interval (frames)"),
+    ("kbps", "transmitter", "kbps", float, "tx_mode bitrate: link budget in kbit/s"),
+    ("fps", "transmitter", "fps", float, "frame rate the bit-rate budget refers to"),
+    ("bitrate_codec", "transmitter", "bitrate_codec", str,
+     "codec adapted in tx_mode bitrate: jpeg, h264, h265"),
+)
+SWITCHES: tuple[tuple[str, str, str], ...] = (
+    ("use_transmitter", "false", "run the transmitter (simulated thin link) between camera and localizer"),
+    ("use_loop_closure", "false", "run the loop-closure node on the localizer's matches"),
+)
+TRUE = ("true", "1", "yes", "on")
+
+
+def _node_params(path: str, node: str) -> dict:
+    """The node's ``ros__parameters`` (after the ``/**`` ones) from a ROS 2 params file."""
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    out: dict = {}
+    for key in ("/**", node, f"/{node}"):
+        section = data.get(key)
+        if isinstance(section, dict) and isinstance(section.get("ros__parameters"), dict):
+            out.update(section["ros__parameters"])
+    return out
+
+
+def _typed(text: str, typ: type, name: str):
+    if typ is str:
+        return text
+    try:
+        return typ(text)
+    except ValueError:
+        raise ValueError(f"launch argument {name}:={text!r} must be {typ.__name__}") from None
+
+
+def _graph(context: LaunchContext) -> list:
+    arg = context.launch_configurations.get
+    params_file = os.path.expanduser(arg("params_file"))
+    use_tx = arg("use_transmitter").lower() in TRUE
+    use_lc = arg("use_loop_closure").lower() in TRUE
+    params = {n: _node_params(params_file, n) for n in ("localizer", "transmitter", "loop_closure")}
+    for name, node, param, typ, _ in OVERRIDES:
+        value = arg(name)
+        if value:
+            params[node][param] = _typed(value, typ, name)
+    loc, tx = params["localizer"], params["transmitter"]
+    if use_tx:  # camera -> transmitter -> localizer (the same wiring as vpr_ros.ros.runner.wire_graph)
+        tx.setdefault("image_topic", loc.get("image_topic", "/camera/image_raw"))
+        tx.setdefault("image_transport", loc.get("image_transport", "raw"))
+        loc["image_topic"] = tx.get("output_topic", "/vpr/transmitted/image")
+        loc["image_transport"] = "raw"
+        if not loc.get("transmission_stats_topic"):
+            loc["transmission_stats_topic"] = tx.get("stats_topic", "/vpr/transmission_stats")
+    lc = params["loop_closure"]  # the localizer's matches and the images it reads
+    for key, default in (("match_topic", "/vpr/place_match"), ("image_topic", "/camera/image_raw"),
+                         ("image_transport", "raw")):
+        lc.setdefault(key, loc.get(key, default))
+    common = {"package": PACKAGE, "namespace": arg("namespace"), "output": "screen", "emulate_tty": True,
+              "arguments": ["--ros-args", "--log-level", arg("log_level")]}
+    actions: list = [LogInfo(msg=f"vpr_ros: params {params_file}; transmitter {'on' if use_tx else 'off'}, "
+                                 f"loop closure {'on' if use_lc else 'off'}")]
+    if use_tx:
+        actions.append(Node(executable="transmitter_node", name="transmitter", parameters=[tx], **common))
+    actions.append(Node(executable="localizer_node", name="localizer", parameters=[loc], **common))
+    if use_lc:
+        actions.append(Node(executable="loop_closure_node", name="loop_closure",
+                            parameters=[lc], **common))
+    return actions
+
+
+def generate_launch_description() -> LaunchDescription:
+    default_params = os.path.join(get_package_share_directory(PACKAGE), "config", "localize.yaml")
+    args = [DeclareLaunchArgument(
+        "params_file", default_value=default_params,
+        description="ROS 2 params file with localizer/transmitter/loop_closure sections")]
+    args += [DeclareLaunchArgument(name, default_value="", description=f"{text} (empty: params file)")
+             for name, _, _, _, text in OVERRIDES]
+    args += [DeclareLaunchArgument(name, default_value=default, description=text, choices=["true", "false"])
+             for name, default, text in SWITCHES]
+    args += [DeclareLaunchArgument("namespace", default_value="", description="namespace of every node"),
+             DeclareLaunchArgument("log_level", default_value="info",
+                                   description="ROS log level of the nodes",
+                                   choices=["debug", "info", "warn", "error", "fatal"])]
+    return LaunchDescription([*args, OpaqueFunction(function=_graph)])

@@ -1,0 +1,272 @@
+"""The whole graph: params file, in-process runner (as a real process), launch file checks, demo.
+
+``vpr-ros localize`` is started from config/localize.yaml in a subprocess and driven over DDS
+from the test process (images between processes: ``FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA``),
+then stopped with SIGTERM (the map is saved).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("rclpy", reason="needs rclpy (pip install 'ros-rclpy[fastrtps]')")
+pytest.importorskip("vpr_ros_msgs.msg", reason="vpr_ros_msgs is not built: run `python scripts/build_msgs.py`"
+                    " in the venv")
+pytest.importorskip("diagnostic_msgs.msg", reason="needs ros-diagnostic-msgs (pip install -e '.[ros]')")
+
+from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from sensor_msgs.msg import Image
+from std_msgs.msg import Header
+from vpr_ros_msgs.msg import PlaceMatch
+
+from vpr_ros.core.datasets import load_nordland
+from vpr_ros.core.errors import ConfigError
+from vpr_ros.core.mapdb import PlaceMap
+from vpr_ros.ros import localizer, transmitter
+from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
+from vpr_ros.ros.runner import InProcessGraph, apply_sets, load_params_file, overrides_for, wire_graph
+
+pytestmark = pytest.mark.ros
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "config" / "localize.yaml"
+LAUNCH = REPO / "launch" / "localize.launch.py"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ros_env(tmp_path_factory):
+    keys = ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR", "HOME", "FASTDDS_BUILTIN_TRANSPORTS")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    os.environ["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
+    if not os.environ.get("ROS_LOG_DIR"):
+        os.environ["ROS_LOG_DIR"] = str(tmp_path_factory.mktemp("ros_log"))
+    os.environ.setdefault("HOME", str(tmp_path_factory.mktemp("home")))
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+# --------------------------------------------------------------------------- params file
+
+
+def test_params_file_is_valid_for_every_node():
+    params = load_params_file(CONFIG)
+    assert {"localizer", "transmitter", "loop_closure"} <= set(params)
+    assert {"enabled", "exclusion_window_s", "score_threshold", "top_k", "geometric_verification",
+            "min_inliers"} <= set(params["loop_closure"])
+    for name, module in (("localizer", localizer), ("transmitter", transmitter)):
+        specs = {s.name: s for s in module.PARAMS}
+        over = overrides_for(name, params)  # raises on a name the node does not declare
+        assert {p.name for p in over} == set(params[name])
+        for p in over:
+            assert specs[p.name].check(p.value) is None, (name, p.name, p.value)
+    try:
+        from vpr_ros.ros import loop_closure
+    except ImportError:
+        return
+    specs = {s.name: s for s in loop_closure.PARAMS}
+    for p in overrides_for("loop_closure", params):
+        assert specs[p.name].check(p.value) is None, ("loop_closure", p.name, p.value)
+
+
+def test_sets_wiring_and_errors(tmp_path):
+    params = apply_sets(load_params_file(CONFIG), ["localizer.top_k=3", "localizer.min_score=0",
+                                                   "transmitter.jpeg_quality=40", "localizer.source=007",
+                                                   "localizer.require_pose=true"])
+    loc = params["localizer"]
+    assert loc["top_k"] == 3 and loc["source"] == "007" and loc["require_pose"] is True
+    assert [p.value for p in overrides_for("localizer", params) if p.name == "min_score"] == [0.0]  # widened
+    wired = wire_graph(params, use_transmitter=True)
+    assert wired["transmitter"]["image_topic"] == "/camera/image_raw"
+    assert wired["localizer"]["image_topic"] == wired["transmitter"]["output_topic"]
+    assert wired["localizer"]["transmission_stats_topic"] == wired["transmitter"]["stats_topic"]
+    assert wired["loop_closure"]["image_topic"] == wired["localizer"]["image_topic"]
+    assert wired["loop_closure"]["match_topic"] == wired["localizer"]["match_topic"]
+    assert wire_graph(params, use_transmitter=False)["localizer"]["image_topic"] == "/camera/image_raw"
+    with pytest.raises(ConfigError, match="expected NODE.PARAM=VALUE"):
+        apply_sets(params, ["top_k=3"])
+    with pytest.raises(ConfigError, match="expected int"):
+        apply_sets(params, ["localizer.top_k=three"])
+    with pytest.raises(ConfigError, match="unknown parameter.*top_kk"):
+        overrides_for("localizer", apply_sets(params, ["localizer.top_kk=3"]))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("localizer:\n  top_k: 3\n")
+    with pytest.raises(ConfigError, match="ros__parameters"):
+        load_params_file(bad)
+    wild = tmp_path / "wild.yaml"
+    wild.write_text("/**:\n  ros__parameters:\n    max_pixels: 1000\n    use_sim_time: false\n"
+                    "localizer:\n  ros__parameters:\n    nested: {a: 1}\n")
+    loaded = load_params_file(wild)
+    assert loaded["*"] == {"max_pixels": 1000, "use_sim_time": False}
+    assert loaded["localizer"] == {"nested.a": 1}
+
+
+def test_launch_file_arguments_match_node_parameters():
+    """Every launch argument that overrides a parameter names a declared parameter of that type."""
+    tree = ast.parse(LAUNCH.read_text())
+    table = next(n.value for n in tree.body if isinstance(n, ast.AnnAssign) and n.target.id == "OVERRIDES")
+    specs = {"localizer": {s.name: s for s in localizer.PARAMS},
+             "transmitter": {s.name: s for s in transmitter.PARAMS}}
+    names = []
+    for row in table.elts:
+        arg, node, param, typ = (ast.literal_eval(e) if not isinstance(e, ast.Name) else e.id
+                                 for e in row.elts[:4])
+        names.append(arg)
+        assert param in specs[node], (arg, node, param)
+        assert specs[node][param].type.__name__ == typ, (arg, typ)
+    assert {"camera_topic", "image_transport", "weights", "map_path", "mode", "device", "tx_mode",
+            "jpeg_quality", "qp", "kbps"} <= set(names)
+    text = LAUNCH.read_text()
+    for switch in ("use_transmitter", "use_loop_closure", "params_file"):
+        assert f'"{switch}"' in text
+
+
+def test_launch_description_builds_when_launch_is_installed():
+    pytest.importorskip("launch_ros", reason="launch/launch_ros have no PyPI wheels; the launch file was run "
+                                             "with LaunchService from source (docs/ros.md)")
+    from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+
+    try:
+        get_package_share_directory("vpr_ros")
+    except PackageNotFoundError:
+        pytest.skip("vpr_ros is not installed in an ament prefix (colcon build, docs/colcon.md)")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("localize_launch", LAUNCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ld = mod.generate_launch_description()
+    declared = {a.name: a for a in ld.get_launch_arguments()}
+    assert {"params_file", "camera_topic", "use_transmitter", "use_loop_closure"} <= set(declared)
+    assert all(a.description for a in declared.values())
+
+
+# --------------------------------------------------------------------------- runner process
+
+
+class RunnerProcess:
+    """``python -m vpr_ros.cli localize ...`` with its output collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "vpr_ros.cli", "localize", *args], cwd=REPO,
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip())
+
+    def wait_line(self, text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None and not self._reader.is_alive() and self.lines.empty():
+                    return False
+                continue
+            self.log.append(line)
+            if text in line:
+                return True
+        return False
+
+    def stop(self, sig: int, timeout: float = 60.0) -> int:
+        """Send ``sig``, wait for the exit status, collect the rest of the output."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10.0)
+        while not self.lines.empty():
+            self.log.append(self.lines.get())
+        return rc
+
+
+def test_runner_from_config_maps_localizes_and_saves_on_sigterm(nordland_dir, torch_home, tmp_path):
+    """``vpr-ros localize --transmitter`` in mode both: matches through JPEG q=10, map saved on SIGTERM."""
+    ns = f"/vpr_test_{uuid.uuid4().hex[:10]}"
+    env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONUNBUFFERED": "1"}
+    frames = [r.load() for r in load_nordland(nordland_dir, every=200).database][:8]
+    map_dir = tmp_path / "runner_map"
+    args = ["--params", str(CONFIG), "--transmitter", "--set", f"localizer.map_path={map_dir}",
+            "--set", "localizer.mode=both", "--set", "localizer.weights=imagenet",
+            "--set", "localizer.input_size=native", "--set", "localizer.device=cpu",
+            "--set", f"localizer.image_topic={ns}/camera", "--set", f"localizer.match_topic={ns}/match",
+            "--set", f"transmitter.output_topic={ns}/link",
+            "--set", f"transmitter.stats_topic={ns}/link_stats"]
+    with InProcessGraph() as graph:
+        probe = graph.add(graph.node("runner_probe"))
+        matches: dict[int, PlaceMatch] = {}
+        probe.create_subscription(PlaceMatch, f"{ns}/match",
+                                  lambda m: matches.__setitem__(m.header.stamp.sec, m), QoSProfile(depth=100))
+        pub = probe.create_publisher(Image, f"{ns}/camera", qos_profile_sensor_data)
+        run = RunnerProcess(args, env)
+        try:
+            assert run.wait_line("vpr-ros localize: running transmitter, localizer", 90.0), "\n".join(run.log)
+            assert graph.wait_for(lambda: pub.get_subscription_count() > 0
+                                  and probe.count_publishers(f"{ns}/match") > 0, 20.0)
+            for first in (100, 200):  # the first pass builds the map, the second revisits it
+                for i, frame in enumerate(frames):
+                    header = Header(stamp=float_to_stamp(first + i), frame_id="c")
+                    pub.publish(rgb_to_image_msg(frame, "rgb8", header))
+                    time.sleep(0.1)
+                done = graph.wait_for(lambda f=first: all(f + i in matches for i in range(len(frames))), 30.0)
+                assert done, (sorted(matches), run.log)
+        finally:
+            rc = run.stop(signal.SIGTERM)
+    assert rc == 0 and any("stopped cleanly" in line for line in run.log), "\n".join(run.log)
+    assert any(f"saved {2 * len(frames)} places" in line for line in run.log), "\n".join(run.log)
+    saved = PlaceMap.load(map_dir)
+    assert len(saved) == 2 * len(frames) and saved.model == "structvpr_mobilenetv2@imagenet"
+    assert [round(e.stamp) for e in saved.entries()] == [*range(100, 108), *range(200, 208)]
+    assert not matches[100].matches  # nothing in the map yet
+    for i in range(len(frames)):
+        m = matches[200 + i]
+        assert m.degradation == "jpeg_q10" and m.model == "structvpr_mobilenetv2@imagenet"
+        assert len(m.matches) == 5 and m.query_id == len(frames) + i + 1
+
+
+def test_runner_refuses_bad_configuration(capsys):
+    from vpr_ros.cli import main
+
+    assert main(["localize", "--params", str(CONFIG), "--set", "localizer.top_k=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("vpr-ros localize: error: localizer: parameter 'top_k' must be in [1, 100]")
+    assert main(["localize", "--params", str(CONFIG), "--set", "localizer.top_kk=1"]) == 2
+    assert "unknown parameter(s) for node 'localizer': top_kk" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def test_graph_demo_agrees_with_offline(nordland_dir, torch_home, tmp_path):
+    from vpr_ros.ros.demo import run_graph_demo
+
+    paths = run_graph_demo(nordland_root=nordland_dir, out_dir=tmp_path, every=3, weights="imagenet",
+                           input_size="native", max_frames=24, rate_hz=30.0)
+    result = json.loads(paths["ros_graph_json"].read_text())
+    assert paths["ros_graph_plot"].stat().st_size > 10_000
+    assert result["agree"] and len(result["runs"]) == 2
+    full, jpeg = result["runs"]
+    assert full["place_matches_received"] == full["frames"] == result["queries"]
+    assert full["recall_graph"] == full["recall_offline"] and jpeg["recall_graph"] == jpeg["recall_offline"]
+    assert jpeg["degradation_label"] == "jpeg_q10" and jpeg["bytes_per_frame"] < full["bytes_per_frame"] / 3
+    assert full["latency_e2e_ms"]["p50"] > 0
