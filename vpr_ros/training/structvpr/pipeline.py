@@ -1,0 +1,830 @@
+"""The StructVPR pipeline: segment -> SLME -> Stage I (both branches) -> partition -> Stage II -> export.
+
+    python -m vpr_ros.training.structvpr.pipeline --config training/structvpr_kitti.yaml [--set key=value]
+
+1. **Segment** every training (and evaluation) image once with the configured segmenter; label maps are
+   cached as PNGs keyed by image path and segmenter id (:class:`~vpr_ros.core.segmentation.LabelCache`).
+2. **SLME**: class maps -> weighted one-hot group maps at the student's input size (:mod:`.slme`).
+3. **Stage I**: the rgb-branch (``structvpr_mobilenetv2``, ImageNet init) on RGB tuples and the seg-branch
+   (``structvpr_segbranch``, random init) on the SLME maps of the same tuples, each with the triplet loss.
+4. **Partition**: ranks x (seg) and y (rgb) of every training pair's positive; groups D1-D4 and the pair
+   weights of the chosen weighting (:mod:`.partition`, :mod:`.weighted_kd`).
+5. **Stage II**: the student starts from the Stage-I rgb-branch and learns from triplet + phi-weighted
+   distillation of the frozen seg-branch through a linear T (:class:`.weighted_kd.StructVPRDistill`).
+6. **Export**: the student alone as deployed weights (a plain ``structvpr_mobilenetv2``).
+
+Data, tuples, degradation, the triplet loss, optimiser, learning-rate schedule, evaluation and
+checkpoints are the training engine's (:mod:`vpr_ros.training`); what is StructVPR's lives here. Places
+come from the engine's sources (``places.kind: engine`` with a ``data`` section: nordland / folder / bags,
+split by place) or from KITTI odometry sequences with poses (``places.kind: kitti``: one sequence to
+train, another to test). A stage whose run directory holds ``summary.json`` is reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import sys
+import time
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ...core.datasets import ImageRecord, load_kitti
+from ...core.errors import ConfigError, DatasetError
+from ...core.fileio import atomic_write_text
+from ...core.images import save_image
+from ...core.models import create_model, model_from_checkpoint, read_checkpoint, save_checkpoint
+from ...core.models.registry import Preprocess, VprModel
+from ...core.segmentation import (
+    ESPNetv2Segmenter,
+    LabelCache,
+    LabelFolderSegmenter,
+    Segmenter,
+    read_label_map,
+)
+from ...core.segmentation import segment_files as _segment_files
+from ...core.transmission import TransmissionConfig, degrade_image
+from ..config import DataConfig, DegradationConfig, OptimConfig, _build, apply_overrides
+from ..data import Degrader, PlaceSet, Relation, TupleDataset, build_places, degrade_queries, split_places
+from ..engine import LrSchedule, _make_optimizer
+from ..evaluate import describe, recall_on_places
+from ..export import export_deployed
+from ..losses import triplet_loss
+from .partition import GROUPS, Pairs, group_shares, rank_pairs
+from .seg_branch import SegBranch  # noqa: F401  (registers structvpr_segbranch)
+from .slme import SLMEConfig, SLMEncoder
+from .weighted_kd import PairWeights, StructVPRDistill, WeightingConfig, pair_weights, summarize_weights
+
+log = logging.getLogger("vpr_ros.training.structvpr")
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class PlacesConfig:
+    """``kitti``: train on ``train_sequence`` (every frame a query and a database image; positives within
+    ``pos_radius_m`` but more than ``exclude_frames`` frames away, negatives beyond ``neg_radius_m``); test
+    on ``test_sequence`` with database frames ``i % test_step == 0`` and queries ``i % test_step`` in
+    ``test_offsets`` (positives within ``test_radius_m``). ``engine``: the ``data`` section's source, split
+    by place (``data.split``); the validation side is the test."""
+
+    kind: str = "kitti"
+    root: str = "${VPR_ROS_SHARED:-../shared}/data/kitti_first300"
+    train_sequence: str = "05"
+    test_sequence: str = "00"
+    every: int = 1
+    pos_radius_m: float = 6.0
+    neg_radius_m: float = 20.0
+    exclude_frames: int = 2
+    test_step: int = 10
+    test_offsets: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
+    test_radius_m: float = 6.0
+    max_train_queries: int | None = None
+
+
+@dataclass
+class SegmentationConfig:
+    """``espnetv2`` (checkpoint ``weights``, run ``width`` px wide) or ``labels`` (PNG maps in ``labels_dir``,
+    named like the images relative to ``image_root``, or by stem)."""
+
+    source: str = "espnetv2"
+    weights: str = "${VPR_ROS_SHARED:-../shared}/weights/espnetv2_s_2.0_city_1024x512.pth"
+    width: int = 768
+    labels_dir: str | None = None
+    image_root: str | None = None
+    cache_dir: str = ".cache/structvpr/labels"
+
+
+@dataclass
+class SegBranchConfig:
+    channels: list[int] = field(default_factory=lambda: [16, 32, 96, 128, 256])
+    blocks: list[int] = field(default_factory=lambda: [1, 2, 2, 2, 1])
+    expand: int = 4
+
+
+@dataclass
+class StageConfig:
+    steps: int = 100
+    lr: float = 1e-4
+    batch_size: int = 4
+    warmup_steps: int = 0
+    scheduler: str = "cosine"
+
+
+@dataclass
+class Stage2Config(StageConfig):
+    kd_weight: float = 1.0  # lambda of L = L_triplet + lambda * L_kd
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+
+
+@dataclass
+class StructVPRConfig:
+    places: PlacesConfig = field(default_factory=PlacesConfig)
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(root="-", negatives=4, mining="hard", mining_pool=32)
+    )
+    degradation: DegradationConfig = field(
+        default_factory=lambda: DegradationConfig(["none", "jpeg:10"], "query")
+    )
+    input_size: list[int] = field(default_factory=lambda: [96, 320])
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    slme: SLMEConfig = field(default_factory=SLMEConfig)
+    seg_branch: SegBranchConfig = field(default_factory=SegBranchConfig)
+    rgb_stage1: StageConfig = field(default_factory=StageConfig)
+    seg_stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=100, lr=1e-3))
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    margin: float = 0.1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval_degradations: list[str] = field(default_factory=lambda: ["none", "jpeg:10"])
+    dir: str = "runs/structvpr"
+    seed: int = 0
+    threads: int = 1
+    log_every: int = 10
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ()) -> StructVPRConfig:
+    """Build and check a :class:`StructVPRConfig` (unknown keys, types and ranges raise ConfigError)."""
+    raw = apply_overrides(copy.deepcopy(data or {}), list(overrides))
+    cfg: StructVPRConfig = _build(StructVPRConfig, raw, "")
+    p, s = cfg.places, cfg.segmentation
+    checks = [
+        (p.kind in ("kitti", "engine"), "places.kind", f"{p.kind!r} is not kitti or engine"),
+        (
+            p.pos_radius_m > 0 and p.neg_radius_m >= p.pos_radius_m,
+            "places.neg_radius_m",
+            "need 0 < pos_radius_m <= neg_radius_m",
+        ),
+        (
+            p.test_step >= 2 and all(0 < o < p.test_step for o in p.test_offsets),
+            "places.test_offsets",
+            f"offsets must lie in 1..test_step-1, got {p.test_offsets}",
+        ),
+        (
+            s.source in ("espnetv2", "labels"),
+            "segmentation.source",
+            f"{s.source!r} is not espnetv2 or labels",
+        ),
+        (
+            s.source != "labels" or bool(s.labels_dir),
+            "segmentation.labels_dir",
+            "required for source 'labels'",
+        ),
+        (
+            len(cfg.input_size) == 2 and min(cfg.input_size) >= 32,
+            "input_size",
+            f"need [H, W] >= 32, got {cfg.input_size}",
+        ),
+        (cfg.margin > 0, "margin", f"must be > 0, got {cfg.margin}"),
+        (cfg.stage2.kd_weight >= 0, "stage2.kd_weight", "must be >= 0"),
+        (
+            cfg.stage2.weighting.n_t >= 1 and cfg.stage2.weighting.n_m >= 1,
+            "stage2.weighting",
+            "n_t, n_m >= 1",
+        ),
+        (cfg.threads >= 1, "threads", "must be >= 1"),
+    ]
+    for stage in ("rgb_stage1", "seg_stage1", "stage2"):
+        st = getattr(cfg, stage)
+        checks += [
+            (st.steps >= 1 and st.batch_size >= 1 and st.lr > 0, stage, "steps, batch_size >= 1 and lr > 0"),
+            (st.scheduler in ("constant", "cosine"), f"{stage}.scheduler", "constant or cosine"),
+        ]
+    for ok, where, text in checks:
+        if not ok:
+            raise ConfigError(f"{where}: {text}")
+    for spec in [*cfg.degradation.specs, *cfg.eval_degradations]:
+        TransmissionConfig.parse(spec)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> StructVPRConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- places
+
+
+def kitti_train_places(cfg: PlacesConfig) -> PlaceSet:
+    """One KITTI sequence as queries and database; frames within ``exclude_frames`` never pair."""
+    recs = load_kitti(cfg.root, cfg.train_sequence)[:: cfg.every]
+    recs = [dataclasses.replace(r, stamp=r.frame_index / 10.0) for r in recs]  # KITTI runs at ~10 Hz
+    gap = (cfg.exclude_frames + 0.5) / 10.0
+    rel = Relation("distance", cfg.pos_radius_m, cfg.neg_radius_m, min_time_gap_s=gap)
+    places = PlaceSet(f"kitti{cfg.train_sequence}/train", recs, recs, rel)
+    return places.with_positive_queries(cfg.max_train_queries)
+
+
+def kitti_test_places(cfg: PlacesConfig) -> PlaceSet:
+    """Database every ``test_step``-th frame, queries at ``test_offsets`` between them."""
+    recs = load_kitti(cfg.root, cfg.test_sequence)
+    db = [r for r in recs if r.frame_index % cfg.test_step == 0]
+    qs = [r for r in recs if r.frame_index % cfg.test_step in cfg.test_offsets]
+    rel = Relation("distance", cfg.test_radius_m, cfg.test_radius_m)
+    return PlaceSet(f"kitti{cfg.test_sequence}/test", qs, db, rel).with_positive_queries()
+
+
+def build_structvpr_places(cfg: StructVPRConfig) -> tuple[PlaceSet, PlaceSet]:
+    """(train, test) places."""
+    if cfg.places.kind == "kitti":
+        return kitti_train_places(cfg.places), kitti_test_places(cfg.places)
+    train, val = split_places(build_places(cfg.data), cfg.data.split)
+    return train.with_positive_queries(cfg.data.max_train_queries), val.with_positive_queries(
+        cfg.data.max_val_queries
+    )
+
+
+# --------------------------------------------------------------------------- segmentation and SLME
+
+
+def make_segmenter(cfg: SegmentationConfig) -> Segmenter:
+    if cfg.source == "labels":
+        return LabelFolderSegmenter(cfg.labels_dir, image_root=cfg.image_root)  # type: ignore[arg-type]
+    return ESPNetv2Segmenter(cfg.weights, width=cfg.width)
+
+
+class SLMEBank:
+    """SLME maps of images by path: group-index maps (int8) in memory, expanded to tensors on demand."""
+
+    def __init__(self, encoder: SLMEncoder, size: tuple[int, int]) -> None:
+        self.encoder, self.size = encoder, size
+        self.groups: dict[str, np.ndarray] = {}
+        self.weights = torch.from_numpy(encoder.weights)
+
+    @staticmethod
+    def key(path: str | Path) -> str:
+        return str(Path(path).resolve())
+
+    def add(self, image_path: str | Path, label_file: str | Path) -> None:
+        g = self.encoder.group_map(read_label_map(label_file), self.size)
+        self.groups[self.key(image_path)] = g.astype(np.int8)
+
+    def tensor(self, paths: Sequence[str | Path]) -> torch.Tensor:
+        """(N, C, h, w) weighted one-hot maps."""
+        g = torch.from_numpy(np.stack([self.groups[self.key(p)] for p in paths]).astype(np.int64))
+        onehot = g[:, None] == torch.arange(self.encoder.channels)[None, :, None, None]
+        return onehot.float() * self.weights[None, :, None, None]
+
+
+def segment_into(
+    bank: SLMEBank,
+    paths: Sequence[str | Path],
+    segmenter: Segmenter,
+    cache: LabelCache,
+    progress: bool = True,
+) -> None:
+    """Segment (or read from the cache) every image not yet in the bank."""
+    todo = sorted({str(p) for p in paths if SLMEBank.key(p) not in bank.groups})
+    if todo:
+        for p, f in zip(todo, _segment_files(todo, segmenter, cache, progress=progress), strict=True):
+            bank.add(p, f)
+
+
+def received_files(records: Sequence[ImageRecord], spec: str, folder: Path) -> list[Path]:
+    """Query images as received through ``spec`` (e.g. JPEG q10), written once as files so that they can
+    be segmented and cached like any image (the seg-branch sees what the link delivers)."""
+    cfg = TransmissionConfig.parse(spec)
+    out = []
+    for r in records:
+        target = folder / cfg.label / f"{Path(r.path).parent.parent.name}_{Path(r.path).stem}.png"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_image(target, degrade_image(r.load(), cfg).image)
+        out.append(target)
+    return out
+
+
+# --------------------------------------------------------------------------- tuples
+
+
+class StructTuples(Dataset):
+    """The engine's tuples plus what StructVPR needs: ``rgb`` (student input, degraded as configured),
+    ``slme`` (SLME maps of the same images, from the high-quality frames) and ``weight`` (phi of (q, p))."""
+
+    def __init__(
+        self,
+        base: TupleDataset,
+        bank: SLMEBank | None,
+        *,
+        rgb: bool = True,
+        weights: Callable[[int, int], float] | None = None,
+    ) -> None:
+        self.base, self.bank, self.rgb, self.weights = base, bank, rgb, weights
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        qi, p, negs, _ = self.base.tuple_ids(k)
+        places = self.base.places
+        out: dict[str, Any] = {"index": k, "weight": float(self.weights(qi, p)) if self.weights else 1.0}
+        if self.rgb:
+            out["rgb"] = self.base[k]["lq"]
+        if self.bank is not None:
+            recs = [places.queries[qi], places.database[p], *(places.database[n] for n in negs)]
+            out["slme"] = self.bank.tensor([r.path for r in recs])
+        return out
+
+
+# --------------------------------------------------------------------------- one training stage
+
+
+@dataclass
+class StageResult:
+    steps: int
+    train_seconds: float  # forward/backward/update time
+    wall_seconds: float  # including data loading and hard-negative mining
+    last: dict[str, float] = field(default_factory=dict)
+
+
+def fit(
+    modules: nn.Module,
+    params: list[nn.Parameter],
+    dataset: StructTuples,
+    stage: StageConfig,
+    step_fn: Callable[[dict[str, Any]], dict[str, torch.Tensor]],
+    *,
+    optim: OptimConfig,
+    seed: int,
+    run_dir: Path,
+    log_every: int = 10,
+    refresh: Callable[[], None] | None = None,
+    progress: bool = True,
+) -> StageResult:
+    """Train ``params`` for ``stage.steps`` steps of ``step_fn(batch) -> {"loss", ...}`` on ``dataset``.
+
+    Uses the engine's optimiser factory and learning-rate schedule; ``refresh`` (hard-negative mining
+    cache) runs at each epoch start. Logs ``train.csv`` in ``run_dir``.
+    """
+    from tqdm import tqdm
+
+    o = dataclasses.replace(optim, lr=stage.lr)
+    optimizer = _make_optimizer(types.SimpleNamespace(optim=o), params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, LrSchedule(stage.scheduler, stage.steps, stage.warmup_steps)
+    )
+    gen = torch.Generator().manual_seed(seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows, step, epoch, train_s, t_start, last = [], 0, 0, 0.0, time.perf_counter(), {}
+    bar = tqdm(total=stage.steps, desc=run_dir.name, unit="step", disable=not progress, dynamic_ncols=True)
+    while step < stage.steps:
+        dataset.set_epoch(epoch)
+        if refresh is not None:
+            refresh()
+        modules.train()
+        loader = DataLoader(dataset, batch_size=stage.batch_size, shuffle=True, generator=gen, drop_last=True)
+        if len(loader) == 0:
+            raise DatasetError(f"{len(dataset)} tuples cannot fill one batch of {stage.batch_size}")
+        for batch in loader:
+            t0 = time.perf_counter()
+            out = step_fn(batch)
+            optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            train_s += time.perf_counter() - t0
+            last = {k: float(v.detach()) for k, v in out.items()}
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
+            if step % log_every == 0 or step == stage.steps:
+                rows.append(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "lr": scheduler.get_last_lr()[0],
+                        **last,
+                        "train_seconds": train_s,
+                    }
+                )
+            if step >= stage.steps:
+                break
+        epoch += 1
+    bar.close()
+    if rows:
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        lines = [",".join(cols)] + [",".join(f"{r.get(c, '')}" for c in cols) for r in rows]
+        atomic_write_text(run_dir / "train.csv", "\n".join(lines) + "\n")
+    return StageResult(step, train_s, time.perf_counter() - t_start, last)
+
+
+def _save(
+    model: VprModel, run_dir: Path, result: StageResult, meta: dict[str, Any], extra: dict[str, Any]
+) -> Path:
+    path = save_checkpoint(
+        model,
+        run_dir / "last.pt",
+        kind="training",
+        meta={"method": "structvpr", **meta},
+        extra={
+            "step": result.steps,
+            "total_steps": result.steps,
+            "train_seconds": result.train_seconds,
+            **extra,
+        },
+    )
+    summary = {**asdict(result), **meta, "checkpoint": str(path)}
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return path
+
+
+def _finished(run_dir: Path) -> dict[str, Any] | None:
+    f = run_dir / "summary.json"
+    return json.loads(f.read_text()) if f.is_file() and (run_dir / "last.pt").is_file() else None
+
+
+def load_trained(run_dir: Path) -> VprModel:
+    """The model of a finished stage (eval mode)."""
+    return model_from_checkpoint(read_checkpoint(run_dir / "last.pt"), source=str(run_dir)).eval()
+
+
+# --------------------------------------------------------------------------- the method
+
+
+class StructVPR:
+    """One StructVPR experiment: places, segmentation, SLME bank and the stages, sharing their caches."""
+
+    def __init__(self, cfg: StructVPRConfig) -> None:
+        self.cfg = cfg
+        torch.set_num_threads(cfg.threads)
+        self.root = Path(cfg.dir)
+        self.train_places, self.test_places = build_structvpr_places(cfg)
+        self.size = (int(cfg.input_size[0]), int(cfg.input_size[1]))
+        self.degrader = Degrader(cfg.degradation.specs)
+        self._segmenter: Segmenter | None = None
+        self.cache = LabelCache(cfg.segmentation.cache_dir)
+        self.bank: SLMEBank | None = None
+        log.info("%s | %s", self.train_places.summary(), self.test_places.summary())
+
+    # ------------------------------------------------------------------ segmentation
+
+    @property
+    def segmenter(self) -> Segmenter:
+        if self._segmenter is None:
+            self._segmenter = make_segmenter(self.cfg.segmentation)
+        return self._segmenter
+
+    def segment(self, paths: Sequence[str | Path]) -> SLMEBank:
+        """Step 1-2: label maps (cached) -> SLME bank."""
+        if self.bank is None:
+            slme = dataclasses.replace(self.cfg.slme, size=list(self.cfg.slme.size or self.size))
+            self.bank = SLMEBank(SLMEncoder(slme, self.segmenter.classes), tuple(slme.size))
+        segment_into(self.bank, paths, self.segmenter, self.cache, self.cfg.progress)
+        return self.bank
+
+    def segment_training(self) -> SLMEBank:
+        p = self.train_places
+        return self.segment([r.path for r in p.queries] + [r.path for r in p.database])
+
+    # ------------------------------------------------------------------ models and tuples
+
+    def new_rgb(self) -> VprModel:
+        m = create_model("structvpr_mobilenetv2", pretrained=True)
+        m.preprocess = dataclasses.replace(m.preprocess, input_size=self.size)
+        return m
+
+    def new_seg(self) -> VprModel:
+        b = self.cfg.seg_branch
+        m = create_model(
+            "structvpr_segbranch",
+            in_channels=len(self.cfg.slme.groups),
+            channels=list(b.channels),
+            blocks=list(b.blocks),
+            expand=b.expand,
+        )
+        m.preprocess = dataclasses.replace(m.preprocess, input_size=tuple(self.cfg.slme.size or self.size))
+        return m
+
+    def tuples(
+        self, student: VprModel, *, rgb: bool, slme: bool, weights: Callable[[int, int], float] | None = None
+    ) -> StructTuples:
+        d = self.cfg.data
+        pre = student.preprocess if rgb else Preprocess(input_size=self.size)
+        base = TupleDataset(
+            self.train_places,
+            preprocess=pre,
+            degrader=self.degrader,
+            negatives=d.negatives,
+            targets=self.cfg.degradation.targets,
+            seed=self.cfg.seed,
+            pool=d.mining_pool,
+        )
+        return StructTuples(base, self.segment_training() if slme else None, rgb=rgb, weights=weights)
+
+    def _rgb_refresh(self, model: VprModel, ds: StructTuples) -> Callable[[], None] | None:
+        if self.cfg.data.mining != "hard":
+            return None
+        p = self.train_places
+
+        def refresh() -> None:
+            q = describe(model, [ds.base.cache.get(r) for r in p.queries], batch_size=64)
+            db = q if p.database is p.queries else describe(model, [ds.base.cache.get(r) for r in p.database])
+            ds.base.set_cache(q, db)
+
+        return refresh
+
+    def _seg_refresh(self, model: VprModel, ds: StructTuples) -> Callable[[], None] | None:
+        if self.cfg.data.mining != "hard":
+            return None
+        p = self.train_places
+
+        def refresh() -> None:
+            q = describe_slme(model, self.bank, [r.path for r in p.queries])  # type: ignore[arg-type]
+            db = (
+                q
+                if p.database is p.queries
+                else describe_slme(model, self.bank, [r.path for r in p.database])
+            )
+            ds.base.set_cache(q, db)
+
+        return refresh
+
+    # ------------------------------------------------------------------ Stage I
+
+    def stage1_rgb(self) -> Path:
+        """The rgb-branch: ImageNet MobileNetV2 student trained with the triplet loss."""
+        run_dir = self.root / "stage1_rgb"
+        if _finished(run_dir):
+            return run_dir
+        model = self.new_rgb()
+        ds = self.tuples(model, rgb=True, slme=False)
+        margin = self.cfg.margin
+
+        def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+            x = batch["rgb"]
+            d = model(x.flatten(0, 1)).view(*x.shape[:2], -1)
+            loss = triplet_loss(d[:, 0], d[:, 1], d[:, 2:], margin)
+            return {"loss": loss, "triplet": loss}
+
+        res = fit(
+            model,
+            [p for p in model.parameters() if p.requires_grad],
+            ds,
+            self.cfg.rgb_stage1,
+            step,
+            optim=self.cfg.optim,
+            seed=self.cfg.seed,
+            run_dir=run_dir,
+            log_every=self.cfg.log_every,
+            refresh=self._rgb_refresh(model, ds),
+            progress=self.cfg.progress,
+        )
+        _save(model, run_dir, res, {"stage": "stage1_rgb", "degradation": self.degrader.label}, {})
+        return run_dir
+
+    def stage1_seg(self) -> Path:
+        """The seg-branch: trained from scratch on SLME maps with the triplet loss."""
+        run_dir = self.root / "stage1_seg"
+        if _finished(run_dir):
+            return run_dir
+        model = self.new_seg()
+        ds = self.tuples(model, rgb=False, slme=True)
+        margin = self.cfg.margin
+
+        def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+            x = batch["slme"]
+            d = model(x.flatten(0, 1)).view(*x.shape[:2], -1)
+            loss = triplet_loss(d[:, 0], d[:, 1], d[:, 2:], margin)
+            return {"loss": loss, "triplet": loss}
+
+        res = fit(
+            model,
+            list(model.parameters()),
+            ds,
+            self.cfg.seg_stage1,
+            step,
+            optim=self.cfg.optim,
+            seed=self.cfg.seed,
+            run_dir=run_dir,
+            log_every=self.cfg.log_every,
+            refresh=self._seg_refresh(model, ds),
+            progress=self.cfg.progress,
+        )
+        _save(
+            model,
+            run_dir,
+            res,
+            {
+                "stage": "stage1_seg",
+                "segmenter": self.segmenter.id,
+                "slme_groups": list(self.cfg.slme.groups),
+            },
+            {},
+        )
+        return run_dir
+
+    # ------------------------------------------------------------------ partition
+
+    def partition(self) -> Pairs:
+        """Ranks x (seg-branch) and y (rgb-branch) of every training pair; cached as ``partition.npz``."""
+        path = self.root / "partition.npz"
+        if path.is_file():
+            z = np.load(path)
+            return Pairs(z["q"], z["p"], z["x"], z["y"])
+        rgb, seg = load_trained(self.root / "stage1_rgb"), load_trained(self.root / "stage1_seg")
+        p = self.train_places
+        bank = self.segment_training()
+        rgb_q = describe(rgb, degrade_queries(p, self.degrader, seed=self.cfg.seed))
+        rgb_db = describe(rgb, [r.load() for r in p.database])
+        seg_q = describe_slme(seg, bank, [r.path for r in p.queries])
+        seg_db = describe_slme(seg, bank, [r.path for r in p.database])
+        pairs = rank_pairs((seg_q, seg_db), (rgb_q, rgb_db), p.positives, p.excluded)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, q=pairs.q, p=pairs.p, x=pairs.x, y=pairs.y)
+        shares = group_shares(pairs, self.cfg.stage2.weighting.n_t)
+        atomic_write_text(
+            self.root / "partition.json",
+            json.dumps(
+                {
+                    "pairs": len(pairs),
+                    "n_t": self.cfg.stage2.weighting.n_t,
+                    "shares": shares,
+                    "paper_shares": PAPER_SHARES,
+                },
+                indent=2,
+            )
+            + "\n",
+        )
+        log.info(
+            "partition of %d pairs: %s",
+            len(pairs),
+            "  ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()),
+        )
+        return pairs
+
+    # ------------------------------------------------------------------ Stage II
+
+    def stage2(
+        self, name: str = "stage2", weighting: WeightingConfig | None = None, kd_weight: float | None = None
+    ) -> Path:
+        """The student: Stage-I rgb-branch + triplet + weighted distillation from the frozen seg-branch."""
+        run_dir = self.root / name
+        if _finished(run_dir):
+            return run_dir
+        s2 = self.cfg.stage2
+        wcfg = weighting or s2.weighting
+        lam = s2.kd_weight if kd_weight is None else kd_weight
+        student, teacher = load_trained(self.root / "stage1_rgb"), load_trained(self.root / "stage1_seg")
+        pairs = self.partition()
+        w = pair_weights(pairs, wcfg)
+        ds = self.tuples(student, rgb=True, slme=lam > 0, weights=PairWeights(pairs, w))
+        distill = StructVPRDistill(student, teacher, kd_weight=lam, margin=self.cfg.margin)
+
+        def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+            slme = batch.get("slme", batch["rgb"][:, :, :1])
+            return distill(batch["rgb"], slme, batch["weight"])
+
+        params = [p for p in [*student.parameters(), *distill.proj.parameters()] if p.requires_grad]
+        res = fit(
+            distill,
+            params,
+            ds,
+            s2,
+            step,
+            optim=self.cfg.optim,
+            seed=self.cfg.seed,
+            run_dir=run_dir,
+            log_every=self.cfg.log_every,
+            refresh=self._rgb_refresh(student, ds),
+            progress=self.cfg.progress,
+        )
+        meta = {
+            "stage": name,
+            "weighting": asdict(wcfg),
+            "kd_weight": lam,
+            "degradation": self.degrader.label,
+            "segmenter": self.segmenter.id if lam > 0 else None,
+            **summarize_weights(pairs, w, wcfg.n_t),
+        }
+        _save(
+            student,
+            run_dir,
+            res,
+            meta,
+            {"kd_proj": {k: v.detach().cpu() for k, v in distill.proj.state_dict().items()}},
+        )
+        return run_dir
+
+    def export(self, name: str = "stage2", out: str | Path | None = None) -> Path:
+        """Step 6: the Stage-II student alone as deployed weights (``structvpr_mobilenetv2``)."""
+        out = Path(out or self.root / f"{name}_deployed.pt")
+        summary = _finished(self.root / name) or {}
+        return export_deployed(
+            self.root / name / "last.pt",
+            out,
+            expected_name="structvpr_mobilenetv2",
+            meta={
+                "method": "structvpr",
+                "stage": name,
+                "weighting": summary.get("weighting"),
+                "segmenter_used_in_training": summary.get("segmenter"),
+            },
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, model: VprModel, *, seg: bool = False) -> dict[str, dict[int, float]]:
+        """Recall@1/5/10 on the test places per query degradation (database: high-quality frames)."""
+        p = self.test_places
+        out = {}
+        if seg:
+            self.segment([r.path for r in p.database])
+            db = describe_slme(model, self.bank, [r.path for r in p.database])  # type: ignore[arg-type]
+        else:
+            db = describe(model, [r.load() for r in p.database])
+        for spec in self.cfg.eval_degradations:
+            label = TransmissionConfig.parse(spec).label
+            if seg:
+                files = (
+                    [r.path for r in p.queries]
+                    if spec == "none"
+                    else received_files(p.queries, spec, Path(self.cfg.segmentation.cache_dir) / "received")
+                )
+                self.segment(files)
+                q = describe_slme(model, self.bank, files)  # type: ignore[arg-type]
+            else:
+                cfg = TransmissionConfig.parse(spec)
+                q = describe(
+                    model,
+                    [
+                        r.load() if cfg.mode == "none" else degrade_image(r.load(), cfg).image
+                        for r in p.queries
+                    ],
+                )
+            rec = recall_on_places(q, db, p, (1, 5, 10))
+            out[label] = {int(n): float(v) for n, v in rec.items()}
+        return out
+
+    # ------------------------------------------------------------------ everything
+
+    def run(self, export_to: str | Path | None = None) -> dict[str, Any]:
+        """Steps 1-6 with the configured Stage II; returns recalls, shares and timings."""
+        self.segment_training()
+        self.stage1_seg()
+        self.stage1_rgb()
+        pairs = self.partition()
+        self.stage2()
+        deployed = self.export(out=export_to)
+        return {
+            "deployed": str(deployed),
+            "shares": group_shares(pairs, self.cfg.stage2.weighting.n_t),
+            "test": self.evaluate(load_trained(self.root / "stage2")),
+        }
+
+
+#: The paper's shares of the four groups (MSLS training pairs), for comparison.
+PAPER_SHARES = dict(zip(GROUPS, (0.041, 0.507, 0.148, 0.305), strict=True))
+
+
+@torch.inference_mode()
+def describe_slme(
+    model: VprModel, bank: SLMEBank, paths: Sequence[str | Path], batch_size: int = 64
+) -> np.ndarray:
+    """(N, D) seg-branch descriptors of the SLME maps of ``paths`` (model left in eval mode)."""
+    model.eval()
+    out = [model(bank.tensor(paths[s : s + batch_size])).numpy() for s in range(0, len(paths), batch_size)]
+    return np.concatenate(out).astype(np.float32) if out else np.empty((0, model.descriptor_dim), np.float32)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m vpr_ros.training.structvpr.pipeline", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--config", required=True, help="StructVPR recipe (training/structvpr_*.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--export", help="deployed weights file to write (default DIR/stage2_deployed.pt)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    result = StructVPR(load_config(args.config, args.overrides)).run(args.export)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

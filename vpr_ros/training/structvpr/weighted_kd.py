@@ -1,0 +1,151 @@
+"""Weighted knowledge distillation (StructVPR Sec. 3.3-3.4, Stage II).
+
+Every training pair (q, p) gets a weight phi(q, p) from its ranks (x: seg-branch, y: rgb-branch):
+
+    phi(q, p) = 0                                   if (q, p) in D4  (x > N_t)
+    phi(q, p) = 1 + (min(y, N_m) - x) / N_m         otherwise                       (Eq. 4)
+
+so a pair weighs more the better the seg-branch ranks p (small x) and the worse the rgb-branch does
+(large y, counted up to N_m = 20): D1 gets (1, 2), D2 [1, 1.45], D3 [0.55, 1) for N_t = 10. The
+ablation's constant weights give each group one number (e.g. 8-4-1-0 for D1..D4); ``all`` weighs
+every pair 1 (non-selective distillation).
+
+The Stage II loss of one tuple (q, p, n_1..n_k) is the student's triplet loss plus
+
+    L_kd = phi(q, p) * mean over the tuple's images i of || x^S_i - T(x^D_i) ||^2
+
+with x^S the RGB student's descriptor, x^D the frozen seg-branch's descriptor of the image's SLME map,
+and T a learnt linear map (480 -> 448). Only the student is exported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..losses import triplet_loss
+from .partition import GROUPS, MODES, Pairs, group_of, keep_mask
+
+WEIGHTINGS = ("phi", "constant", "ones")
+
+
+def phi(x: np.ndarray | int, y: np.ndarray | int, n_t: int = 10, n_m: int = 20) -> np.ndarray:
+    """Eq. 4: 0 in D4, else ``1 + (min(y, N_m) - x) / N_m``."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    w = 1.0 + (np.minimum(y, n_m) - x) / n_m
+    return np.where(x > n_t, 0.0, w)
+
+
+@dataclass
+class WeightingConfig:
+    """How Stage II weighs each pair: ``partition`` (gp-d | gp-s | gp-r | all) decides which pairs are
+    distilled; ``weighting`` phi (Eq. 4) | constant (``constant`` per group D1..D4) | ones."""
+
+    partition: str = "gp-d"
+    weighting: str = "phi"
+    n_t: int = 10
+    n_m: int = 20
+    constant: list[float] = field(default_factory=lambda: [8.0, 4.0, 1.0, 0.0])
+
+
+def pair_weights(pairs: Pairs, cfg: WeightingConfig) -> np.ndarray:
+    """The distillation weight of every pair (0 for pairs the partition drops)."""
+    if cfg.partition not in MODES:
+        raise ValueError(f"unknown partition {cfg.partition!r}; expected one of {MODES}")
+    if cfg.weighting == "phi":
+        w = phi(pairs.x, pairs.y, cfg.n_t, cfg.n_m)
+    elif cfg.weighting == "constant":
+        if len(cfg.constant) != len(GROUPS):
+            raise ValueError(f"constant weights: one per group {GROUPS}, got {cfg.constant}")
+        w = np.asarray(cfg.constant, dtype=np.float64)[group_of(pairs.x, pairs.y, cfg.n_t)]
+    elif cfg.weighting == "ones":
+        w = np.ones(len(pairs), dtype=np.float64)
+    else:
+        raise ValueError(f"unknown weighting {cfg.weighting!r}; expected one of {WEIGHTINGS}")
+    return np.where(keep_mask(pairs.x, pairs.y, cfg.partition, cfg.n_t), w, 0.0)
+
+
+class PairWeights:
+    """Lookup (query index, positive index) -> weight; pairs never ranked weigh ``default``."""
+
+    def __init__(self, pairs: Pairs, weights: np.ndarray, default: float = 0.0) -> None:
+        self.table = {(int(q), int(p)): float(w) for q, p, w in zip(pairs.q, pairs.p, weights, strict=True)}
+        self.default = default
+
+    def __call__(self, q: int, p: int) -> float:
+        return self.table.get((int(q), int(p)), self.default)
+
+
+def weighted_kd_loss(
+    student: torch.Tensor, teacher_proj: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """phi-weighted squared L2 distance: student / projected teacher (B, T, D), weights (B,)."""
+    if student.shape != teacher_proj.shape or weights.shape != student.shape[:1]:
+        raise ValueError(
+            f"expected (B, T, D) descriptors and (B,) weights, got {tuple(student.shape)}, "
+            f"{tuple(teacher_proj.shape)}, {tuple(weights.shape)}"
+        )
+    per_tuple = (student - teacher_proj).pow(2).sum(-1).mean(1)  # (B,)
+    return (weights * per_tuple).mean()
+
+
+class StructVPRDistill(nn.Module):
+    """Stage II: RGB student (trained), seg-branch (frozen), T (trained); ``forward`` gives the loss terms.
+
+    ``rgb``: (B, T, 3, H, W) student input; ``slme``: (B, T, C, h, w) SLME maps of the same images;
+    ``weight``: (B,) phi of each tuple's (q, p). Returns ``{"loss", "triplet", "kd"}``.
+    """
+
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module, *, kd_weight: float = 1.0, margin: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.proj = nn.Linear(int(teacher.descriptor_dim), int(student.descriptor_dim))
+        self.kd_weight = float(kd_weight)
+        self.margin = float(margin)
+
+    def train(self, mode: bool = True) -> StructVPRDistill:
+        super().train(mode)
+        self.teacher.eval()  # frozen: BatchNorm keeps its statistics
+        return self
+
+    def forward(self, rgb: torch.Tensor, slme: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, t = rgb.shape[:2]
+        s = self.student(rgb.flatten(0, 1)).view(b, t, -1)
+        parts = {"triplet": triplet_loss(s[:, 0], s[:, 1], s[:, 2:], self.margin)}
+        if self.kd_weight > 0:
+            with torch.no_grad():
+                d = self.teacher(slme.flatten(0, 1)).view(b, t, -1)
+            parts["kd"] = weighted_kd_loss(s, self.proj(d), weight.to(s.dtype))
+        total = parts["triplet"] + self.kd_weight * parts.get("kd", 0.0)
+        return {"loss": total, **parts}
+
+
+def summarize_weights(pairs: Pairs, weights: np.ndarray, n_t: int = 10) -> dict[str, float]:
+    """Mean weight per group and the share of pairs with a non-zero weight (for logs)."""
+    g = group_of(pairs.x, pairs.y, n_t)
+    out = {
+        f"mean_w_{name}": float(weights[g == i].mean()) if (g == i).any() else 0.0
+        for i, name in enumerate(GROUPS)
+    }
+    out["distilled_share"] = float((weights > 0).mean()) if len(weights) else 0.0
+    return out
+
+
+__all__: Sequence[str] = (
+    "PairWeights",
+    "StructVPRDistill",
+    "WeightingConfig",
+    "pair_weights",
+    "phi",
+    "summarize_weights",
+    "weighted_kd_loss",
+)
