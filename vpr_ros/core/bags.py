@@ -144,11 +144,12 @@ def write_image_bag(
     """Write ``frames`` into a new rosbag2 folder at ``path`` and return it.
 
     ``frames`` yields ``(stamp_s, rgb, position)`` (or ``(stamp_s, rgb)``); ``rgb`` is anything
-    :func:`~vpr_ros.core.images.as_rgb8` accepts. With ``position_topic`` set, a non-None position is
-    written at the same stamp: ``position_kind="odometry"`` takes ``(x, y[, z])`` or a 3x4/4x4 pose
-    matrix, ``"navsatfix"`` takes ``(latitude, longitude[, altitude])`` in degrees. ``compressed``
-    writes ``sensor_msgs/CompressedImage`` JPEG (``jpeg_quality``) instead of raw rgb8 ``Image``.
-    ``storage`` is ``"mcap"`` or ``"sqlite3"``. The folder must not exist yet.
+    :func:`~vpr_ros.core.images.as_rgb8` accepts, or None for a position message alone. With
+    ``position_topic`` set, a non-None position is written at the same stamp:
+    ``position_kind="odometry"`` takes ``(x, y[, z])`` or a 3x4/4x4 pose matrix, ``"navsatfix"`` takes
+    ``(latitude, longitude[, altitude])`` in degrees. ``compressed`` writes ``sensor_msgs/CompressedImage``
+    JPEG (``jpeg_quality``) instead of raw rgb8 ``Image``. ``storage`` is ``"mcap"`` or ``"sqlite3"``.
+    The folder must not exist yet.
     """
     from rosbags.rosbag2 import StoragePlugin, Writer
 
@@ -179,6 +180,10 @@ def write_image_bag(
             position = item[2] if len(item) > 2 else None
             if not math.isfinite(stamp) or stamp < 0:
                 raise DatasetError(f"frame {count}: stamp must be a finite non-negative number, got {stamp}")
+            t_ns = int(round(stamp * 1e9))
+            if image is None:  # a position without an image (e.g. odometry faster than the camera)
+                _write_position(writer, pos_conn, ts, position_kind, stamp, frame_id, position, t_ns)
+                continue
             rgb = as_rgb8(image, name=f"frame {count}")
             header = _header(ts, stamp, frame_id)
             if compressed:
@@ -197,16 +202,21 @@ def write_image_bag(
                     step=3 * w,
                     data=rgb.reshape(-1),
                 )
-            t_ns = int(round(stamp * 1e9))
             writer.write(img_conn, t_ns, ts.serialize_cdr(msg, img_type))
-            if pos_conn is not None and position is not None:
-                make = _odometry if position_kind == "odometry" else _navsatfix
-                pmsg = make(ts, stamp, frame_id, position)
-                writer.write(pos_conn, t_ns, ts.serialize_cdr(pmsg, POSITION_KINDS[position_kind]))
+            _write_position(writer, pos_conn, ts, position_kind, stamp, frame_id, position, t_ns)
             count += 1
     if count == 0:
-        raise DatasetError(f"{path}: no frames were given; the bag is empty")
+        raise DatasetError(f"{path}: no images were given; the bag has no image messages")
     return path
+
+
+def _write_position(
+    writer, conn, ts, kind: str, stamp: float, frame_id: str, position: Any, t_ns: int
+) -> None:
+    if conn is None or position is None:
+        return
+    msg = (_odometry if kind == "odometry" else _navsatfix)(ts, stamp, frame_id, position)
+    writer.write(conn, t_ns, ts.serialize_cdr(msg, POSITION_KINDS[kind]))
 
 
 # --------------------------------------------------------------------------- reading

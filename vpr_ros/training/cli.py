@@ -34,13 +34,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="override a recipe key, e.g. --set optim.lr=1e-4 --set data.root=/data/nordland",
     )
     p.add_argument("--resume", action="store_true", help="continue from run.dir/last.pt")
-    p.set_defaults(handler=_cmd_train)
+    p.set_defaults(func=_cmd_train)
 
     p = subparsers.add_parser("export", help="training checkpoint -> deployed weights (student only)")
     p.add_argument("checkpoint", help="training checkpoint (run.dir/last.pt)")
     p.add_argument("out", help="deployed weights file to write (.pt)")
     p.add_argument("--sidecar", action="store_true", help="also write OUT.json describing the training")
-    p.set_defaults(handler=_cmd_export)
+    p.set_defaults(func=_cmd_export)
 
     p = subparsers.add_parser("bag-dataset", help="summarise (and export) the place set of recorded bags")
     p.add_argument("bags", nargs="+", help="rosbag2 folders (or ROS 1 .bag files)")
@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--every", type=int, default=1, help="keep every n-th image")
     p.add_argument("--out", help="write images/*.png and positions.csv (name,x,y,stamp,sequence) here")
-    p.set_defaults(handler=_cmd_bag_dataset)
+    p.set_defaults(func=_cmd_bag_dataset)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -110,7 +110,7 @@ def _cmd_bag_dataset(args: argparse.Namespace) -> int:
 def run_handler(args: argparse.Namespace) -> int:
     """Run a parsed subcommand; library errors print one line and return 2."""
     try:
-        return int(args.handler(args) or 0)
+        return int(args.func(args) or 0)
     except VprError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

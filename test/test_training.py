@@ -1,0 +1,221 @@
+"""LoQI training on real Nordland images: loss goes down, run -> checkpoint -> export -> load_model,
+resume after a real SIGKILL, a 2-process torchrun (gloo) run, and clear errors before training starts."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vpr_ros.core.errors import ConfigError, DatasetError, ModelError
+from vpr_ros.core.models import create_model, load_model, read_checkpoint, save_checkpoint
+from vpr_ros.core.models.registry import Preprocess
+from vpr_ros.training import config_from_dict, export_deployed, train
+from vpr_ros.training.data import Degrader, TupleDataset, nordland_places, split_places
+from vpr_ros.training.loqi import LoQI, build_branches
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(root: Path, run_dir: Path, **schedule) -> dict:
+    """Nordland's first 600 places (validation: frames 200-299), 32x64 input, 2 tuples of 4 images a step."""
+    return {
+        "data": {
+            "kind": "nordland",
+            "root": str(root),
+            "limit": 600,
+            "negatives": 2,
+            "mining": "random",
+            "max_train_queries": 48,
+            "max_val_queries": 16,
+        },
+        "model": {"name": "structvpr_mobilenetv2", "input_size": [32, 64], "teacher": "imagenet"},
+        "degradation": {"specs": ["jpeg:10"]},
+        "optim": {"lr": 1e-4},
+        "schedule": {
+            "epochs": 1,
+            "max_steps": 4,
+            "batch_size": 2,
+            "log_every": 1,
+            "val_every": 0,
+            "ckpt_every": 2,
+            **schedule,
+        },
+        "run": {"dir": str(run_dir), "progress": False, "tensorboard": False, "val_batch_size": 128},
+    }
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _csv_steps(path: Path) -> list[int]:
+    with open(path, newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
+
+
+def test_real_steps_reduce_the_loss(nordland_dir, torch_home):
+    torch.manual_seed(0)
+    cfg = config_from_dict(tiny_recipe(nordland_dir, Path("unused")))
+    train_p, _ = split_places(nordland_places(nordland_dir, limit=600), cfg.data.split)
+    student, teacher = build_branches(cfg.model)
+    data = TupleDataset(
+        train_p.with_positive_queries(8),
+        preprocess=student.preprocess,
+        degrader=Degrader(["jpeg:10"]),
+        negatives=2,
+        seed=0,
+    )
+    batch = torch.utils.data.default_collate([data[i] for i in range(4)])
+    method = LoQI(student, teacher, cfg.loss).train()
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=3e-4)
+    losses = []
+    for _ in range(6):
+        out = method(batch["hq"], batch["lq"])
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[0] > 0.1 and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_run_checkpoint_export_load(nordland_dir, torch_home, tmp_path):
+    cfg = config_from_dict(tiny_recipe(nordland_dir, tmp_path / "run"))
+    result = train(cfg)
+    run = tmp_path / "run"
+    assert result.steps == 4 and (run / "config.yaml").is_file() and (run / "summary.json").is_file()
+    assert config_from_dict(yaml.safe_load((run / "config.yaml").read_text())) == cfg
+    assert _csv_steps(run / "train.csv") == [1, 2, 3, 4] and _csv_steps(run / "val.csv") == [4]
+    assert set(result.metrics) >= {"R@1", "R@5", "teacher_db/R@1"}
+    ckpt = read_checkpoint(run / "last.pt")  # weights_only=True
+    assert (
+        ckpt["kind"] == "training" and ckpt["step"] == 4 and ckpt["config"]["model"]["input_size"] == [32, 64]
+    )
+    assert {"optimizer", "scheduler", "rng"} <= set(ckpt)
+    out = export_deployed(run / "last.pt", tmp_path / "deployed.pt", sidecar=True)
+    assert read_checkpoint(out)["kind"] == "deployed" and "optimizer" not in read_checkpoint(out)
+    assert (tmp_path / "deployed.json").is_file()
+    deployed = load_model(out)
+    trained = load_model(run / "last.pt")
+    assert deployed.preprocess.input_size == (32, 64)
+    x = torch.randn(2, 3, 32, 64)
+    with torch.no_grad():
+        assert torch.allclose(deployed(x), trained(x))
+    with pytest.raises(ModelError, match="expected a training checkpoint"):
+        export_deployed(out, tmp_path / "again.pt")
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        train(cfg)
+
+
+def test_resume_after_sigkill(nordland_dir, torch_home, tmp_path):
+    run = tmp_path / "run"
+    recipe = tiny_recipe(nordland_dir, run, max_steps=24, ckpt_every=2)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    cmd = [sys.executable, "-m", "vpr_ros.training", "train", "--config", str(tmp_path / "r.yaml")]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpt, deadline = run / "last.pt", time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt.is_file() and read_checkpoint(ckpt)["step"] >= 2:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    killed_at = read_checkpoint(ckpt)["step"]
+    assert 2 <= killed_at < 24
+    done = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {ckpt} at step {killed_at}" in done.stderr
+    final = read_checkpoint(ckpt)
+    assert final["step"] == final["total_steps"] == 24
+    assert _csv_steps(run / "train.csv") == list(range(1, 25))  # no step lost or logged twice
+    assert load_model(ckpt).descriptor_dim == 448
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(nordland_dir, torch_home, tmp_path):
+    run = tmp_path / "ddp"
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(tiny_recipe(nordland_dir, run, max_steps=2, log_every=1)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(_env(), MASTER_ADDR="127.0.0.1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        "vpr_ros.training",
+        "train",
+        "--config",
+        str(tmp_path / "d.yaml"),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    for rank in (0, 1):
+        assert f"[rank {rank}/2] step 2 loss" in log and f"[rank {rank}/2] finished: 2 steps" in log
+    assert read_checkpoint(run / "last.pt")["step"] == 2
+    assert _csv_steps(run / "train.csv") == [1, 2]  # rank 0 alone writes
+
+
+def test_errors_before_training(nordland_dir, torch_home, tmp_path):
+    def run_with(tmp: str, **changes):
+        recipe = tiny_recipe(nordland_dir, tmp_path / tmp)
+        for key, value in changes.items():
+            section, name = key.split("__")
+            recipe[section][name] = value
+        with pytest.raises((DatasetError, ModelError, ConfigError)) as exc:
+            train(config_from_dict(recipe))
+        assert not (tmp_path / tmp / "last.pt").exists()
+        return str(exc.value)
+
+    assert "missing folder" in run_with("a", data__root=str(tmp_path / "no_such_dataset"))
+    assert "change data.split" in run_with("b", data__limit=90)  # all places in block 0: no validation
+    gem = save_checkpoint(create_model("gem_mobilenetv2"), tmp_path / "gem.pt")
+    assert "holds model 'gem_mobilenetv2'" in run_with("c", model__teacher=str(gem))
+    with pytest.raises(ConfigError, match="cannot resume"):
+        train(config_from_dict(tiny_recipe(nordland_dir, tmp_path / "d")), resume=True)
+    broken = tmp_path / "images"
+    (broken / "summer").mkdir(parents=True)
+    (broken / "winter").mkdir()
+    assert "no images" in run_with("e", data__root=str(broken))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**tiny_recipe(nordland_dir, tmp_path / "f"), "optimizer": {"lr": 1}}))
+    done = subprocess.run(
+        [sys.executable, "-m", "vpr_ros.training", "train", "--config", str(bad)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "unknown config key 'optimizer'" in done.stderr
+
+
+def test_preprocess_of_training_is_fixed_size():
+    with pytest.raises(DatasetError, match="fixed model input size"):
+        TupleDataset.__init__(
+            object.__new__(TupleDataset),
+            None,
+            preprocess=Preprocess(input_size=None),
+            degrader=Degrader(["none"]),
+        )
