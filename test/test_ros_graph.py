@@ -270,3 +270,15 @@ def test_graph_demo_agrees_with_offline(nordland_dir, torch_home, tmp_path):
     assert full["recall_graph"] == full["recall_offline"] and jpeg["recall_graph"] == jpeg["recall_offline"]
     assert jpeg["degradation_label"] == "jpeg_q10" and jpeg["bytes_per_frame"] < full["bytes_per_frame"] / 3
     assert full["latency_e2e_ms"]["p50"] > 0
+
+
+def test_docs_parameter_tables_match_the_code():
+    import re
+
+    from vpr_ros.ros.params import spec_table
+
+    doc = (REPO / "docs" / "ros.md").read_text()
+    for name, module in (("localizer", localizer), ("transmitter", transmitter)):
+        m = re.search(rf"<!-- {name}-params -->\n(.*?)\n<!-- /{name}-params -->", doc, re.S)
+        assert m, f"docs/ros.md has no {name} parameter table"
+        assert m.group(1) == spec_table(module.PARAMS), f"regenerate the {name} table with spec_table()"

@@ -191,8 +191,9 @@ def spec_table(specs: Iterable[ParamSpec]) -> str:
     for s in specs:
         limits = ", ".join(s.choices) if s.choices else (
             _range_text(s) if s.low is not None or s.high is not None else "")
+        text = s.description.replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
         rows.append(f"| `{s.name}` | {s.type.__name__} | `{s.default!r}` | {limits} | "
-                    f"{'no' if s.read_only else 'yes'} | {s.description} |")
+                    f"{'no' if s.read_only else 'yes'} | {text} |")
     return "\n".join(rows)
 
 
