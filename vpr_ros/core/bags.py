@@ -54,10 +54,21 @@ class BagFrame:
 # --------------------------------------------------------------------------- writing
 
 
-def _typestore():
-    from rosbags.typesys import Stores, get_typestore
+def _rosbags(module: str):
+    """Import a ``rosbags`` submodule, or say how to get it (it is an optional dependency)."""
+    import importlib
 
-    return get_typestore(Stores.ROS2_HUMBLE)
+    try:
+        return importlib.import_module(f"rosbags.{module}")
+    except ImportError as exc:
+        raise DatasetError(
+            f"reading and writing bags needs the 'rosbags' package (pip install rosbags): {exc}"
+        ) from None
+
+
+def _typestore():
+    typesys = _rosbags("typesys")
+    return typesys.get_typestore(typesys.Stores.ROS2_HUMBLE)
 
 
 def _header(ts, stamp: float, frame_id: str):
@@ -151,8 +162,8 @@ def write_image_bag(
     JPEG (``jpeg_quality``) instead of raw rgb8 ``Image``. ``storage`` is ``"mcap"`` or ``"sqlite3"``.
     The folder must not exist yet.
     """
-    from rosbags.rosbag2 import StoragePlugin, Writer
-
+    rosbag2 = _rosbags("rosbag2")
+    StoragePlugin, Writer = rosbag2.StoragePlugin, rosbag2.Writer
     if storage not in STORAGES:
         raise DatasetError(f"unknown bag storage {storage!r}; expected one of {STORAGES}")
     if position_kind not in POSITION_KINDS:
@@ -223,8 +234,7 @@ def _write_position(
 
 
 def _open_reader(path: Path):
-    from rosbags.highlevel import AnyReader
-
+    AnyReader = _rosbags("highlevel").AnyReader
     if not path.exists():
         raise DatasetError(f"{path}: bag not found (expected a rosbag2 folder or a ROS 1 .bag file)")
     try:
