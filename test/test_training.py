@@ -219,3 +219,39 @@ def test_preprocess_of_training_is_fixed_size():
             preprocess=Preprocess(input_size=None),
             degrader=Degrader(["none"]),
         )
+
+
+def test_tuples_are_seeded_and_hard_mining_picks_the_closest(nordland_dir):
+    train_p, val_p = split_places(
+        nordland_places(nordland_dir, limit=600),
+        config_from_dict(tiny_recipe(nordland_dir, Path("unused"))).data.split,
+    )
+    assert not {r.frame_index for r in val_p.queries} & {r.frame_index for r in train_p.database}
+    data = TupleDataset(
+        train_p,
+        preprocess=Preprocess(input_size=(32, 64)),
+        negatives=3,
+        seed=7,
+        pool=16,
+        degrader=Degrader(["jpeg:10", "jpeg:30"]),
+    )
+    a, b = data[3], data[3]
+    assert torch.equal(a["lq"], b["lq"]) and torch.equal(a["hq"], b["hq"])
+    qi, p, negs, _ = data.tuple_ids(3)
+    frame = train_p.queries[qi].frame_index
+    assert abs(train_p.database[p].frame_index - frame) <= 2
+    assert all(abs(train_p.database[n].frame_index - frame) > 10 for n in negs)
+    data.set_epoch(1)
+    assert not torch.equal(data[3]["lq"], a["lq"])  # another epoch, another draw
+    # with a cache, the negatives are the most similar of the candidate pool
+    rng = torch.Generator().manual_seed(0)
+    q_desc = torch.nn.functional.normalize(torch.randn(len(train_p.queries), 8, generator=rng), dim=1).numpy()
+    db_desc = torch.nn.functional.normalize(
+        torch.randn(len(train_p.database), 8, generator=rng), dim=1
+    ).numpy()
+    data.set_cache(q_desc, db_desc)
+    qi, p, negs, _ = data.tuple_ids(3)
+    pos = train_p.positives[qi]
+    assert p == pos[(db_desc[pos] @ q_desc[qi]).argmax()]
+    sims = db_desc[negs] @ q_desc[qi]
+    assert list(sims) == sorted(sims, reverse=True) and len(set(negs.tolist())) == 3
