@@ -154,7 +154,7 @@ def build_extractor(weights: str = "default", model: str = "", input_size: str |
         raise ModelError(f"cannot build the model (weights {weights!r}, model {model!r}): "
                          f"{type(exc).__name__}: {exc}") from None
     ext = DescriptorExtractor(net, device=device, batch_size=batch_size)
-    return ext, model_label(weights if weights in ("default", "imagenet") else weights, net.name)
+    return ext, model_label(weights, net.name)
 
 
 def check_map_model(map_model: str, label: str) -> str | None:
