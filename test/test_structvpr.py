@@ -226,3 +226,17 @@ def test_recipe_loads_and_rejects_bad_keys():
         config_from_dict({"places": {"kind": "mars"}})
     with pytest.raises(ConfigError, match="test_offsets"):
         config_from_dict({"places": {"test_step": 5, "test_offsets": [5]}})
+
+
+def test_projection_starts_at_the_least_squares_map():
+    from vpr_ros.training.structvpr.weighted_kd import init_projection
+
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=(200, 6)).astype(np.float32)
+    true_w, true_b = rng.normal(size=(6, 4)), rng.normal(size=4)
+    s = (t @ true_w + true_b).astype(np.float32)
+    proj = torch.nn.Linear(6, 4)
+    residual = init_projection(proj, t, s, ridge=1e-6)
+    assert residual < 1e-6
+    assert np.allclose(proj.weight.detach().numpy(), true_w.T, atol=1e-3)
+    assert np.allclose(proj(torch.from_numpy(t)).detach().numpy(), s, atol=1e-3)

@@ -65,7 +65,14 @@ from ..losses import triplet_loss
 from .partition import GROUPS, Pairs, group_shares, rank_pairs
 from .seg_branch import SegBranch  # noqa: F401  (registers structvpr_segbranch)
 from .slme import SLMEConfig, SLMEncoder
-from .weighted_kd import PairWeights, StructVPRDistill, WeightingConfig, pair_weights, summarize_weights
+from .weighted_kd import (
+    PairWeights,
+    StructVPRDistill,
+    WeightingConfig,
+    init_projection,
+    pair_weights,
+    summarize_weights,
+)
 
 log = logging.getLogger("vpr_ros.training.structvpr")
 
@@ -695,6 +702,14 @@ class StructVPR:
         w = pair_weights(pairs, wcfg)
         ds = self.tuples(student, rgb=True, slme=lam > 0, weights=PairWeights(pairs, w))
         distill = StructVPRDistill(student, teacher, kd_weight=lam, margin=self.cfg.margin)
+        if lam > 0:
+            db = self.train_places.database
+            fit_mse = init_projection(
+                distill.proj,
+                describe_slme(teacher, self.segment_training(), [r.path for r in db]),
+                describe(student, [r.load() for r in db]),
+            )
+            log.info("%s: T initialised by least squares (residual %.3f)", name, fit_mse)
 
         def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
             slme = batch.get("slme", batch["rgb"][:, :, :1])

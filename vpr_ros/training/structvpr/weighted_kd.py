@@ -129,6 +129,22 @@ class StructVPRDistill(nn.Module):
         return {"loss": total, **parts}
 
 
+@torch.no_grad()
+def init_projection(
+    proj: nn.Linear, teacher_desc: np.ndarray, student_desc: np.ndarray, ridge: float = 1e-2
+) -> float:
+    """Start T at the ridge least-squares map teacher -> student descriptors of the training images (so
+    that Stage II begins from what structure already predicts, not from a random target); returns the
+    remaining mean squared error."""
+    d = np.hstack([teacher_desc, np.ones((len(teacher_desc), 1), teacher_desc.dtype)]).astype(np.float64)
+    reg = ridge * np.eye(d.shape[1])
+    reg[-1, -1] = 0.0  # the bias is not shrunk
+    w = np.linalg.solve(d.T @ d + reg, d.T @ student_desc.astype(np.float64))
+    proj.weight.copy_(torch.from_numpy(w[:-1].T).to(proj.weight.dtype))
+    proj.bias.copy_(torch.from_numpy(w[-1]).to(proj.bias.dtype))
+    return float(((d @ w - student_desc) ** 2).sum(1).mean())
+
+
 def summarize_weights(pairs: Pairs, weights: np.ndarray, n_t: int = 10) -> dict[str, float]:
     """Mean weight per group and the share of pairs with a non-zero weight (for logs)."""
     g = group_of(pairs.x, pairs.y, n_t)

@@ -1,0 +1,287 @@
+"""The StructVPR comparison on real data: regenerate the table, the group shares and the SLME picture.
+
+    python -m vpr_ros.training.structvpr.study --out results/structvpr [--config RECIPE] [--set k=v]
+
+Rows (all RGB rows are MobileNetV2 students evaluated alone, as deployed):
+
+* ``imagenet`` -- the untrained ImageNet student (reference);
+* ``rgb-branch`` -- Stage I rgb-branch (triplet);
+* ``seg-branch`` -- Stage I seg-branch on SLME maps (needs segmentation at test time: reference only);
+* ``rgb+triplet`` -- the rgb-branch trained for Stage II's steps without distillation (control: same
+  number of steps as the distilled students);
+* ``kd-all`` -- non-selective distillation (every pair weight 1);
+* ``gp-d-phi`` -- StructVPR: partition GP-D, weights phi (Eq. 4);
+* ``gp-d-8410`` / ``gp-s`` / ``gp-r`` -- the ablation's constant weights and one-branch partitions.
+
+Queries are evaluated as captured and as received through each ``eval_degradations`` link (JPEG q10),
+against a high-quality database. Training times are the stages' forward/backward/update seconds (the
+Stage II rows add the Stage I seg-branch, rgb-branch and partition they depend on in ``total``). Runs
+live in ``OUT/runs``; finished stages are reused, so the study can be re-run after a stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...core.fileio import atomic_write_text
+from ...core.models import create_model
+from ...core.segmentation import CITYSCAPES_PALETTE, colorize
+from .partition import GROUPS, group_shares
+from .pipeline import PAPER_SHARES, StructVPR, load_config, load_trained
+from .weighted_kd import WeightingConfig
+
+log = logging.getLogger("vpr_ros.training.structvpr.study")
+
+#: Stage II variants: name -> (kd weight multiplier, weighting)
+VARIANTS: dict[str, tuple[float, WeightingConfig | None]] = {
+    "rgb+triplet": (0.0, None),
+    "kd-all": (1.0, WeightingConfig("all", "ones")),
+    "gp-d-phi": (1.0, WeightingConfig("gp-d", "phi")),
+    "gp-d-8410": (1.0, WeightingConfig("gp-d", "constant", constant=[8.0, 4.0, 1.0, 0.0])),
+    "gp-s": (1.0, WeightingConfig("gp-s", "ones")),
+    "gp-r": (1.0, WeightingConfig("gp-r", "ones")),
+}
+DEFAULT_VARIANTS = ("rgb+triplet", "kd-all", "gp-d-phi", "gp-d-8410")
+
+#: SLME group colours for pictures (vegetation, dynamic, sky, ground, buildings, objects, ...).
+GROUP_COLORS = np.array(
+    [
+        (107, 142, 35),
+        (220, 20, 60),
+        (70, 130, 180),
+        (128, 64, 128),
+        (70, 70, 70),
+        (250, 170, 30),
+        (0, 0, 142),
+        (152, 251, 152),
+    ],
+    dtype=np.uint8,
+)
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def slme_picture(sv: StructVPR, out: Path, frames: int = 4) -> Path:
+    """Frames of the training sequence: image | segmenter classes | SLME groups (colour = group,
+    brightness = weight)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from ...core.segmentation import read_label_map
+
+    recs = sv.train_places.queries
+    picks = [recs[int(i)] for i in np.linspace(0, len(recs) - 1, frames).round()]
+    enc = sv.bank.encoder if sv.bank is not None else sv.segment_training().encoder
+    wmax = float(enc.weights.max())
+    fig, axes = plt.subplots(frames, 3, figsize=(15, 1.75 * frames + 0.8), squeeze=False)
+    for row, rec in zip(axes, picks, strict=True):
+        image = rec.load()
+        labels = read_label_map(sv.cache.path(rec.path, sv.segmenter.id))
+        groups = enc.group_map(labels, labels.shape)
+        pic = np.zeros((*groups.shape, 3), np.float32)
+        for g in range(enc.channels):
+            shade = 0.35 + 0.65 * enc.weights[g] / wmax
+            pic[groups == g] = GROUP_COLORS[g % len(GROUP_COLORS)] * shade
+        for ax, img, title in zip(
+            row,
+            (image, colorize(labels), pic.astype(np.uint8)),
+            (f"{rec.sequence}/{rec.name}", sv.segmenter.id, f"SLME, C={enc.channels} (brighter = heavier)"),
+            strict=True,
+        ):
+            ax.imshow(img)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    handles = [
+        Patch(color=GROUP_COLORS[g % len(GROUP_COLORS)] / 255, label=f"{n} ({enc.weights[g]:g})")
+        for g, n in enumerate(enc.names)
+    ]
+    used = sorted(
+        set(
+            np.concatenate(
+                [np.unique(read_label_map(sv.cache.path(r.path, sv.segmenter.id))) for r in picks]
+            ).tolist()
+        )
+    )
+    handles += [
+        Patch(color=CITYSCAPES_PALETTE[c] / 255, label=sv.segmenter.classes[c])
+        for c in used
+        if c < len(CITYSCAPES_PALETTE)
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(8, len(handles)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def run_study(
+    config: str | Path,
+    out: str | Path,
+    overrides: Sequence[str] = (),
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+) -> dict[str, Any]:
+    out = Path(out)
+    cfg = load_config(config, [*overrides, f"dir={out / 'runs'}"])
+    sv = StructVPR(cfg)
+    t0 = time.perf_counter()
+    sv.segment_training()
+    sv.segment([r.path for r in sv.test_places.database] + [r.path for r in sv.test_places.queries])
+    seg_seconds = time.perf_counter() - t0
+    seg1, rgb1 = sv.stage1_seg(), sv.stage1_rgb()
+    t0 = time.perf_counter()
+    pairs = sv.partition()
+    part_seconds = time.perf_counter() - t0
+    shares = group_shares(pairs, cfg.stage2.weighting.n_t)
+    stage1 = _summary(seg1)["train_seconds"] + _summary(rgb1)["train_seconds"]
+    rows: list[dict[str, Any]] = []
+
+    def row(
+        name: str,
+        model,
+        *,
+        seg: bool = False,
+        train_s: float | None = None,
+        total_s: float | None = None,
+        note: str = "",
+    ) -> None:
+        rec = sv.evaluate(model, seg=seg)
+        rows.append(
+            {"name": name, "recall": rec, "train_seconds": train_s, "total_seconds": total_s, "note": note}
+        )
+        log.info("%s: %s", name, rec)
+
+    imagenet = create_model("structvpr_mobilenetv2", pretrained=True)
+    imagenet.preprocess = sv.new_rgb().preprocess
+    row("imagenet", imagenet.eval(), note="no training")
+    row(
+        "rgb-branch",
+        load_trained(rgb1),
+        train_s=_summary(rgb1)["train_seconds"],
+        total_s=_summary(rgb1)["train_seconds"],
+        note="Stage I, triplet",
+    )
+    row(
+        "seg-branch",
+        load_trained(seg1),
+        seg=True,
+        train_s=_summary(seg1)["train_seconds"],
+        total_s=_summary(seg1)["train_seconds"],
+        note="Stage I on SLME; segments every test image",
+    )
+    for name in variants:
+        lam, weighting = VARIANTS[name]
+        run = sv.stage2(f"stage2_{name}", weighting=weighting, kd_weight=lam * cfg.stage2.kd_weight)
+        s = _summary(run)
+        extra = stage1 + part_seconds if lam > 0 else _summary(rgb1)["train_seconds"]
+        note = f"distilled pairs {100 * s.get('distilled_share', 0):.0f}%" if lam > 0 else "no distillation"
+        row(
+            name, load_trained(run), train_s=s["train_seconds"], total_s=s["train_seconds"] + extra, note=note
+        )
+    deployed = (
+        sv.export("stage2_gp-d-phi", out / "structvpr_mobilenetv2_kitti.pt")
+        if "gp-d-phi" in variants
+        else None
+    )
+    picture = slme_picture(sv, out / "slme.png")
+
+    labels = list(rows[0]["recall"])
+    head = (
+        "| model | " + " | ".join(f"R@1 {lb} | R@5 {lb}" for lb in labels) + " | train s | total s | note |"
+    )
+    lines = [head, "|" + "---|" * (2 * len(labels) + 4)]
+    for r in rows:
+        cells = " | ".join(f"{_fmt(r['recall'][lb][1])} | {_fmt(r['recall'][lb][5])}" for lb in labels)
+        ts = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
+        tt = "-" if r["total_seconds"] is None else f"{r['total_seconds']:.0f}"
+        lines.append(f"| {r['name']} | {cells} | {ts} | {tt} | {r['note']} |")
+    share_line = (
+        "| group | "
+        + " | ".join(GROUPS)
+        + " |\n|---|---|---|---|---|\n"
+        + "| this run | "
+        + " | ".join(f"{100 * shares[g]:.1f}%" for g in GROUPS)
+        + " |\n"
+        + "| paper (MSLS) | "
+        + " | ".join(f"{100 * PAPER_SHARES[g]:.1f}%" for g in GROUPS)
+        + " |"
+    )
+    p = sv.test_places
+    text = "\n".join(
+        [
+            f"# StructVPR on {sv.train_places.name} -> {p.name}",
+            "",
+            f"Train: {sv.train_places.summary()}",
+            f"Test: {p.summary()}",
+            f"Segmenter: {sv.segmenter.id} ({len(sv.bank.groups)} images segmented in {seg_seconds:.0f} s, "
+            f"cached in {cfg.segmentation.cache_dir}); SLME groups {list(cfg.slme.groups)} weights "
+            f"{cfg.slme.weights} at {cfg.slme.size or cfg.input_size}",
+            "",
+            *lines,
+            "",
+            f"Group partition of {len(pairs)} training pairs (N_t = {cfg.stage2.weighting.n_t}; partition "
+            f"{part_seconds:.0f} s):",
+            "",
+            share_line,
+            "",
+            f"SLME picture: {picture}",
+            f"Deployed StructVPR student: {deployed}",
+            "",
+        ]
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "table.md", text)
+    result = {
+        "rows": rows,
+        "shares": shares,
+        "paper_shares": PAPER_SHARES,
+        "pairs": len(pairs),
+        "segmenter": sv.segmenter.id,
+        "segmentation_seconds": seg_seconds,
+        "partition_seconds": part_seconds,
+        "picture": str(picture),
+        "deployed": str(deployed) if deployed else None,
+        "config": cfg.to_dict(),
+    }
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
+    print(text)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m vpr_ros.training.structvpr.study",
+        description="StructVPR comparison table, group shares and SLME picture",
+    )
+    ap.add_argument("--out", default="results/structvpr")
+    ap.add_argument(
+        "--config", default=str(Path(__file__).resolve().parents[3] / "training" / "structvpr_kitti.yaml")
+    )
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run_study(args.config, args.out, args.overrides, args.variants)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
