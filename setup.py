@@ -35,7 +35,7 @@ setup(
     ],
     extras_require={
         "ros": ["ros-rclpy[fastrtps]", "ros-sensor-msgs", "ros-std-msgs", "ros-geometry-msgs",
-                "ros-nav-msgs", "rosbags>=0.10"],
+                "ros-nav-msgs", "ros-diagnostic-msgs", "rosbags>=0.10"],
         "train": ["tensorboard", "timm>=1.0", "rosbags>=0.10"],
         "fast": ["onnxruntime>=1.17", "onnx"],
         "dev": ["pytest", "ruff"],
