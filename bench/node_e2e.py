@@ -1,0 +1,366 @@
+"""Localizer node end to end over a real loopback DDS graph, versus the bare model in a loop.
+
+Run it confined to this machine (a loopback-only network namespace)::
+
+    scripts/confine.sh .venv/bin/python bench/node_e2e.py [--backends torch,onnx] [--rates 10,20,30,45,60,120]
+
+Three processes: this orchestrator, the localizer node (``vpr_ros.ros.localizer.LocalizerNode``,
+mode ``localize``, a map of 300 KITTI-00 frames), and a publisher/receiver started with
+``FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA``. The publisher sends real camera frames (KITTI 05 and
+RTAB-Map corridor, resized to the input size, ``rgb8`` ``sensor_msgs/Image``, header stamp = send
+time) at each rate for ``--duration`` seconds and receives ``vpr_ros_msgs/PlaceMatch``:
+
+* sustained rate = PlaceMatch received for that phase / phase duration;
+* latency = receive time - image header stamp (same clock), p50 / p99;
+* drops = frames sent - PlaceMatch received (node queue drops + transport losses);
+* node RSS (VmRSS of the node process, max over the phase).
+
+The last rate should exceed what the node can do: its sustained rate there is the node's
+throughput. The bare model = the same student and backend called on the same frames in a
+plain loop, batch 1 (``bare_backend``), and the student's plain eager ``forward`` on
+preprocessed tensors (``bare_eager``); both are timed right before and after each node run and
+averaged, so the ratio compares like load with like load.
+
+The node gets its backend through a ``backend`` parameter when the localizer declares one;
+otherwise the benchmark builds the extractor with :func:`vpr_ros.core.backends.make_backend`
+and hands it to ``LocalizerNode(extractor=...)`` in the node process (same node code path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import _common as C  # first: sets sys.path and TORCH_HOME
+import numpy as np
+
+NAME = "node_e2e"
+WEIGHTS = "imagenet"  # the packaged student when built: pass --weights default
+
+
+def _frames(size: tuple[int, int], n: int, seq: str = "05") -> list[np.ndarray]:
+    import cv2
+
+    from vpr_ros.core.images import load_image
+
+    kitti = sorted((C.SHARED / "data" / "kitti_first300" / seq / "image_0").glob("*.jpg"))
+    rtab = sorted((C.SHARED / "data" / "rtabmap_loop" / "images").glob("*.jpg"))
+    paths = [p for pair in zip(kitti, rtab + rtab + rtab + rtab, strict=False) for p in pair][:n]
+    h, w = size
+    return [cv2.resize(load_image(p), (w, h), interpolation=cv2.INTER_AREA) for p in paths]
+
+
+def _ros_env() -> None:
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    os.environ.setdefault("ROS_LOG_DIR", str(C.REPO / ".cache" / "ros_log"))
+    os.environ.setdefault("HOME", str(C.REPO / ".cache" / "home"))
+
+
+# --------------------------------------------------------------------------- node process
+
+
+def role_node(args: argparse.Namespace) -> int:
+    _ros_env()
+    import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from vpr_ros.core.extract import DescriptorExtractor
+    from vpr_ros.ros.localizer import PARAMS, LocalizerNode, build_extractor
+
+    params = {"image_topic": args.image_topic, "match_topic": args.match_topic, "map_path": args.map,
+              "mode": "localize", "weights": args.weights, "input_size": args.input_size, "device": "cpu",
+              "max_batch": args.max_batch, "queue_size": args.queue_size, "top_k": 5,
+              "diagnostics_period_s": 0.0}
+    declared = {p.name for p in PARAMS}
+    kw = {}
+    if "backend" in declared:
+        params["backend"] = args.backend
+        wired = "parameter"
+    else:
+        ext, label = build_extractor(args.weights, "", args.input_size, "cpu", args.max_batch)
+        if args.backend != "torch":
+            ext = DescriptorExtractor(ext.model, device="cpu", batch_size=args.max_batch,
+                                      backend=args.backend, cache_dir=str(C.REPO / ".cache" / "onnx"))
+        kw = {"extractor": ext, "label": label}
+        wired = "extractor"
+    rclpy.init()
+    node = LocalizerNode(parameter_overrides=[Parameter(k, value=v) for k, v in params.items()], **kw)
+    node.extractor.backend.warmup(batch=args.max_batch)
+    print(json.dumps({"ready": True, "pid": os.getpid(), "wired": wired,
+                      "backend": node.extractor.backend.describe()}), flush=True)
+    executor = MultiThreadedExecutor()
+    executor.add_node(node)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    spin = threading.Thread(target=executor.spin, daemon=True)
+    spin.start()
+    stop.wait()
+    diag = node.diagnostics()
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.try_shutdown()
+    print(json.dumps({"diagnostics": diag}, default=str), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- publisher / receiver process
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def role_pub(args: argparse.Namespace) -> int:
+    _ros_env()
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, qos_profile_sensor_data
+    from sensor_msgs.msg import Image
+    from std_msgs.msg import Header
+    from vpr_ros_msgs.msg import PlaceMatch
+
+    from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
+
+    size = tuple(int(v) for v in args.input_size.split("x"))
+    frames = _frames(size, args.frames)
+    rclpy.init()
+    node = rclpy.create_node(f"bench_pub_{uuid.uuid4().hex[:6]}")
+    received: dict[int, float] = {}  # seq -> receive time
+    lock = threading.Lock()
+
+    def on_match(msg: PlaceMatch) -> None:
+        now = time.time()
+        with lock:
+            received[int(msg.header.frame_id.rsplit("_", 1)[1])] = now
+
+    node.create_subscription(PlaceMatch, args.match_topic, on_match, QoSProfile(depth=1000))
+    pub = node.create_publisher(Image, args.image_topic, qos_profile_sensor_data)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    msgs = [rgb_to_image_msg(f, "rgb8") for f in frames]
+    deadline = time.time() + 30
+    while pub.get_subscription_count() == 0 or node.count_publishers(args.match_topic) == 0:
+        if time.time() > deadline:
+            print(json.dumps({"error": "the node did not connect within 30 s"}), flush=True)
+            return 1
+        time.sleep(0.05)
+    time.sleep(1.0)
+    seq = 0
+    phases = []
+    for rate in [float(r) for r in args.rates.split(",")]:
+        stamps: dict[int, float] = {}
+        n = int(rate * args.duration)
+        t0 = time.perf_counter()
+        rss = []
+        for i in range(n):
+            target = t0 + i / rate
+            delay = target - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            msg = msgs[seq % len(msgs)]
+            now = time.time()
+            msg.header = Header(stamp=float_to_stamp(now), frame_id=f"cam_{seq}")
+            pub.publish(msg)
+            stamps[seq] = now
+            seq += 1
+            if i % max(1, int(rate)) == 0:
+                rss.append(_rss_mb(args.node_pid))
+        send_s = time.perf_counter() - t0
+        time.sleep(args.drain)
+        rss.append(_rss_mb(args.node_pid))
+        with lock:
+            got = {s: received[s] for s in stamps if s in received}
+        lat = sorted((got[s] - stamps[s]) * 1000.0 for s in got)
+        phase = {"offered_hz": rate, "sent": n, "send_s": send_s, "matched": len(got), "drops": n - len(got),
+                 "sustained_hz": len(got) / max(send_s, 1e-9),
+                 "p50_ms": C.pct(lat, 50) if lat else None, "p99_ms": C.pct(lat, 99) if lat else None,
+                 "node_rss_mib": max(r for r in rss if r == r) if any(r == r for r in rss) else None}
+        phases.append(phase)
+        print(json.dumps({"phase": phase}), flush=True)
+        time.sleep(0.5)
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.try_shutdown()
+    return 0
+
+
+# --------------------------------------------------------------------------- orchestrator
+
+
+def bare_rates(backend_name: str, size: tuple[int, int], weights: str, frames: list[np.ndarray],
+               seconds: float) -> dict[str, float]:
+    """Frames/s of the student called in a loop at batch 1: through the backend (preprocessing
+    included) and as a plain eager forward on ready tensors."""
+    import torch
+
+    from vpr_ros.core.extract import DescriptorExtractor, to_tensor_batch
+    from vpr_ros.ros.localizer import build_extractor
+
+    ext, _ = build_extractor(weights, "", f"{size[0]}x{size[1]}", "cpu", 1)
+    model = ext.model
+    if backend_name != "torch":
+        ext = DescriptorExtractor(model, device="cpu", batch_size=1, backend=backend_name,
+                                  cache_dir=str(C.REPO / ".cache" / "onnx"))
+    tensors = [to_tensor_batch([f], model.preprocess) for f in frames]
+    out = {}
+    for name in ("bare_backend", "bare_eager"):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            if name == "bare_backend":
+                ext.backend([frames[n % len(frames)]])
+            else:
+                with torch.inference_mode():
+                    model(tensors[n % len(tensors)])
+            n += 1
+        out[name] = n / (time.perf_counter() - t0)
+    return out
+
+
+def spawn(role: str, args: argparse.Namespace, extra: list[str], env: dict[str, str] | None = None
+          ) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--role", role, "--input-size", args.input_size,
+           "--weights", args.weights, "--image-topic", args.image_topic,
+           "--match-topic", args.match_topic, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+
+
+def read_json_lines(proc: subprocess.Popen, until: str, timeout: float) -> list[dict]:
+    out = []
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        line = line.strip()
+        if line.startswith("{"):
+            item = json.loads(line)
+            out.append(item)
+            if until in item:
+                return out
+        else:
+            print(f"    [{proc.args[3]}] {line}", file=sys.stderr)
+    return out
+
+
+def orchestrate(args: argparse.Namespace) -> int:
+    _ros_env()
+    import torch
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    from vpr_ros.core.datasets import load_kitti
+    from vpr_ros.core.experiment import map_from_records
+    from vpr_ros.ros.localizer import PARAMS, build_extractor
+
+    size = tuple(int(v) for v in args.input_size.split("x"))
+    mach = C.machine("torch", "onnxruntime", "numpy", "rclpy")
+    mach["confined"] = os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE")
+    mach["node_backend_param"] = "backend" in {p.name for p in PARAMS}
+    print("machine:", mach)
+    tmp = Path(tempfile.mkdtemp(prefix="vpr_bench_"))
+    ext, label = build_extractor(args.weights, "", args.input_size, "cpu", 16)
+    records = load_kitti(C.SHARED / "data" / "kitti_first300", sequence="00")
+    pmap, _, _ = map_from_records(ext, records, model=label, progress=False)
+    map_dir = pmap.save(tmp / "kitti00")
+    print(f"map {map_dir}: {len(pmap)} places ({label})", file=sys.stderr)
+    frames = _frames(size, args.frames)
+    results = []
+    with C.LoadSampler() as load:
+        for backend in args.backends.split(","):
+            before = bare_rates(backend, size, args.weights, frames, args.bare_seconds)
+            topic = f"/bench_{uuid.uuid4().hex[:8]}"
+            args.image_topic, args.match_topic = f"{topic}/image", f"{topic}/place_match"
+            node = spawn("node", args, ["--backend", backend, "--map", str(map_dir), "--max-batch",
+                                        str(args.max_batch), "--queue-size", str(args.queue_size),
+                                        "--torch-threads", str(args.torch_threads)])
+            info = read_json_lines(node, "ready", 300)
+            if not info or "ready" not in info[-1]:
+                node.kill()
+                sys.exit(f"node with backend {backend} did not start")
+            ready = info[-1]
+            pub = spawn("pub", args, ["--rates", args.rates, "--duration", str(args.duration),
+                                      "--node-pid", str(ready["pid"]), "--frames", str(args.frames),
+                                      "--drain", str(args.drain)],
+                        env={"FASTDDS_BUILTIN_TRANSPORTS": "LARGE_DATA"})
+            phases = [p["phase"] for p in read_json_lines(pub, "never", 60 + len(args.rates.split(",")) *
+                                                          (args.duration + args.drain + 5)) if "phase" in p]
+            pub.wait(timeout=30)
+            node.send_signal(signal.SIGINT)
+            diag = read_json_lines(node, "diagnostics", 60)
+            node.wait(timeout=60)
+            after = bare_rates(backend, size, args.weights, frames, args.bare_seconds)
+            bare = {k: (before[k] + after[k]) / 2 for k in before}
+            top = max((p["sustained_hz"] for p in phases), default=0.0)
+            for p in phases:
+                row = {"backend": backend, "wired": ready["wired"], **p,
+                       "bare_backend_hz": bare["bare_backend"], "bare_eager_hz": bare["bare_eager"],
+                       "node_max_hz": top, "node_vs_bare_backend": top / bare["bare_backend"],
+                       "node_vs_bare_eager": top / bare["bare_eager"]}
+                results.append(row)
+                print(f"  {backend:6s} offered {p['offered_hz']:6.1f} Hz -> {p['sustained_hz']:6.1f} Hz, "
+                      f"p50 {p['p50_ms']} ms p99 {p['p99_ms']} ms, drops {p['drops']}/{p['sent']}, "
+                      f"RSS {p['node_rss_mib']:.0f} MiB", flush=True)
+            print(f"  {backend}: node max {top:.1f} Hz; bare backend loop {bare['bare_backend']:.1f} Hz "
+                  f"(x{top / bare['bare_backend']:.2f}), bare eager {bare['bare_eager']:.1f} Hz; "
+                  f"node diagnostics {diag[-1]['diagnostics'] if diag else None}", flush=True)
+    summary = load.summary()
+    print()
+    print(C.describe_machine(mach, summary))
+    print(C.table(results, ["backend", "offered_hz", "sustained_hz", "p50_ms", "p99_ms", "drops", "sent",
+                            "node_rss_mib", "node_vs_bare_backend", "bare_backend_hz", "bare_eager_hz"],
+                  ["backend", "offered Hz", "sustained Hz", "p50 ms", "p99 ms", "drops", "sent",
+                   "node RSS MiB", "node max ÷ bare loop", "bare loop Hz", "bare eager Hz"]))
+    if not args.no_record:
+        C.record(NAME, {"machine": mach, "load": summary, "input_size": args.input_size,
+                        "max_batch": args.max_batch, "queue_size": args.queue_size, "rows": results})
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--role", default="orchestrate", choices=["orchestrate", "node", "pub"])
+    ap.add_argument("--backends", default="torch,onnx")
+    ap.add_argument("--backend", default="torch")
+    ap.add_argument("--rates", default="10,20,30,45,60,120", help="offered frame rates (Hz), in order")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per rate")
+    ap.add_argument("--drain", type=float, default=1.5, help="seconds to wait for late matches per rate")
+    ap.add_argument("--input-size", default="240x320", help="HxW of the published frames and the model input")
+    ap.add_argument("--weights", default=WEIGHTS)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--queue-size", type=int, default=10)
+    ap.add_argument("--frames", type=int, default=120)
+    ap.add_argument("--bare-seconds", type=float, default=6.0)
+    ap.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    ap.add_argument("--map", default="")
+    ap.add_argument("--node-pid", type=int, default=0)
+    ap.add_argument("--image-topic", default="/bench/image")
+    ap.add_argument("--match-topic", default="/bench/place_match")
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args()
+    return {"orchestrate": orchestrate, "node": role_node, "pub": role_pub}[args.role](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
