@@ -204,3 +204,12 @@ def test_main_exits_2_with_the_reason(tmp_path):
     assert out.returncode == 2, out.stderr
     errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert errors == ["loop_closure_node: error: loop_closure: max_closures (3) must not exceed top_k (2)"]
+
+
+def test_docs_parameter_table_in_sync():
+    from vpr_ros.ros.loop_closure import PARAMS
+    from vpr_ros.ros.params import spec_table
+
+    text = (REPO / "docs" / "loop_closure.md").read_text(encoding="utf-8")
+    block = text.split("<!-- loop-closure-params -->\n", 1)[1].split("\n<!-- /loop-closure-params -->", 1)[0]
+    assert block.strip() == spec_table(PARAMS).strip(), "regenerate it with vpr_ros.ros.params.spec_table"

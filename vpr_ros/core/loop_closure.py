@@ -584,6 +584,7 @@ def evaluate_loop_closure(
         ext = DescriptorExtractor(model, device=device)
         runs: dict[str, SequenceRun] = {}
         mrep: dict[str, Any] = {"weights": weights, "conditions": {}}
+        summary: dict[str, Any] = {}
         for cfg in configs:
             frames, mean_bytes = received[cfg.label]
             t0 = time.perf_counter()
@@ -597,17 +598,23 @@ def evaluate_loop_closure(
             curves = {"descriptor only": base}
             cond = {"bytes_per_frame": mean_bytes, "positives": run.positives(),
                     "descriptor_only": _curve_summary(base), "verified": {}}
+            summary[f"{cfg.label}: descriptor only"] = base
             for m in sorted({min(MIN_INLIERS_GRID), DEFAULT_MIN_INLIERS, max(MIN_INLIERS_GRID)}):
                 c = pr_curve(run, top_k=DEFAULT_TOP_K, min_inliers=m)
                 if c is not None:
                     curves[f"verified top-{DEFAULT_TOP_K}, >= {m} inliers"] = c
                     cond["verified"][f"top{DEFAULT_TOP_K}_min{m}"] = _curve_summary(c)
+                    if m == DEFAULT_MIN_INLIERS:
+                        summary[f"{cfg.label}: verified (defaults)"] = c
             mrep["conditions"][cfg.label] = cond
             name = f"pr_{label}_{cfg.label}.png"
             plot_pr_curves(curves, out / name, title=f"rtabmap_loop loop closure: {label}, {cfg.label}")
             report["plots"][f"{label}/{cfg.label}"] = name
             log.info("%s / %s: descriptor-only AP %.3f R@100P %.3f", label, cfg.label,
                      base.average_precision, base.recall_at_100_precision)
+        name = f"pr_{label}_summary.png"
+        plot_pr_curves(summary, out / name, title=f"rtabmap_loop loop closure: {label}, links compared")
+        report["plots"][f"{label}/summary"] = name
         mrep["operating_point"] = choose_operating_point(runs)
         report["models"][label] = mrep
         all_runs[label] = runs
