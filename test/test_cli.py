@@ -10,7 +10,7 @@ from vpr_ros.cli import main
 from vpr_ros.core.mapdb import PlaceMap
 
 
-def test_eval_writes_table_json_and_plots(nordland_dir, tmp_path, capsys):
+def test_eval_writes_table_json_and_plots(nordland_dir, torch_home, tmp_path, capsys):
     out = tmp_path / "eval"
     rc = main(["eval", "--dataset", "nordland", "--root", str(nordland_dir), "--every", "40",
                "--model", "structvpr_mobilenetv2", "--input-size", "64x128", "--device", "cpu",
@@ -26,7 +26,7 @@ def test_eval_writes_table_json_and_plots(nordland_dir, tmp_path, capsys):
         assert (out / name).stat().st_size > 1000
 
 
-def test_build_map_from_an_image_folder(rtabmap_dir, tmp_path, capsys):
+def test_build_map_from_an_image_folder(rtabmap_dir, torch_home, tmp_path, capsys):
     rc = main(["build-map", "--images", str(rtabmap_dir / "images"), "--model", "gem_mobilenetv2",
                "--input-size", "48x64", "--device", "cpu", "--out", str(tmp_path / "loop")])
     assert rc == 0

@@ -168,3 +168,14 @@ def test_preprocess_validation():
     with pytest.raises(ModelError, match="input_size"):
         Preprocess.from_dict({"input_size": [8, 8]})
     assert np.allclose(Preprocess().mean, (0.485, 0.456, 0.406))
+
+
+
+def test_builder_chosen_preprocessing_survives_create_model():
+    # SciceVPR sets its input size from its image_size config; the spec default must not undo that.
+    model = create_model("scicevpr_dinov2", arch="vits14", image_size=[112, 112])
+    assert model.preprocess.input_size == (112, 112)
+    assert create_model("structvpr_mobilenetv2").preprocess.input_size == (240, 320)  # spec default
+    explicit = create_model("scicevpr_dinov2", arch="vits14", image_size=[112, 112],
+                            preprocess=Preprocess(input_size=(56, 56)))
+    assert explicit.preprocess.input_size == (56, 56)

@@ -52,6 +52,11 @@ class Preprocess:
         )
 
 
+#: The base class's placeholder; a builder that sets its own preprocessing (e.g. from an image-size
+#: config) replaces it, and :func:`create_model` then keeps the builder's choice.
+_BASE_PREPROCESS = Preprocess()
+
+
 class VprModel(nn.Module):
     """Base class of registered models: image batch -> L2-normalised global descriptors.
 
@@ -65,7 +70,7 @@ class VprModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.config: dict[str, Any] = {}
-        self.preprocess = Preprocess()
+        self.preprocess = _BASE_PREPROCESS
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - optional
         raise NotImplementedError(f"{type(self).__name__} exposes no intermediate features")
@@ -148,7 +153,10 @@ def create_model(
     model.config = merged
     if isinstance(preprocess, dict):
         preprocess = Preprocess.from_dict(preprocess)
-    model.preprocess = preprocess or spec.preprocess
+    if preprocess is not None:
+        model.preprocess = preprocess
+    elif model.preprocess is _BASE_PREPROCESS:  # the builder did not choose: the spec's default
+        model.preprocess = spec.preprocess
     return model
 
 
