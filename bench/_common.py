@@ -166,7 +166,8 @@ def record(name: str, payload: dict[str, Any], path: Path = RESULTS) -> None:
     """Append one run to ``results.json[name]`` (a list, newest last), under a file lock."""
     now = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     payload = {"time": now, "argv": sys.argv[1:], **payload}
-    lock = path.with_suffix(".lock")
+    lock = REPO / ".cache" / f"{path.name}.lock"  # outside the tree: .cache is git-ignored
+    lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as lf:
         fcntl.flock(lf, fcntl.LOCK_EX)
         data: dict[str, Any] = {}
@@ -174,7 +175,7 @@ def record(name: str, payload: dict[str, Any], path: Path = RESULTS) -> None:
             with contextlib.suppress(json.JSONDecodeError):
                 data = json.loads(path.read_text())
         data.setdefault(name, []).append(payload)
-        tmp = path.with_suffix(".json.tmp")
+        tmp = lock.with_name(f"{path.name}.tmp")
         tmp.write_text(json.dumps(data, indent=1, default=float) + "\n")
         os.replace(tmp, path)
     print(f"recorded in {path} under {name!r}")

@@ -112,6 +112,7 @@ def role_node(args: argparse.Namespace) -> int:
     stop.wait()
     diag = node.diagnostics()
     executor.shutdown()
+    spin.join(timeout=10)
     node.destroy_node()
     rclpy.try_shutdown()
     print(json.dumps({"diagnostics": diag}, default=str), flush=True)
@@ -158,7 +159,8 @@ def role_pub(args: argparse.Namespace) -> int:
     pub = node.create_publisher(Image, args.image_topic, qos_profile_sensor_data)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    threading.Thread(target=executor.spin, daemon=True).start()
+    spin = threading.Thread(target=executor.spin, daemon=True)
+    spin.start()
     msgs = [rgb_to_image_msg(f, "rgb8") for f in frames]
     deadline = time.time() + 30
     while pub.get_subscription_count() == 0 or node.count_publishers(args.match_topic) == 0:
@@ -201,6 +203,7 @@ def role_pub(args: argparse.Namespace) -> int:
         print(json.dumps({"phase": phase}), flush=True)
         time.sleep(0.5)
     executor.shutdown()
+    spin.join(timeout=10)
     node.destroy_node()
     rclpy.try_shutdown()
     return 0
@@ -288,13 +291,17 @@ def orchestrate(args: argparse.Namespace) -> int:
     frames = _frames(size, args.frames)
     results = []
     with C.LoadSampler() as load:
-        for backend in args.backends.split(","):
+        default_threads = torch.get_num_threads()
+        for spec in args.backends.split(","):
+            backend, _, tail = spec.partition("@")
+            threads = int(tail.rstrip("t")) if tail else args.torch_threads
+            torch.set_num_threads(threads or default_threads)
             before = bare_rates(backend, size, args.weights, frames, args.bare_seconds)
             topic = f"/bench_{uuid.uuid4().hex[:8]}"
             args.image_topic, args.match_topic = f"{topic}/image", f"{topic}/place_match"
             node = spawn("node", args, ["--backend", backend, "--map", str(map_dir), "--max-batch",
                                         str(args.max_batch), "--queue-size", str(args.queue_size),
-                                        "--torch-threads", str(args.torch_threads)])
+                                        "--torch-threads", str(threads)])
             info = read_json_lines(node, "ready", 300)
             if not info or "ready" not in info[-1]:
                 node.kill()
@@ -311,18 +318,19 @@ def orchestrate(args: argparse.Namespace) -> int:
             diag = read_json_lines(node, "diagnostics", 60)
             node.wait(timeout=60)
             after = bare_rates(backend, size, args.weights, frames, args.bare_seconds)
+            torch.set_num_threads(default_threads)
             bare = {k: (before[k] + after[k]) / 2 for k in before}
             top = max((p["sustained_hz"] for p in phases), default=0.0)
             for p in phases:
-                row = {"backend": backend, "wired": ready["wired"], **p,
+                row = {"backend": spec, "wired": ready["wired"], **p,
                        "bare_backend_hz": bare["bare_backend"], "bare_eager_hz": bare["bare_eager"],
                        "node_max_hz": top, "node_vs_bare_backend": top / bare["bare_backend"],
                        "node_vs_bare_eager": top / bare["bare_eager"]}
                 results.append(row)
-                print(f"  {backend:6s} offered {p['offered_hz']:6.1f} Hz -> {p['sustained_hz']:6.1f} Hz, "
+                print(f"  {spec:8s} offered {p['offered_hz']:6.1f} Hz -> {p['sustained_hz']:6.1f} Hz, "
                       f"p50 {p['p50_ms']} ms p99 {p['p99_ms']} ms, drops {p['drops']}/{p['sent']}, "
                       f"RSS {p['node_rss_mib']:.0f} MiB", flush=True)
-            print(f"  {backend}: node max {top:.1f} Hz; bare backend loop {bare['bare_backend']:.1f} Hz "
+            print(f"  {spec}: node max {top:.1f} Hz; bare backend loop {bare['bare_backend']:.1f} Hz "
                   f"(x{top / bare['bare_backend']:.2f}), bare eager {bare['bare_eager']:.1f} Hz; "
                   f"node diagnostics {diag[-1]['diagnostics'] if diag else None}", flush=True)
     summary = load.summary()
@@ -341,7 +349,8 @@ def orchestrate(args: argparse.Namespace) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--role", default="orchestrate", choices=["orchestrate", "node", "pub"])
-    ap.add_argument("--backends", default="torch,onnx")
+    ap.add_argument("--backends", default="torch,torch@1t,onnx",
+                    help="node backends to run; '@Nt' sets torch intra-op threads of node and bare loops")
     ap.add_argument("--backend", default="torch")
     ap.add_argument("--rates", default="10,20,30,45,60,120", help="offered frame rates (Hz), in order")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per rate")
