@@ -97,7 +97,7 @@ def markdown_table(rows: list[dict[str, Any]], ns: Sequence[int], *, title: str)
             r.get("queries", "-"),
             *(_pct(r.get(f"R@{n}")) for n in ns[:2]),
             *(_pct(r.get(f"teacher_db/R@{n}")) for n in ns[:2]),
-            str(r.get("steps", "-")),
+            "-" if r.get("steps") is None else str(r["steps"]),
             "-" if t is None else f"{t / 60:.1f} min",
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -119,14 +119,14 @@ def run_study(
     ns = recipe.run.recall_ns
     rows: list[dict[str, Any]] = []
     # 1. teacher
-    teacher_seconds = None
+    teacher_seconds = teacher_steps = None
     if teacher is None:
         if teacher_recipe is None:
             raise ValueError("give a teacher checkpoint or a teacher recipe")
         teacher_recipe.run.dir = str(out / "runs" / "teacher")
         t_summary = _run(teacher_recipe)
         teacher = str(Path(teacher_recipe.run.dir) / "last.pt")
-        teacher_seconds = t_summary["train_seconds"]
+        teacher_seconds, teacher_steps = t_summary["train_seconds"], t_summary["steps"]
     # 2. baselines on the recipe's validation split
     places = build_places(recipe.data)
     _, val = split_places(places, recipe.data.split)
@@ -143,9 +143,14 @@ def run_study(
         imagenet.preprocess = dataclasses.replace(imagenet.preprocess, input_size=tuple(size))
     teacher_model = load_model(teacher)
     bs = recipe.run.val_batch_size
-    for label, model, note in (
-        ("ImageNet MobileNetV2 (no VPR training)", imagenet, "-"),
-        ("teacher: fine-tuned on HQ, no distillation", teacher_model, "triplet (HQ)"),
+    for label, model, note, short in (
+        ("ImageNet MobileNetV2 (no VPR training)", imagenet, "-", "ImageNet"),
+        (
+            "teacher: fine-tuned on HQ, no distillation",
+            teacher_model,
+            "triplet (HQ)",
+            "teacher (no distillation)",
+        ),
     ):
         db = None
         for qname, queries in ((degrader.label, lq), ("none (HQ reference)", hq)):
@@ -159,9 +164,10 @@ def run_study(
                     ns,
                     losses=note,
                     queries=qname,
+                    short=short,
                     queries_n=rec.n_queries,
                     train_seconds=teacher_seconds if model is teacher_model else None,
-                    steps=None,
+                    steps=teacher_steps if model is teacher_model else None,
                 )
             )
     # 3. students
@@ -183,6 +189,7 @@ def run_study(
                 ns,
                 losses=name,
                 queries=degrader.label,
+                short="triplet only (no distillation)" if name == "triplet" else f"LoQI {name}",
                 train_seconds=summary["train_seconds"],
                 steps=summary["steps"],
                 variant=name,
@@ -207,10 +214,13 @@ def run_study(
         for r in rows
     ]
     save_results_json(results, out / "results.json")
+    short = [
+        EvalResult(name="", model=r["short"], degradation="", recalls={n: r[f"R@{n}"] for n in ns})
+        for r in rows
+        if r["queries"] == degrader.label
+    ]
     plot_recall_curves(
-        [r for r in results if r.degradation != "none (HQ reference)"],
-        out / "recall.png",
-        title=f"LoQI ablation, {degrader.label} queries",
+        short, out / "recall.png", title=f"LoQI ablation, Nordland val, {degrader.label} queries"
     )
     students = [r for r in rows if r["kind"] == "student"]
     if install and students:
