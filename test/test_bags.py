@@ -15,6 +15,7 @@ from vpr_ros.core.bags import EARTH_RADIUS_M, bag_topics, iter_bag_images, read_
 from vpr_ros.core.datasets import load_kitti, load_nordland
 from vpr_ros.core.errors import DatasetError
 from vpr_ros.core.models.registry import Preprocess
+from vpr_ros.training import config_from_dict, train
 from vpr_ros.training.config import DataConfig, SplitConfig
 from vpr_ros.training.data import Degrader, TupleDataset, bag_places, build_places, split_places
 
@@ -107,9 +108,9 @@ def test_nordland_navsatfix_bags_make_a_training_set(tmp_path, nordland_dir):
     item = data[5]
     assert item["hq"].shape == item["lq"].shape == (5, 3, 32, 64)
     assert not torch.equal(item["hq"][0], item["lq"][0])
-    train, val = split_places(places, SplitConfig(block=150.0, val_every=2, val_offset=1, gap=20.0))
-    val_y = {r.position[1] for r in val.database}
-    assert all(min(abs(r.position[1] - y) for y in val_y) > 20.0 for r in train.database)
+    train_p, val_p = split_places(places, SplitConfig(block=150.0, val_every=2, val_offset=1, gap=20.0))
+    val_y = {r.position[1] for r in val_p.database}
+    assert all(min(abs(r.position[1] - y) for y in val_y) > 20.0 for r in train_p.database)
     # the same set through the recipe's data section
     cfg = DataConfig(
         kind="bags",
@@ -120,6 +121,24 @@ def test_nordland_navsatfix_bags_make_a_training_set(tmp_path, nordland_dir):
         neg_radius_m=60.0,
     )
     assert len(build_places(cfg).queries) == len(places.queries)
+    # and two real LoQI steps on it
+    recipe = {
+        "data": {
+            "kind": "bags",
+            "root": str(tmp_path),
+            "bags": ["summer", "winter"],
+            "position_topic": "/fix",
+            "pos_radius_m": 16.0,
+            "neg_radius_m": 60.0,
+            "negatives": 2,
+            "split": {"block": 150.0, "val_every": 2, "val_offset": 1, "gap": 20.0},
+        },
+        "model": {"input_size": [32, 64], "teacher": "random"},
+        "schedule": {"max_steps": 2, "batch_size": 2, "ckpt_every": 1},
+        "run": {"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False},
+    }
+    result = train(config_from_dict(recipe))
+    assert result.steps == 2 and {"R@1", "teacher_db/R@1"} <= set(result.metrics)
 
 
 def test_single_bag_revisit_needs_a_time_gap(tmp_path, kitti_frames):
