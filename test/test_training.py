@@ -255,3 +255,13 @@ def test_tuples_are_seeded_and_hard_mining_picks_the_closest(nordland_dir):
     assert p == pos[(db_desc[pos] @ q_desc[qi]).argmax()]
     sims = db_desc[negs] @ q_desc[qi]
     assert list(sims) == sorted(sims, reverse=True) and len(set(negs.tolist())) == 3
+
+
+def test_gem_model_trains_and_exports(nordland_dir, torch_home, tmp_path):
+    """Model-agnostic: the same recipe on the GeM head (one latent map, descriptor by a second pass)."""
+    recipe = tiny_recipe(nordland_dir, tmp_path / "gem", max_steps=2)
+    recipe["model"]["name"] = "gem_mobilenetv2"
+    result = train(config_from_dict(recipe))
+    assert result.steps == 2 and result.metrics["R@10"] >= 0
+    model = load_model(export_deployed(tmp_path / "gem" / "last.pt", tmp_path / "gem.pt"))
+    assert model.name == "gem_mobilenetv2" and model.descriptor_dim == 320
