@@ -30,6 +30,7 @@ setup(
         "tqdm",
         "matplotlib",
         "pyyaml",
+        "rosbags>=0.10",  # pure-Python rosbag2 reading/writing (no ROS install needed)
         "torch>=2.1",
         "torchvision>=0.16",
     ],

@@ -188,6 +188,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     root = shared / "data" / "nordland_64x32"
     if not root.is_dir():
         raise VprError(f"the demo needs the Nordland data at {root}; pass --shared or set VPR_ROS_SHARED")
+    from .core.models import DEFAULT_WEIGHTS
+
+    if args.input_size is None and not args.weights and not DEFAULT_WEIGHTS.is_file():
+        args.input_size = "128x256"  # ImageNet fallback: a size that suits Nordland's 2:1 frames
     print(f"vpr_ros demo: map from Nordland summer, queries from Nordland winter ({root})")
     args.dataset, args.root, args.limit = "nordland", root, None
     _, paths = run_eval(args, args.degrade or list(DEMO_DEGRADATIONS))
@@ -250,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--degrade", action="append", help=f"degradation specs (default {DEMO_DEGRADATIONS})")
     p.add_argument("--no-ros", action="store_true", help="skip the ROS graph part")
     _add_model_args(p)
-    p.set_defaults(func=cmd_demo, input_size="128x256")
+    p.set_defaults(func=cmd_demo)
 
     for module in ("vpr_ros.training.cli", "vpr_ros.ros.cli"):
         try:

@@ -58,8 +58,12 @@ class MobileNetV2Pooled(VprModel):
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [self.features(x)]
 
+    def aggregate(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """Descriptor from :meth:`forward_features`' output (distillation uses both, one pass)."""
+        return F.normalize(self.proj(self.head(maps[-1])), dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(self.head(self.features(x))), dim=1)
+        return self.aggregate(self.forward_features(x))
 
 
 @register_model(
