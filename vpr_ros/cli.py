@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from .core.errors import VprError
@@ -77,6 +79,10 @@ def _dataset(args: argparse.Namespace):
     if args.dataset in ("nordland", "ie_tower"):
         kw = {"every": args.every, "limit": args.limit}
     ds = load_dataset(args.dataset, args.root, **kw)
+    keep = getattr(args, "frame_filter", None)
+    if keep is not None:
+        ds = replace(ds, database=[r for r in ds.database if keep(r.frame_index)],
+                     queries=[r for r in ds.queries if keep(r.frame_index)])
     if args.dataset == "folder" and (args.every > 1 or args.limit):
         ds = ds.subset(args.every, args.limit)
     log.info("%s", ds.summary())
@@ -190,10 +196,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise VprError(f"the demo needs the Nordland data at {root}; pass --shared or set VPR_ROS_SHARED")
     from .core.models import DEFAULT_WEIGHTS
 
-    if args.input_size is None and not args.weights and not DEFAULT_WEIGHTS.is_file():
+    packaged = not args.weights and not args.model and DEFAULT_WEIGHTS.is_file()
+    if args.input_size is None and not packaged:
         args.input_size = "128x256"  # ImageNet fallback: a size that suits Nordland's 2:1 frames
+    # The places the packaged student never saw; any model is evaluated on them, for fair comparisons.
+    split = _training_split(DEFAULT_WEIGHTS) if args.places == "held-out" else None
+    if args.every is None:
+        args.every = 1 if split else 3
     print(f"vpr_ros demo: map from Nordland summer, queries from Nordland winter ({root})")
+    if split:
+        print(f"  places held out from the packaged student's training: blocks of {split['block']:g} frames, "
+              f"every {split['val_every']}th from {split['val_offset']} (--places all for every place)")
     args.dataset, args.root, args.limit = "nordland", root, None
+    args.frame_filter = _held_out_filter(split) if split else None
     _, paths = run_eval(args, args.degrade or list(DEMO_DEGRADATIONS))
     if not args.no_ros:
         paths.update(_demo_ros(args, root))
@@ -201,6 +216,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name, p in paths.items():
         print(f"  {name:28s} {p}")
     return 0
+
+
+def _training_split(weights: Path) -> dict | None:
+    """The place split recorded in a packaged student's sidecar JSON (None when absent)."""
+    sidecar = weights.with_suffix(".json")
+    try:
+        split = json.loads(sidecar.read_text())["split"]
+        return {k: split[k] for k in ("block", "val_every", "val_offset")}
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _held_out_filter(split: dict):
+    def held_out(frame_index: int | None) -> bool:
+        block = int(frame_index // split["block"]) if frame_index is not None else -1
+        return block % int(split["val_every"]) == int(split["val_offset"])
+
+    return held_out
 
 
 def _demo_ros(args: argparse.Namespace, root: Path) -> dict[str, Path]:
@@ -250,7 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="Nordland winter->summer at high and low quality (+ the ROS graph)")
     p.add_argument("--shared", help="shared data folder (default $VPR_ROS_SHARED or ../shared)")
     p.add_argument("--out", default="results/demo")
-    p.add_argument("--every", type=int, default=3, help="use every N-th Nordland place (default 3)")
+    p.add_argument("--every", type=int, default=None,
+                   help="use every N-th Nordland place (default 1 on held-out places, else 3)")
+    p.add_argument("--places", choices=["held-out", "all"], default="held-out",
+                   help="only places the packaged student was not trained on (default), or all")
     p.add_argument("--degrade", action="append", help=f"degradation specs (default {DEMO_DEGRADATIONS})")
     p.add_argument("--no-ros", action="store_true", help="skip the ROS graph part")
     _add_model_args(p)
