@@ -630,7 +630,7 @@ def evaluate_loop_closure(
                                       score_threshold=DEFAULT_SCORE_THRESHOLD)
                 for cond, run in runs.items()}
         for label, runs in all_runs.items()}
-    text = json.dumps(report, indent=2, default=_json_default, allow_nan=False)
+    text = json.dumps(report, indent=2, default=json_default, allow_nan=False)
     (out / "loop_closure.json").write_text(text + "\n", encoding="utf-8")
     report["json"] = str(out / "loop_closure.json")
     return report
@@ -642,7 +642,8 @@ def _curve_summary(c) -> dict[str, Any]:
             "n_decisions": int(len(c.scores))}
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps`` ``default=``: numpy scalars and arrays as Python values, paths as strings."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):

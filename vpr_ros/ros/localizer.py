@@ -35,11 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Point, Pose, Quaternion
 from nav_msgs.msg import Odometry
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
@@ -59,6 +57,7 @@ from vpr_ros.ros.params import (
     declare_params,
     diagnostic_status,
     image_from_msg,
+    run_node,
     set_parameters_callback,
 )
 
@@ -533,23 +532,7 @@ class LocalizerNode(Node):
 
 def main(args: list[str] | None = None) -> int:
     """``ros2 run vpr_ros localizer_node [--ros-args ...]``; exit status 2 on bad configuration."""
-    try:
-        with rclpy.init(args=args):
-            try:
-                node = LocalizerNode()
-            except VprError as exc:
-                print(f"localizer_node: error: {exc}", file=sys.stderr)
-                return 2
-            executor = MultiThreadedExecutor()
-            executor.add_node(node)
-            try:
-                executor.spin()
-            finally:
-                executor.shutdown()
-                node.destroy_node()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    return 0
+    return run_node(LocalizerNode, args, "localizer_node")
 
 
 if __name__ == "__main__":

@@ -31,16 +31,14 @@ import threading
 import time
 from typing import Any
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Quaternion, Transform, Vector3
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from vpr_ros.core.errors import ConfigError, VprError
+from vpr_ros.core.errors import ConfigError
 from vpr_ros.core.geometry import VERIFICATION_MODELS, Features, OrbExtractor, VerificationConfig
 from vpr_ros.core.loop_closure import (
     DEFAULT_EXCLUSION_WINDOW_S,
@@ -65,6 +63,7 @@ from vpr_ros.ros.params import (
     declare_params,
     diagnostic_status,
     image_from_msg,
+    run_node,
     set_parameters_callback,
 )
 
@@ -404,23 +403,7 @@ class LoopClosureNode(Node):
 
 def main(args: list[str] | None = None) -> int:
     """``ros2 run vpr_ros loop_closure_node [--ros-args ...]``; exit status 2 on bad configuration."""
-    try:
-        with rclpy.init(args=args):
-            try:
-                node = LoopClosureNode()
-            except VprError as exc:
-                print(f"loop_closure_node: error: {exc}", file=sys.stderr)
-                return 2
-            executor = MultiThreadedExecutor()
-            executor.add_node(node)
-            try:
-                executor.spin()
-            finally:
-                executor.shutdown()
-                node.destroy_node()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    return 0
+    return run_node(LoopClosureNode, args, "loop_closure_node")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@
 * :class:`ReasonCounter`: counts rejected inputs by reason and logs each reason throttled.
 * :class:`LatencyWindow` and :func:`diagnostic_status`: the numbers nodes publish on
   ``/diagnostics``.
+* :func:`run_node`: the body of each node's ``main()``.
 """
 
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import rclpy
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (
     FloatingPointRange,
@@ -35,10 +38,11 @@ from rclpy.exceptions import (
     InvalidParameterValueException,
     ParameterException,
 )
+from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from vpr_ros.core.errors import ConfigError
+from vpr_ros.core.errors import ConfigError, VprError
 
 __all__ = [
     "ConfigError",
@@ -48,6 +52,7 @@ __all__ = [
     "ReasonCounter",
     "declare_params",
     "diagnostic_status",
+    "run_node",
     "set_parameters_callback",
     "spec_table",
 ]
@@ -195,6 +200,36 @@ def spec_table(specs: Iterable[ParamSpec]) -> str:
         rows.append(f"| `{s.name}` | {s.type.__name__} | `{s.default!r}` | {limits} | "
                     f"{'no' if s.read_only else 'yes'} | {text} |")
     return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run_node(node_factory: Callable[[], Node], args: list[str] | None, name: str,
+             executor_factory: Callable[[], Executor] = MultiThreadedExecutor) -> int:
+    """Spin the node ``node_factory()`` makes until shutdown: the body of a node's ``main()``.
+
+    A :class:`VprError` from ``node_factory`` (bad configuration) prints one line
+    ``<name>: error: ...`` to stderr and returns 2; Ctrl-C or an external shutdown returns 0
+    after the node is destroyed.
+    """
+    try:
+        with rclpy.init(args=args):
+            try:
+                node = node_factory()
+            except VprError as exc:
+                print(f"{name}: error: {exc}", file=sys.stderr)
+                return 2
+            executor = executor_factory()
+            executor.add_node(node)
+            try:
+                executor.spin()
+            finally:
+                executor.shutdown()
+                node.destroy_node()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    return 0
 
 
 # --------------------------------------------------------------------------- queue

@@ -329,7 +329,10 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
     if cfg.record is not None:
         write_record(cfg.record, coll.order, coll.closures)
         report["record"] = str(cfg.record)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    from vpr_ros.core.loop_closure import json_default
+
+    text = json.dumps(report, indent=2, default=json_default)
+    (out / "report.json").write_text(text + "\n", encoding="utf-8")
     report["report"] = str(out / "report.json")
     return report
 
@@ -505,18 +508,6 @@ def _plots(report: dict[str, Any], out: Path, label: str) -> dict[str, Any]:
         paths["pr_plot"] = str(plot_pr_curves({f"top-1 {label}": pr}, out / "pr.png",
                                               title="Replay top-1 precision-recall"))
     return paths
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 # --------------------------------------------------------------------------- CLI

@@ -24,9 +24,7 @@ import sys
 import threading
 from typing import Any
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
@@ -42,6 +40,7 @@ from vpr_ros.ros.params import (
     declare_params,
     diagnostic_status,
     image_from_msg,
+    run_node,
     set_parameters_callback,
 )
 
@@ -256,23 +255,7 @@ class TransmitterNode(Node):
 
 def main(args: list[str] | None = None) -> int:
     """``ros2 run vpr_ros transmitter_node [--ros-args ...]``; exit status 2 on bad configuration."""
-    try:
-        with rclpy.init(args=args):
-            try:
-                node = TransmitterNode()
-            except VprError as exc:
-                print(f"transmitter_node: error: {exc}", file=sys.stderr)
-                return 2
-            executor = MultiThreadedExecutor()
-            executor.add_node(node)
-            try:
-                executor.spin()
-            finally:
-                executor.shutdown()
-                node.destroy_node()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    return 0
+    return run_node(TransmitterNode, args, "transmitter_node")
 
 
 if __name__ == "__main__":
