@@ -54,3 +54,20 @@ def torch_home(tmp_path_factory) -> Path:
         ckpt.symlink_to(src)
     os.environ["TORCH_HOME"] = str(home)
     return home
+
+
+@pytest.fixture(scope="module")
+def ros_env(tmp_path_factory):
+    """DDS discovery confined to this host; rclpy needs HOME or ROS_LOG_DIR. Restored after the module.
+
+    Skips without rclpy or the built messages. Modules whose every test starts nodes use it via
+    ``pytestmark = ros_support.ROS_TESTS``.
+    """
+    pytest.importorskip("ros_support")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+        if not os.environ.get("ROS_LOG_DIR"):
+            mp.setenv("ROS_LOG_DIR", str(tmp_path_factory.mktemp("ros_log")))
+        if "HOME" not in os.environ:
+            mp.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+        yield

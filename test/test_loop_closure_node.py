@@ -10,23 +10,16 @@ the revisits and none for the first traverse. The full chain with the real local
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("rclpy", reason="needs rclpy (pip install 'ros-rclpy[fastrtps]')")
-pytest.importorskip("vpr_ros_msgs.msg", reason="vpr_ros_msgs is not built: run `python scripts/build_msgs.py`"
-                    " in the venv")
-pytest.importorskip("diagnostic_msgs.msg", reason="needs ros-diagnostic-msgs (pip install -e '.[ros]')")
+pytest.importorskip("ros_support")  # rclpy and the built messages, or skip saying which is missing
 
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from ros_support import REPO, ROS_TESTS, T0, fresh_namespace, run_node_main, unique
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from vpr_ros_msgs.msg import LoopClosure, PlaceCandidate, PlaceMatch
@@ -41,26 +34,8 @@ from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg, stamp_to_f
 from vpr_ros.ros.loop_closure import LoopClosureNode, StampedFeatures
 from vpr_ros.ros.runner import InProcessGraph
 
-pytestmark = pytest.mark.ros
-REPO = Path(__file__).resolve().parents[1]
-T0 = 1_700_000_000.0
+pytestmark = ROS_TESTS
 EVERY = 2  # every 2nd frame of the 84: 42 frames, revisits still 5 GT frames wide
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ros_env(tmp_path_factory):
-    """DDS discovery confined to this host; rclpy needs HOME or ROS_LOG_DIR."""
-    saved = {k: os.environ.get(k) for k in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR", "HOME")}
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    if not os.environ.get("ROS_LOG_DIR"):
-        os.environ["ROS_LOG_DIR"] = str(tmp_path_factory.mktemp("ros_log"))
-    os.environ.setdefault("HOME", str(tmp_path_factory.mktemp("home")))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +63,7 @@ def stamp(i: int) -> float:
 
 
 def topics() -> dict[str, str]:
-    ns = f"/vpr_test_{uuid.uuid4().hex[:10]}"
+    ns = fresh_namespace()
     return {"image_topic": f"{ns}/camera/image", "match_topic": f"{ns}/place_match",
             "loop_closure_topic": f"{ns}/loop_closure"}
 
@@ -107,8 +82,8 @@ def run_graph(sequence, **params) -> tuple[LoopClosureNode, list[LoopClosure], d
     params = {**tp, "diagnostics_period_s": 0.0, **params}
     received: list[LoopClosure] = []
     with InProcessGraph() as graph:
-        node = graph.create(LoopClosureNode, f"loop_closure_{uuid.uuid4().hex[:6]}", params=params)
-        probe = graph.add(graph.node(f"probe_{uuid.uuid4().hex[:6]}"))
+        node = graph.create(LoopClosureNode, unique("loop_closure"), params=params)
+        probe = graph.add(graph.node(unique("probe")))
         img_pub = probe.create_publisher(Image, tp["image_topic"], qos_profile_sensor_data)
         match_pub = probe.create_publisher(PlaceMatch, tp["match_topic"], QoSProfile(depth=100))
         probe.create_subscription(LoopClosure, tp["loop_closure_topic"], received.append,
@@ -171,8 +146,8 @@ def test_bad_configuration_refuses_to_start_and_runtime_changes_are_checked():
                               ({"min_inliers": 2}, "min_inliers"),
                               ({"verification_model": "homography"}, "verification_model")]:
             with pytest.raises(ConfigError, match=words):
-                graph.create(LoopClosureNode, f"lc_{uuid.uuid4().hex[:6]}", params={**tp, **params})
-        node = graph.create(LoopClosureNode, f"lc_{uuid.uuid4().hex[:6]}", params=tp)
+                graph.create(LoopClosureNode, unique("lc"), params={**tp, **params})
+        node = graph.create(LoopClosureNode, unique("lc"), params=tp)
         res: list[SetParametersResult] = node.set_parameters([Parameter("score_threshold", value=1.5)])
         assert not res[0].successful and "score_threshold" in res[0].reason
         res = node.set_parameters([Parameter("max_closures", value=9)])
@@ -197,12 +172,8 @@ def test_stamped_feature_cache_nearest_and_bounded():
 
 
 def test_main_exits_2_with_the_reason(tmp_path):
-    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", ROS_LOG_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "vpr_ros.ros.loop_closure", "--ros-args", "-p", "top_k:=2",
-                          "-p", "max_closures:=3"], capture_output=True, text=True, timeout=60, env=env,
-                         cwd=REPO)
+    out, errors = run_node_main("loop_closure", {"top_k": 2, "max_closures": 3}, ROS_LOG_DIR=str(tmp_path))
     assert out.returncode == 2, out.stderr
-    errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert errors == ["loop_closure_node: error: loop_closure: max_closures (3) must not exceed top_k (2)"]
 
 

@@ -9,7 +9,6 @@ node and its recorded outputs must read back from the bag.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -86,23 +85,6 @@ def test_rtabmap_bag_and_cli(rtabmap_dir, tmp_path, capsys):
 # --------------------------------------------------------------------------- replay through the nodes
 
 ros = pytest.mark.ros
-
-
-@pytest.fixture(scope="module")
-def ros_env(tmp_path_factory):
-    pytest.importorskip("rclpy", reason="needs rclpy (pip install 'ros-rclpy[fastrtps]')")
-    pytest.importorskip("vpr_ros_msgs.msg", reason="vpr_ros_msgs is not built: run scripts/build_msgs.py")
-    saved = {k: os.environ.get(k) for k in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR", "HOME")}
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    if not os.environ.get("ROS_LOG_DIR"):
-        os.environ["ROS_LOG_DIR"] = str(tmp_path_factory.mktemp("ros_log"))
-    os.environ.setdefault("HOME", str(tmp_path_factory.mktemp("home")))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _extractor(torch_home, input_size: str):

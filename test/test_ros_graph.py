@@ -16,17 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("rclpy", reason="needs rclpy (pip install 'ros-rclpy[fastrtps]')")
-pytest.importorskip("vpr_ros_msgs.msg", reason="vpr_ros_msgs is not built: run `python scripts/build_msgs.py`"
-                    " in the venv")
-pytest.importorskip("diagnostic_msgs.msg", reason="needs ros-diagnostic-msgs (pip install -e '.[ros]')")
+pytest.importorskip("ros_support")  # rclpy and the built messages, or skip saying which is missing
 
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from ros_support import REPO, ROS_TESTS, fresh_namespace
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from vpr_ros_msgs.msg import PlaceMatch
@@ -38,27 +34,17 @@ from vpr_ros.ros import localizer, transmitter
 from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
 from vpr_ros.ros.runner import InProcessGraph, apply_sets, load_params_file, overrides_for, wire_graph
 
-pytestmark = pytest.mark.ros
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = ROS_TESTS
 CONFIG = REPO / "config" / "localize.yaml"
 LAUNCH = REPO / "launch" / "localize.launch.py"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ros_env(tmp_path_factory):
-    keys = ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR", "HOME", "FASTDDS_BUILTIN_TRANSPORTS")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
-    if not os.environ.get("ROS_LOG_DIR"):
-        os.environ["ROS_LOG_DIR"] = str(tmp_path_factory.mktemp("ros_log"))
-    os.environ.setdefault("HOME", str(tmp_path_factory.mktemp("home")))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+def large_data(ros_env):
+    """Images between processes: Fast DDS's LARGE_DATA transport (restored after the module)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
+        yield
 
 
 # --------------------------------------------------------------------------- params file
@@ -202,7 +188,7 @@ class RunnerProcess:
 
 def test_runner_from_config_maps_localizes_and_saves_on_sigterm(nordland_dir, torch_home, tmp_path):
     """``vpr-ros localize --transmitter`` in mode both: matches through JPEG q=10, map saved on SIGTERM."""
-    ns = f"/vpr_test_{uuid.uuid4().hex[:10]}"
+    ns = fresh_namespace()
     env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONUNBUFFERED": "1"}
     frames = [r.load() for r in load_nordland(nordland_dir, every=200).database][:8]
     map_dir = tmp_path / "runner_map"

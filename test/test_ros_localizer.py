@@ -13,23 +13,19 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-pytest.importorskip("rclpy", reason="needs rclpy (pip install 'ros-rclpy[fastrtps]')")
-pytest.importorskip("vpr_ros_msgs.msg", reason="vpr_ros_msgs is not built: run `python scripts/build_msgs.py`"
-                    " in the venv")
-pytest.importorskip("diagnostic_msgs.msg", reason="needs ros-diagnostic-msgs (pip install -e '.[ros]')")
+pytest.importorskip("ros_support")  # rclpy and the built messages, or skip saying which is missing
 
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Point, Pose, Quaternion
 from nav_msgs.msg import Odometry
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from ros_support import REPO, ROS_TESTS, T0, fresh_namespace, run_node_main, stamp_key, unique
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 from vpr_ros_msgs.msg import PlaceMatch
@@ -44,25 +40,7 @@ from vpr_ros.ros.conversions import float_to_stamp, rgb_to_compressed_msg, rgb_t
 from vpr_ros.ros.localizer import LocalizerNode, build_extractor
 from vpr_ros.ros.runner import InProcessGraph
 
-pytestmark = pytest.mark.ros
-REPO = Path(__file__).resolve().parents[1]
-T0 = 1_700_000_000.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ros_env(tmp_path_factory):
-    """DDS discovery confined to this host; rclpy needs HOME or ROS_LOG_DIR."""
-    saved = {k: os.environ.get(k) for k in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR", "HOME")}
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    if not os.environ.get("ROS_LOG_DIR"):
-        os.environ["ROS_LOG_DIR"] = str(tmp_path_factory.mktemp("ros_log"))
-    os.environ.setdefault("HOME", str(tmp_path_factory.mktemp("home")))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = ROS_TESTS
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +65,7 @@ def summer_map(model, nordland, tmp_path_factory):
 
 
 def topics() -> dict[str, str]:
-    ns = f"/vpr_test_{uuid.uuid4().hex[:10]}"
+    ns = fresh_namespace()
     return {"image_topic": f"{ns}/camera/image", "match_topic": f"{ns}/place_match"}
 
 
@@ -99,7 +77,7 @@ class Probe:
     """A test node: publishes frames, collects PlaceMatch by stamp and the localizer's diagnostics."""
 
     def __init__(self, graph: InProcessGraph, tp: dict[str, str], compressed: bool = False) -> None:
-        self.node = graph.add(graph.node(f"probe_{uuid.uuid4().hex[:6]}"))
+        self.node = graph.add(graph.node(unique("probe")))
         self.matches: dict[float, PlaceMatch] = {}
         self.diag: dict[str, dict[str, str]] = {}
         self.node.create_subscription(PlaceMatch, tp["match_topic"], self._on_match, QoSProfile(depth=1000))
@@ -111,7 +89,7 @@ class Probe:
         self.match_topic = tp["match_topic"]
 
     def _on_match(self, msg: PlaceMatch) -> None:
-        self.matches[round(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9, 3)] = msg
+        self.matches[stamp_key(msg.header.stamp)] = msg
 
     def _on_diag(self, msg: DiagnosticArray) -> None:
         for st in msg.status:
@@ -126,8 +104,7 @@ class Probe:
 def localizer(graph: InProcessGraph, model, **params) -> LocalizerNode:
     ext, label = model
     params.setdefault("diagnostics_period_s", 0.2)
-    return graph.create(LocalizerNode, f"localizer_{uuid.uuid4().hex[:6]}", params=params, extractor=ext,
-                        label=label)
+    return graph.create(LocalizerNode, unique("localizer"), params=params, extractor=ext, label=label)
 
 
 def stamp_of(i: int) -> float:
@@ -437,13 +414,10 @@ def test_runtime_parameter_changes_validated(model, summer_map):
 
 def test_main_prints_one_line_and_exits_2(tmp_path, torch_home):
     """``localizer_node`` with a missing map: exit status 2 and one 'error:' line naming the map."""
-    env = {**os.environ, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "TORCH_HOME": str(torch_home)}
     missing = tmp_path / "nowhere"
-    out = subprocess.run([sys.executable, "-m", "vpr_ros.ros.localizer", "--ros-args", "-p",
-                          f"map_path:={missing}", "-p", "weights:=imagenet", "-p", "input_size:=native"],
-                         capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    params = {"map_path": missing, "weights": "imagenet", "input_size": "native"}
+    out, errors = run_node_main("localizer", params, timeout=120, TORCH_HOME=str(torch_home))
     assert out.returncode == 2, out.stderr
-    errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert errors == [f"localizer_node: error: no place map at {missing}.vprmap (mode 'localize' needs one; "
                       "build it with `vpr-ros build-map` or run with mode: map)"], out.stderr
 

@@ -7,22 +7,14 @@ sizes and decoded pixels; stamps are the input's.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import uuid
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-pytest.importorskip("rclpy", reason="needs rclpy (pip install 'ros-rclpy[fastrtps]')")
-pytest.importorskip("vpr_ros_msgs.msg", reason="vpr_ros_msgs is not built: run `python scripts/build_msgs.py`"
-                    " in the venv")
-pytest.importorskip("diagnostic_msgs.msg", reason="needs ros-diagnostic-msgs (pip install -e '.[ros]')")
+pytest.importorskip("ros_support")  # rclpy and the built messages, or skip saying which is missing
 
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from ros_support import ROS_TESTS, T0, fresh_namespace, run_node_main, stamp_key, unique
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 from vpr_ros_msgs.msg import TransmissionStats
@@ -34,25 +26,8 @@ from vpr_ros.ros.conversions import float_to_stamp, image_msg_to_rgb, rgb_to_ima
 from vpr_ros.ros.runner import InProcessGraph
 from vpr_ros.ros.transmitter import TransmitterNode
 
-pytestmark = pytest.mark.ros
-REPO = Path(__file__).resolve().parents[1]
-T0 = 1_700_000_000.0
+pytestmark = ROS_TESTS
 BEST_EFFORT = QoSProfile(depth=200, reliability=ReliabilityPolicy.BEST_EFFORT)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ros_env(tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in ("ROS_AUTOMATIC_DISCOVERY_RANGE", "ROS_LOG_DIR", "HOME")}
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    if not os.environ.get("ROS_LOG_DIR"):
-        os.environ["ROS_LOG_DIR"] = str(tmp_path_factory.mktemp("ros_log"))
-    os.environ.setdefault("HOME", str(tmp_path_factory.mktemp("home")))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -60,25 +35,20 @@ def frames(kitti_dir):
     return [r.load() for r in load_kitti(kitti_dir, "05")[:12]]
 
 
-def key(stamp) -> float:
-    return round(stamp.sec + stamp.nanosec * 1e-9, 3)
-
-
 class Probe:
     """Publishes camera frames; collects the transmitter's outputs keyed by stamp."""
 
     def __init__(self, graph: InProcessGraph, ns: str) -> None:
-        self.node = graph.add(graph.node(f"probe_{uuid.uuid4().hex[:6]}"))
+        self.node = graph.add(graph.node(unique("probe")))
         self.images: dict[float, Image] = {}
         self.jpegs: dict[float, CompressedImage] = {}
         self.stats: dict[float, TransmissionStats] = {}
         self.pub = self.node.create_publisher(Image, f"{ns}/camera/image", qos_profile_sensor_data)
-        self.node.create_subscription(Image, f"{ns}/link/image", lambda m: self.images.__setitem__(
-            key(m.header.stamp), m), BEST_EFFORT)
-        self.node.create_subscription(CompressedImage, f"{ns}/link/image/compressed",
-                                      lambda m: self.jpegs.__setitem__(key(m.header.stamp), m), BEST_EFFORT)
-        self.node.create_subscription(TransmissionStats, f"{ns}/link/stats", lambda m: self.stats.__setitem__(
-            key(m.header.stamp), m), QoSProfile(depth=200))
+        for typ, topic, into, qos in ((Image, "link/image", self.images, BEST_EFFORT),
+                                      (CompressedImage, "link/image/compressed", self.jpegs, BEST_EFFORT),
+                                      (TransmissionStats, "link/stats", self.stats, QoSProfile(depth=200))):
+            self.node.create_subscription(typ, f"{ns}/{topic}", lambda m, into=into: into.__setitem__(
+                stamp_key(m.header.stamp), m), qos)
 
     def send(self, graph: InProcessGraph, node: TransmitterNode, frames, first: int = 0) -> list[float]:
         msgs = [rgb_to_image_msg(f, "rgb8", Header(stamp=float_to_stamp(T0 + 0.1 * (first + i)),
@@ -88,10 +58,10 @@ class Probe:
 
 
 def start(graph: InProcessGraph, **params) -> tuple[TransmitterNode, Probe]:
-    ns = f"/vpr_test_{uuid.uuid4().hex[:10]}"
+    ns = fresh_namespace()
     params = {"image_topic": f"{ns}/camera/image", "output_topic": f"{ns}/link/image",
               "stats_topic": f"{ns}/link/stats", "queue_size": 100, **params}
-    node = graph.create(TransmitterNode, f"transmitter_{uuid.uuid4().hex[:6]}", params=params)
+    node = graph.create(TransmitterNode, unique("transmitter"), params=params)
     probe = Probe(graph, ns)
     assert graph.wait_for(lambda: probe.pub.get_subscription_count() > 0
                           and probe.node.count_publishers(f"{ns}/link/stats") > 0, 10.0)
@@ -192,10 +162,7 @@ def test_bad_configuration_refuses_to_start(params, words):
 
 
 def test_main_prints_one_line_and_exits_2():
-    env = {**os.environ, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
-    cmd = [sys.executable, "-m", "vpr_ros.ros.transmitter", "--ros-args", "-p", "mode:=bitrate"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    out, errors = run_node_main("transmitter", {"mode": "bitrate"})
     assert out.returncode == 2, out.stderr
-    errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("transmitter_node: error: transmitter: invalid "
                                                      "transmission settings: mode 'bitrate' needs a budget")
