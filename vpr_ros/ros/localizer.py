@@ -55,8 +55,8 @@ from vpr_ros.ros.params import (
     ReasonCounter,
     RejectedFrame,
     declare_params,
-    diagnostic_status,
     image_from_msg,
+    publish_diagnostics,
     run_node,
     set_parameters_callback,
 )
@@ -496,11 +496,7 @@ class LocalizerNode(Node):
             warn = (f"{values['queue_drops']} dropped, {values['rejected_total']} rejected, "
                     f"{values['out_of_order']} out of order")
         error = None if self._worker.is_alive() or self._closed else "localizer worker stopped"
-        arr = DiagnosticArray()
-        arr.header.stamp = self.get_clock().now().to_msg()
-        arr.status = [diagnostic_status(f"vpr_ros: {self.get_name()}", self.get_fully_qualified_name(),
-                                        values, warn=warn, error=error)]
-        self._diag_pub.publish(arr)
+        publish_diagnostics(self, self._diag_pub, values, warn=warn, error=error)
 
     def close(self) -> None:
         """Stop the worker (after its batch in flight) and, in map modes, save the map. Idempotent."""

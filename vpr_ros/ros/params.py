@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (
     FloatingPointRange,
     IntegerRange,
@@ -52,6 +52,7 @@ __all__ = [
     "ReasonCounter",
     "declare_params",
     "diagnostic_status",
+    "publish_diagnostics",
     "run_node",
     "set_parameters_callback",
     "spec_table",
@@ -369,6 +370,16 @@ def diagnostic_status(name: str, hardware_id: str, values: dict[str, Any], *,
         text = f"{v:.3f}" if isinstance(v, float) else str(v)
         kv.append(KeyValue(key=str(k), value=text))
     return DiagnosticStatus(level=level, name=name, message=message, hardware_id=hardware_id, values=kv)
+
+
+def publish_diagnostics(node: Node, publisher: Any, values: dict[str, Any], *,
+                        warn: str | None = None, error: str | None = None) -> None:
+    """Publish one ``DiagnosticArray`` with ``node``'s :func:`diagnostic_status`, stamped now."""
+    arr = DiagnosticArray()
+    arr.header.stamp = node.get_clock().now().to_msg()
+    arr.status = [diagnostic_status(f"vpr_ros: {node.get_name()}", node.get_fully_qualified_name(),
+                                    values, warn=warn, error=error)]
+    publisher.publish(arr)
 
 
 # --------------------------------------------------------------------------- image intake

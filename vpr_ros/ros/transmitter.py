@@ -38,8 +38,8 @@ from vpr_ros.ros.params import (
     ReasonCounter,
     RejectedFrame,
     declare_params,
-    diagnostic_status,
     image_from_msg,
+    publish_diagnostics,
     run_node,
     set_parameters_callback,
 )
@@ -234,11 +234,7 @@ class TransmitterNode(Node):
         values = self.diagnostics()
         warn = "frames dropped or rejected" if values["queue_drops"] or values["rejected_total"] else None
         error = None if self._worker.is_alive() or self._closed else "encoder worker stopped"
-        arr = DiagnosticArray()
-        arr.header.stamp = self.get_clock().now().to_msg()
-        arr.status = [diagnostic_status(f"vpr_ros: {self.get_name()}", self.get_fully_qualified_name(),
-                                        values, warn=warn, error=error)]
-        self._diag_pub.publish(arr)
+        publish_diagnostics(self, self._diag_pub, values, warn=warn, error=error)
 
     def close(self) -> None:
         """Stop the worker (pending frames are dropped). Idempotent."""
