@@ -240,3 +240,12 @@ def test_projection_starts_at_the_least_squares_map():
     assert residual < 1e-6
     assert np.allclose(proj.weight.detach().numpy(), true_w.T, atol=1e-3)
     assert np.allclose(proj(torch.from_numpy(t)).detach().numpy(), s, atol=1e-3)
+
+
+def test_best_positive_pairs_pick_the_rgb_branchs_first_positive():
+    from vpr_ros.training.structvpr.partition import best_positive_pairs
+
+    pairs = Pairs(np.array([0, 0, 0, 1, 1]), np.array([3, 4, 5, 6, 7]), x=np.array([9, 2, 1, 4, 4]),
+                  y=np.array([2, 1, 1, 12, 30]))
+    best = best_positive_pairs(pairs)
+    assert best.q.tolist() == [0, 1] and best.p.tolist() == [5, 6]  # y tie at 1: the better x wins

@@ -9,7 +9,6 @@ import sys
 import time
 
 import numpy as np
-import torch
 
 from vpr_ros.core.images import load_image
 from vpr_ros.core.models import load_model, read_checkpoint
@@ -67,7 +66,7 @@ def test_structvpr_end_to_end(kitti_dir, shared_dir, torch_home, tmp_path):
     assert elapsed < 90, f"end-to-end run took {elapsed:.0f} s"
 
 
-def test_deployed_student_needs_no_training_code(kitti_dir, shared_dir, torch_home, tmp_path):
+def test_deployed_student_needs_no_training_code(tmp_path):
     """A fresh interpreter loads and runs the exported student without importing vpr_ros.training."""
     from vpr_ros.core.models import create_model, save_checkpoint
 
@@ -82,4 +81,4 @@ def test_deployed_student_needs_no_training_code(kitti_dir, shared_dir, torch_ho
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert torch.cuda.is_available() or "ok" in out.stdout
+    assert "ok" in out.stdout

@@ -113,6 +113,14 @@ def keep_mask(x: np.ndarray | int, y: np.ndarray | int, mode: str, n_t: int = 10
     raise ValueError(f"unknown partition {mode!r}; expected one of {MODES}")
 
 
+def best_positive_pairs(pairs: Pairs) -> Pairs:
+    """Per query the one pair whose positive the rgb-branch ranks first (ties: the seg-branch's better):
+    the pairs a trainer that picks each query's most similar positive (hard positive mining) draws."""
+    order = np.lexsort((pairs.x, pairs.y, pairs.q))
+    first = order[np.r_[True, pairs.q[order][1:] != pairs.q[order][:-1]]] if len(order) else order
+    return Pairs(pairs.q[first], pairs.p[first], pairs.x[first], pairs.y[first])
+
+
 def group_shares(pairs: Pairs, n_t: int = 10) -> dict[str, float]:
     """Share of the training pairs in each of D1..D4 (fractions summing to 1)."""
     g = group_of(pairs.x, pairs.y, n_t)

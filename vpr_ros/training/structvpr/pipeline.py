@@ -430,15 +430,18 @@ def fit(
                         "train_seconds": train_s,
                     }
                 )
+                _write_csv(run_dir / "train.csv", rows)
             if step >= stage.steps:
                 break
         epoch += 1
     bar.close()
-    if rows:
-        cols = list(dict.fromkeys(k for r in rows for k in r))
-        lines = [",".join(cols)] + [",".join(f"{r.get(c, '')}" for c in cols) for r in rows]
-        atomic_write_text(run_dir / "train.csv", "\n".join(lines) + "\n")
     return StageResult(step, train_s, time.perf_counter() - t_start, last)
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = [",".join(cols)] + [",".join(f"{r.get(c, '')}" for c in cols) for r in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _save(
@@ -731,11 +734,11 @@ class StructVPR:
         )
         meta = {
             "stage": name,
-            "weighting": asdict(wcfg),
+            "weighting": asdict(wcfg) if lam > 0 else None,
             "kd_weight": lam,
             "degradation": self.degrader.label,
             "segmenter": self.segmenter.id if lam > 0 else None,
-            **summarize_weights(pairs, w, wcfg.n_t),
+            **(summarize_weights(pairs, w, wcfg.n_t) if lam > 0 else {"distilled_share": 0.0}),
         }
         _save(
             student,
