@@ -249,3 +249,6 @@ def test_best_positive_pairs_pick_the_rgb_branchs_first_positive():
                   y=np.array([2, 1, 1, 12, 30]))
     best = best_positive_pairs(pairs)
     assert best.q.tolist() == [0, 1] and best.p.tolist() == [5, 6]  # y tie at 1: the better x wins
+    pairs.sim_y = np.array([0.9, 0.8, 0.7, 0.1, 0.5])  # the trainer's choice: the most similar positive
+    best = best_positive_pairs(pairs)
+    assert best.p.tolist() == [3, 7] and best.sim_y.tolist() == [0.9, 0.5]

@@ -31,12 +31,14 @@ MODES = ("gp-d", "gp-s", "gp-r", "all")
 
 @dataclass
 class Pairs:
-    """All training pairs with their ranks: ``q`` query index, ``p`` database index, ``x`` / ``y`` ranks."""
+    """All training pairs with their ranks: ``q`` query index, ``p`` database index, ``x`` / ``y`` ranks;
+    ``sim_y`` the rgb-branch's similarity of q and p (optional)."""
 
     q: np.ndarray
     p: np.ndarray
     x: np.ndarray
     y: np.ndarray
+    sim_y: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.q)
@@ -89,7 +91,8 @@ def rank_pairs(
     q, p, x = positive_ranks(*seg, positives, excluded, count_other_positives=count_other_positives)
     q2, p2, y = positive_ranks(*rgb, positives, excluded, count_other_positives=count_other_positives)
     assert np.array_equal(q, q2) and np.array_equal(p, p2)
-    return Pairs(q, p, x, y)
+    sim_y = (rgb[0][q] * rgb[1][p]).sum(1) if len(q) else np.empty(0, np.float32)
+    return Pairs(q, p, x, y, sim_y)
 
 
 def group_of(x: np.ndarray | int, y: np.ndarray | int, n_t: int = 10) -> np.ndarray:
@@ -114,11 +117,13 @@ def keep_mask(x: np.ndarray | int, y: np.ndarray | int, mode: str, n_t: int = 10
 
 
 def best_positive_pairs(pairs: Pairs) -> Pairs:
-    """Per query the one pair whose positive the rgb-branch ranks first (ties: the seg-branch's better):
-    the pairs a trainer that picks each query's most similar positive (hard positive mining) draws."""
-    order = np.lexsort((pairs.x, pairs.y, pairs.q))
+    """Per query the one pair a trainer with hard positive mining draws: the positive most similar to q
+    by the rgb-branch (``sim_y``; without it, the best rank y, ties to the better x)."""
+    keys = (-pairs.sim_y,) if pairs.sim_y is not None else (pairs.x, pairs.y)
+    order = np.lexsort((*keys, pairs.q))
     first = order[np.r_[True, pairs.q[order][1:] != pairs.q[order][:-1]]] if len(order) else order
-    return Pairs(pairs.q[first], pairs.p[first], pairs.x[first], pairs.y[first])
+    sim = pairs.sim_y[first] if pairs.sim_y is not None else None
+    return Pairs(pairs.q[first], pairs.p[first], pairs.x[first], pairs.y[first], sim)
 
 
 def group_shares(pairs: Pairs, n_t: int = 10) -> dict[str, float]:

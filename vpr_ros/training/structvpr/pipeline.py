@@ -656,7 +656,7 @@ class StructVPR:
         path = self.root / "partition.npz"
         if path.is_file():
             z = np.load(path)
-            return Pairs(z["q"], z["p"], z["x"], z["y"])
+            return Pairs(z["q"], z["p"], z["x"], z["y"], z["sim_y"] if "sim_y" in z else None)
         rgb, seg = load_trained(self.root / "stage1_rgb"), load_trained(self.root / "stage1_seg")
         p = self.train_places
         bank = self.segment_training()
@@ -666,7 +666,7 @@ class StructVPR:
         seg_db = describe_slme(seg, bank, [r.path for r in p.database])
         pairs = rank_pairs((seg_q, seg_db), (rgb_q, rgb_db), p.positives, p.excluded)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, q=pairs.q, p=pairs.p, x=pairs.x, y=pairs.y)
+        np.savez(path, q=pairs.q, p=pairs.p, x=pairs.x, y=pairs.y, sim_y=pairs.sim_y)
         shares = group_shares(pairs, self.cfg.stage2.weighting.n_t)
         atomic_write_text(
             self.root / "partition.json",
