@@ -13,7 +13,10 @@ time) at each rate for ``--duration`` seconds and receives ``vpr_ros_msgs/PlaceM
 * sustained rate = PlaceMatch received for that phase / phase duration;
 * latency = receive time - image header stamp (same clock), p50 / p99;
 * drops = frames sent - PlaceMatch received (node queue drops + transport losses);
-* node RSS (VmRSS of the node process, max over the phase).
+* node RSS (VmRSS of the node process, max over the phase);
+* CPU: node CPU ms per matched frame (all its threads: DDS, executor, worker), versus the bare
+  loop's CPU ms per frame (the ROS overhead, independent of how busy the machine is), and the
+  cores the node and the publisher (the "camera") used.
 
 The last rate should exceed what the node can do: its sustained rate there is the node's
 throughput. The bare model = the same student and backend called on the same frames in a
@@ -122,6 +125,15 @@ def role_node(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- publisher / receiver process
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def _rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -174,6 +186,7 @@ def role_pub(args: argparse.Namespace) -> int:
     for rate in [float(r) for r in args.rates.split(",")]:
         stamps: dict[int, float] = {}
         n = int(rate * args.duration)
+        cpu_node0, cpu_pub0 = _cpu_s(args.node_pid), time.process_time()
         t0 = time.perf_counter()
         rss = []
         for i in range(n):
@@ -190,7 +203,9 @@ def role_pub(args: argparse.Namespace) -> int:
             if i % max(1, int(rate)) == 0:
                 rss.append(_rss_mb(args.node_pid))
         send_s = time.perf_counter() - t0
+        cpu_pub = time.process_time() - cpu_pub0
         time.sleep(args.drain)
+        cpu_node = _cpu_s(args.node_pid) - cpu_node0
         rss.append(_rss_mb(args.node_pid))
         with lock:
             got = {s: received[s] for s in stamps if s in received}
@@ -198,7 +213,9 @@ def role_pub(args: argparse.Namespace) -> int:
         phase = {"offered_hz": rate, "sent": n, "send_s": send_s, "matched": len(got), "drops": n - len(got),
                  "sustained_hz": len(got) / max(send_s, 1e-9),
                  "p50_ms": C.pct(lat, 50) if lat else None, "p99_ms": C.pct(lat, 99) if lat else None,
-                 "node_rss_mib": max(r for r in rss if r == r) if any(r == r for r in rss) else None}
+                 "node_rss_mib": max(r for r in rss if r == r) if any(r == r for r in rss) else None,
+                 "node_cpu_ms_per_frame": 1000 * cpu_node / max(len(got), 1),
+                 "node_cpu_cores": cpu_node / (send_s + args.drain), "pub_cpu_cores": cpu_pub / send_s}
         phases.append(phase)
         print(json.dumps({"phase": phase}), flush=True)
         time.sleep(0.5)
@@ -229,7 +246,7 @@ def bare_rates(backend_name: str, size: tuple[int, int], weights: str, frames: l
     tensors = [to_tensor_batch([f], model.preprocess) for f in frames]
     out = {}
     for name in ("bare_backend", "bare_eager"):
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - t0 < seconds:
             if name == "bare_backend":
                 ext.backend([frames[n % len(frames)]])
@@ -238,6 +255,7 @@ def bare_rates(backend_name: str, size: tuple[int, int], weights: str, frames: l
                     model(tensors[n % len(tensors)])
             n += 1
         out[name] = n / (time.perf_counter() - t0)
+        out[f"{name}_cpu_ms"] = 1000 * (time.process_time() - c0) / n
     return out
 
 
@@ -324,12 +342,16 @@ def orchestrate(args: argparse.Namespace) -> int:
             for p in phases:
                 row = {"backend": spec, "wired": ready["wired"], **p,
                        "bare_backend_hz": bare["bare_backend"], "bare_eager_hz": bare["bare_eager"],
+                       "bare_backend_cpu_ms": bare["bare_backend_cpu_ms"],
+                       "node_cpu_vs_bare": p["node_cpu_ms_per_frame"] / bare["bare_backend_cpu_ms"],
                        "node_max_hz": top, "node_vs_bare_backend": top / bare["bare_backend"],
                        "node_vs_bare_eager": top / bare["bare_eager"]}
                 results.append(row)
                 print(f"  {spec:8s} offered {p['offered_hz']:6.1f} Hz -> {p['sustained_hz']:6.1f} Hz, "
                       f"p50 {p['p50_ms']} ms p99 {p['p99_ms']} ms, drops {p['drops']}/{p['sent']}, "
-                      f"RSS {p['node_rss_mib']:.0f} MiB", flush=True)
+                      f"RSS {p['node_rss_mib']:.0f} MiB, node CPU {p['node_cpu_ms_per_frame']:.1f} ms/frame "
+                      f"({p['node_cpu_cores']:.2f} cores), publisher {p['pub_cpu_cores']:.2f} cores",
+                      flush=True)
             print(f"  {spec}: node max {top:.1f} Hz; bare backend loop {bare['bare_backend']:.1f} Hz "
                   f"(x{top / bare['bare_backend']:.2f}), bare eager {bare['bare_eager']:.1f} Hz; "
                   f"node diagnostics {diag[-1]['diagnostics'] if diag else None}", flush=True)
@@ -337,9 +359,11 @@ def orchestrate(args: argparse.Namespace) -> int:
     print()
     print(C.describe_machine(mach, summary))
     print(C.table(results, ["backend", "offered_hz", "sustained_hz", "p50_ms", "p99_ms", "drops", "sent",
-                            "node_rss_mib", "node_vs_bare_backend", "bare_backend_hz", "bare_eager_hz"],
+                            "node_rss_mib", "node_cpu_ms_per_frame", "node_cpu_vs_bare", "node_cpu_cores",
+                            "pub_cpu_cores", "node_vs_bare_backend", "bare_backend_hz", "bare_eager_hz"],
                   ["backend", "offered Hz", "sustained Hz", "p50 ms", "p99 ms", "drops", "sent",
-                   "node RSS MiB", "node max ÷ bare loop", "bare loop Hz", "bare eager Hz"]))
+                   "node RSS MiB", "node CPU ms/frame", "÷ bare CPU ms/frame", "node cores",
+                   "publisher cores", "node max ÷ bare loop", "bare loop Hz", "bare eager Hz"]))
     if not args.no_record:
         C.record(NAME, {"machine": mach, "load": summary, "input_size": args.input_size,
                         "max_batch": args.max_batch, "queue_size": args.queue_size, "rows": results})
