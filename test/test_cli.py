@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,23 @@ def test_errors_are_one_clear_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "error:" in err and message in err and "Traceback" not in err
+
+
+def test_ros_commands_without_ros_packages_give_one_clear_line():
+    """A pip install without the ROS extra: `vpr-ros localize` explains what is missing."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'rclpy': raise ModuleNotFoundError(name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from vpr_ros.cli import main\n"
+        "sys.exit(main(['localize', '--params', 'config/localize.yaml']))\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert out.returncode == 2, out.stderr
+    assert "needs ROS 2 Python packages" in out.stderr and "Traceback" not in out.stderr

@@ -22,6 +22,8 @@ from .core.errors import VprError
 
 log = logging.getLogger("vpr_ros")
 
+_ROS_MODULES = {"rclpy", "vpr_ros_msgs", "sensor_msgs", "std_msgs", "geometry_msgs", "nav_msgs",
+                "diagnostic_msgs", "builtin_interfaces", "rosidl_runtime_py"}
 DEMO_DEGRADATIONS = ("none", "jpeg:10", "resize:0.25", "h264:40")
 
 
@@ -309,6 +311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except VprError as exc:
         print(f"vpr-ros {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _ROS_MODULES:
+            raise
+        print(f"vpr-ros {args.command}: error: this command needs ROS 2 Python packages ({exc.name} is "
+              "missing): pip install -c constraints.txt '.[ros]' and run scripts/build_msgs.py, or source "
+              "a ROS 2 workspace where vpr_ros_msgs is built (docs/colcon.md)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
