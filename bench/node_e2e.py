@@ -2,7 +2,7 @@
 
 Run it confined to this machine (a loopback-only network namespace)::
 
-    scripts/confine.sh .venv/bin/python bench/node_e2e.py [--backends torch,onnx] [--rates 10,20,30,45,60,120]
+    scripts/confine.sh .venv/bin/python bench/node_e2e.py [--backends torch,onnx/f1] [--rates 10,30,120]
 
 Three processes: this orchestrator, the localizer node (``vpr_ros.ros.localizer.LocalizerNode``,
 mode ``localize``, a map of 300 KITTI-00 frames), and a publisher/receiver started with
@@ -77,8 +77,12 @@ def role_node(args: argparse.Namespace) -> int:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
+    if args.faiss_threads:  # the map query's OpenMP pool (torch may share the same OpenMP runtime)
+        import faiss
+
+        faiss.omp_set_num_threads(args.faiss_threads)
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
     from vpr_ros.core.extract import DescriptorExtractor
@@ -105,7 +109,9 @@ def role_node(args: argparse.Namespace) -> int:
     node.extractor.backend.warmup(batch=args.max_batch)
     print(json.dumps({"ready": True, "pid": os.getpid(), "wired": wired,
                       "backend": node.extractor.backend.describe()}), flush=True)
-    executor = MultiThreadedExecutor()
+    if args.switch_interval_us:  # how long a thread may hold the GIL before yielding it (default 5 ms)
+        sys.setswitchinterval(args.switch_interval_us * 1e-6)
+    executor = SingleThreadedExecutor() if args.executor == "single" else MultiThreadedExecutor()
     executor.add_node(node)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
@@ -310,16 +316,18 @@ def orchestrate(args: argparse.Namespace) -> int:
     results = []
     with C.LoadSampler() as load:
         default_threads = torch.get_num_threads()
-        for spec in args.backends.split(","):
-            backend, _, tail = spec.partition("@")
-            threads = int(tail.rstrip("t")) if tail else args.torch_threads
+        specs = args.backends.split(",")
+        runs = [s for r in range(args.repeats) for s in (specs if r % 2 == 0 else specs[::-1])]
+        for run, spec in enumerate(runs):
+            backend, threads, faiss_threads, node_extra = parse_spec(spec, args)
             torch.set_num_threads(threads or default_threads)
             before = bare_rates(backend, size, args.weights, frames, args.bare_seconds)
             topic = f"/bench_{uuid.uuid4().hex[:8]}"
             args.image_topic, args.match_topic = f"{topic}/image", f"{topic}/place_match"
             node = spawn("node", args, ["--backend", backend, "--map", str(map_dir), "--max-batch",
                                         str(args.max_batch), "--queue-size", str(args.queue_size),
-                                        "--torch-threads", str(threads)])
+                                        "--torch-threads", str(threads),
+                                        "--faiss-threads", str(faiss_threads), *node_extra])
             info = read_json_lines(node, "ready", 300)
             if not info or "ready" not in info[-1]:
                 node.kill()
@@ -340,7 +348,7 @@ def orchestrate(args: argparse.Namespace) -> int:
             bare = {k: (before[k] + after[k]) / 2 for k in before}
             top = max((p["sustained_hz"] for p in phases), default=0.0)
             for p in phases:
-                row = {"backend": spec, "wired": ready["wired"], **p,
+                row = {"backend": spec, "run": run, "wired": ready["wired"], **p,
                        "bare_backend_hz": bare["bare_backend"], "bare_eager_hz": bare["bare_eager"],
                        "bare_backend_cpu_ms": bare["bare_backend_cpu_ms"],
                        "node_cpu_vs_bare": p["node_cpu_ms_per_frame"] / bare["bare_backend_cpu_ms"],
@@ -370,12 +378,41 @@ def orchestrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_spec(spec: str, args: argparse.Namespace) -> tuple[str, int, int, list[str]]:
+    """``backend[/tN][/fM][/single][/swU]`` -> (backend, torch threads N, faiss threads M, extra node
+    arguments: SingleThreadedExecutor, GIL switch interval U µs); 0 = default."""
+    backend, *opts = spec.split("/")
+    threads, faiss_threads, extra = args.torch_threads, args.faiss_threads, []
+    for o in opts:
+        if o == "single":
+            extra += ["--executor", "single"]
+        elif o.startswith("sw"):
+            extra += ["--switch-interval-us", o[2:]]
+        elif o.startswith("t"):
+            threads = int(o[1:])
+        elif o.startswith("f"):
+            faiss_threads = int(o[1:])
+        else:
+            raise SystemExit(f"bad backend spec {spec!r}: options are /tN (torch threads), "
+                             "/fM (faiss threads), /single (executor), /swU (GIL switch interval, µs)")
+    return backend, threads, faiss_threads, extra
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--role", default="orchestrate", choices=["orchestrate", "node", "pub"])
-    ap.add_argument("--backends", default="torch,torch@1t,onnx",
-                    help="node backends to run; '@Nt' sets torch intra-op threads of node and bare loops")
+    ap.add_argument("--backends", default="torch,torch/t1/f1,onnx,onnx/f1",
+                    help="node configurations: backend[/tN][/fM], N torch intra-op threads (node and bare "
+                         "loops), M faiss OpenMP threads in the node (0 = library default)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="runs of each configuration, in alternating order (ABC, CBA, ...)")
+    ap.add_argument("--faiss-threads", type=int, default=0,
+                    help="faiss OpenMP threads in the node (0: default)")
     ap.add_argument("--backend", default="torch")
+    ap.add_argument("--executor", default="multi", choices=["multi", "single"],
+                    help="node process executor (the localizer's main() uses MultiThreadedExecutor)")
+    ap.add_argument("--switch-interval-us", type=int, default=0,
+                    help="node process sys.setswitchinterval in µs (0: Python's 5000)")
     ap.add_argument("--rates", default="10,20,30,45,60,120", help="offered frame rates (Hz), in order")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per rate")
     ap.add_argument("--drain", type=float, default=1.5, help="seconds to wait for late matches per rate")
