@@ -26,6 +26,7 @@ from vpr_ros.core.mapdb import (
     QueryResult,
     UnknownEntryError,
     map_path,
+    scaled_ef_search,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -385,6 +386,50 @@ def test_auto_switches_from_flat_to_hnsw(tmp_path):
     np.testing.assert_array_equal(pmap.search(x, 1)[1][:, 0], np.arange(120))
     pmap.save(tmp_path / "auto")
     assert PlaceMap.load(tmp_path / "auto").active_index == "hnsw"
+
+
+def test_auto_default_threshold_is_30k():
+    assert PlaceMap(16, "auto").params["threshold"] == 30_000
+    assert PlaceMap(16, "auto", threshold=500).params["threshold"] == 500
+
+
+def test_scaled_ef_search_formula():
+    assert [scaled_ef_search(n) for n in (0, 10_000, 300_000, 333_334, 1_000_000, 2_500_000)] == \
+        [128, 128, 128, 129, 384, 960]
+
+
+def test_hnsw_ef_search_grows_with_the_map_unless_given(tmp_path, monkeypatch):
+    """efSearch follows the map size when built, after each add and on load; an explicit value wins."""
+    import vpr_ros.core.mapdb as mapdb
+
+    monkeypatch.setattr(mapdb, "scaled_ef_search", lambda n: 100 + n)  # visible growth at test sizes
+    x = unit(150, 16, seed=9)
+    pmap = PlaceMap(16, "hnsw")
+    assert pmap.params["efSearch"] is None
+    pmap.add(x[:40])
+    assert pmap.ef_search == 140
+    pmap.add(x[40:100])
+    assert pmap.ef_search == 200
+    target = pmap.save(tmp_path / "scaled")
+    assert json.loads((target / MANIFEST_NAME).read_text())["index"]["params"]["efSearch"] is None
+    loaded = PlaceMap.load(target)
+    assert loaded.ef_search == 200 and loaded.params == pmap.params
+    assert PlaceMap.load(target, mmap=True).ef_search == 200
+    loaded.add(x[100:])
+    assert loaded.ef_search == 250
+
+    fixed = PlaceMap(16, "hnsw", efSearch=80)
+    fixed.add(x)
+    assert fixed.ef_search == 80
+    assert PlaceMap.load(fixed.save(tmp_path / "fixed")).ef_search == 80
+
+    auto = PlaceMap(16, "auto", threshold=50)
+    auto.add(x[:49])
+    assert auto.active_index == "flat" and auto.ef_search is None
+    auto.add(x[49:60])  # the rebuild as HNSW
+    assert auto.active_index == "hnsw" and auto.ef_search == 160
+    with pytest.raises(MapError, match="efSearch must be an integer"):
+        PlaceMap(16, "hnsw", efSearch=0)
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])

@@ -9,7 +9,12 @@ Index kinds
 ``"flat"``
     Exact search (``IndexFlatIP`` / ``IndexFlatL2``). The default.
 ``"hnsw"``
-    ``IndexHNSWFlat``; params ``M`` (32), ``efConstruction`` (40), ``efSearch`` (64).
+    ``IndexHNSWFlat``; params ``M`` (32), ``efConstruction`` (40), ``efSearch`` (default None:
+    scaled with the map, :func:`scaled_ef_search` = ``max(128, ceil(384 * n / 1e6))``, set
+    when the index is built or loaded and after every add; an explicit value always wins).
+    Measured on 448-d descriptors (bench/README.md): R@1 vs exact 0.99 at 100k with 128,
+    0.984 at 1M with 384 (2 ms/query on one core); the old fixed 64 gave 0.97 / 0.91. Maps
+    saved before efSearch was scaled recorded ``efSearch: 64`` and keep it.
 ``"ivfpq"``
     ``IndexIVFPQ``; params ``nlist`` (256), ``m`` (sub-quantizers; default the largest divisor
     of ``dim`` not above ``min(64, dim // 8)``), ``nbits`` (8), ``nprobe`` (16) and
@@ -18,8 +23,10 @@ Index kinds
     exact meanwhile); the add that reaches ``min_train`` trains on every vector so far and
     moves them into the IVF-PQ index. Stored vectors cannot be read back (PQ is lossy).
 ``"auto"``
-    Flat until the map holds ``threshold`` vectors (default 100 000), then the add that
+    Flat until the map holds ``threshold`` vectors (default 30 000), then the add that
     reaches it rebuilds the map as HNSW (params ``M``, ``efConstruction``, ``efSearch``).
+    Exact single-query search costs ~2.4 ms at 30k but ~13 ms at 100k on one core; the
+    rebuild at 30k takes a few seconds.
 
 Scores are what faiss returns: inner products for ``metric="ip"`` (cosine similarity for
 L2-normalised descriptors; higher is better), squared L2 distances for ``metric="l2"``
@@ -69,6 +76,7 @@ __all__ = [
     "QueryResult",
     "UnknownEntryError",
     "map_path",
+    "scaled_ef_search",
 ]
 
 FORMAT_NAME = "vpr_ros.map"
@@ -83,13 +91,24 @@ _ENTRIES_FILE_RE = re.compile(r"entries-[0-9a-f]{8,64}\.npz")
 _TMP_PREFIX = ".tmp-"
 _HASH_CHUNK = 1 << 20
 
-_HNSW_DEFAULTS: dict[str, Any] = {"M": 32, "efConstruction": 40, "efSearch": 64}
+_HNSW_DEFAULTS: dict[str, Any] = {"M": 32, "efConstruction": 40, "efSearch": None}  # None: scaled
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "flat": {},
     "hnsw": dict(_HNSW_DEFAULTS),
     "ivfpq": {"nlist": 256, "m": None, "nbits": 8, "nprobe": 16, "min_train": None},
-    "auto": {"threshold": 100_000, **_HNSW_DEFAULTS},
+    "auto": {"threshold": 30_000, **_HNSW_DEFAULTS},
 }
+#: Parameters whose default None means "chosen by the map" (not filled in, saved as null).
+_AUTO_PARAMS = frozenset({"efSearch"})
+
+
+def scaled_ef_search(n: int) -> int:
+    """HNSW ``efSearch`` for a map of ``n`` vectors: ``max(128, ceil(384 * n / 1e6))``.
+
+    128 keeps recall@1 vs exact search >= 0.98 up to ~300k 448-d descriptors, 384 reaches
+    0.984 at 1M (bench/README.md, section 3); search time grows about linearly with it.
+    """
+    return max(128, math.ceil(384 * max(0, int(n)) / 1_000_000))
 
 
 class UnknownEntryError(MapError, KeyError):
@@ -227,6 +246,8 @@ def _resolve_params(kind: str, dim: int, params: dict[str, Any]) -> dict[str, An
         out["min_train"] = _int_param(kind, "min_train", out["min_train"], low=floor)
     else:
         for name in out:
+            if out[name] is None and name in _AUTO_PARAMS:
+                continue
             out[name] = _int_param(kind, name, out[name])
     return out
 
@@ -310,8 +331,13 @@ class PlaceMap:
 
     @property
     def params(self) -> dict[str, Any]:
-        """The index parameters with defaults filled in."""
+        """The index parameters with defaults filled in (``efSearch`` None: scaled with the map)."""
         return dict(self._params)
+
+    @property
+    def ef_search(self) -> int | None:
+        """The HNSW ``efSearch`` in use now (None while the active index is not HNSW)."""
+        return int(self._index.hnsw.efSearch) if self._active == "hnsw" else None
 
     @property
     def read_only(self) -> bool:
@@ -339,7 +365,7 @@ class PlaceMap:
         if kind == "hnsw":
             idx = faiss.IndexHNSWFlat(self.dim, p["M"], metric)
             idx.hnsw.efConstruction = p["efConstruction"]
-            idx.hnsw.efSearch = p["efSearch"]
+            idx.hnsw.efSearch = p["efSearch"] or scaled_ef_search(0)
             return idx
         quantizer = faiss.IndexFlatIP(self.dim) if self.metric == "ip" else faiss.IndexFlatL2(self.dim)
         idx = faiss.IndexIVFPQ(quantizer, self.dim, p["nlist"], p["m"], p["nbits"], metric)
@@ -347,8 +373,9 @@ class PlaceMap:
         return idx
 
     def _apply_search_params(self) -> None:
+        """Search settings of the active index (after a build, a load and every add)."""
         if self._active == "hnsw":
-            self._index.hnsw.efSearch = self._params["efSearch"]
+            self._index.hnsw.efSearch = self._params["efSearch"] or scaled_ef_search(self._index.ntotal)
         elif self._active == "ivfpq":
             self._index.nprobe = self._params["nprobe"]
 
@@ -382,9 +409,10 @@ class PlaceMap:
             target = "hnsw"
         if target is None:
             self._index.add(x)
-            return
-        new = self._build(target, np.concatenate([self._all_vectors(), x]))
-        self._index, self._active = new, target
+        else:
+            new = self._build(target, np.concatenate([self._all_vectors(), x]))
+            self._index, self._active = new, target
+        self._apply_search_params()  # efSearch grows with the map unless it was given
 
     # ------------------------------------------------------------------ validation
 
