@@ -194,7 +194,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if value is None:
         raise ConfigError(f"{where}: must not be null")
     if is_dataclass(tp):
-        return _build(tp, value, where)
+        return build_config(tp, value, where)
     if tp is Any:
         return value
     if tp is bool:
@@ -235,7 +235,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - programming error
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def build_config(cls: type, data: Any, where: str = "") -> Any:
+    """Dataclass ``cls`` from a raw mapping (nested dataclasses included), converting and checking types;
+    an unknown key or a wrong type raises :class:`ConfigError` naming the dotted key (prefixed ``where``).
+    Method recipes (StructVPR, SciceVPR) build their own dataclasses with it."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -391,7 +394,7 @@ def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[s
 
     raw = copy.deepcopy(data or {})
     apply_overrides(raw, list(overrides))
-    return validate(_build(TrainConfig, raw, ""))
+    return validate(build_config(TrainConfig, raw))
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:

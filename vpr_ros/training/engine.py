@@ -1,6 +1,14 @@
-"""The training loop: LoQI on a place split, with logging, validation, atomic checkpoints, resume and DDP.
+"""The training loop: one place-recognition method on a place split, with logging, validation, atomic
+checkpoints, resume and DDP.
 
-:func:`train` runs one recipe (:class:`~vpr_ros.training.config.TrainConfig`) to its final step:
+:class:`Trainer` is the loop; a method plugs in through its public hooks (data, models, objective,
+parameters, validation, checkpoint contents), and its defaults are LoQI's. SciceVPR
+(:class:`~vpr_ros.training.scicevpr.SciceTrainer`) and StructVPR's stages
+(:mod:`vpr_ros.training.structvpr.pipeline`) are subclasses. Public helpers for methods:
+:func:`make_optimizer`, :class:`LrSchedule`, :class:`CsvLog`, :func:`run_trainer`, and
+:func:`~vpr_ros.training.config.build_config` for their recipe dataclasses.
+
+:func:`train` runs one LoQI recipe (:class:`~vpr_ros.training.config.TrainConfig`) to its final step:
 
 * everything that can be wrong (data, split, models, teacher/checkpoint of another model, resume state)
   fails with a clear error before the first step;
@@ -34,14 +42,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from ..core.errors import ConfigError, DatasetError, ModelError
 from ..core.fileio import atomic_write_text
 from ..core.models import read_checkpoint, save_checkpoint, select_device
-from .config import TrainConfig
+from ..core.models.registry import VprModel
+from .config import OptimConfig, TrainConfig
 from .data import Degrader, PlaceSet, TupleDataset, build_places, degrade_queries, split_places
 from .evaluate import describe, evaluate_model
 from .loqi import LoQI, build_branches
@@ -132,14 +142,14 @@ class LrSchedule:
         return 1.0
 
 
-def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    o = cfg.optim
+def make_optimizer(optim: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The recipe's optimizer (``optim.name``: adam, adamw or sgd) over ``params``."""
     if not params:
-        raise ConfigError("model.freeze leaves no trainable parameter")
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+        raise ConfigError("no trainable parameter (model.freeze leaves none)")
+    if optim.name == "sgd":
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -172,7 +182,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _CsvLog:
+class CsvLog:
     """Append-only CSV; on resume, rows after the checkpoint's step are dropped (they will be redone)."""
 
     def __init__(self, path: Path, columns: list[str], *, keep_until: int | None) -> None:
@@ -208,7 +218,39 @@ def _tensorboard(run_dir: Path, enabled: bool):
 
 
 class Trainer:
-    """One run of a recipe; :func:`train` is the usual entry point."""
+    """One run of a recipe: the loop, logs, validation, atomic checkpoints, resume and DDP.
+
+    :func:`train` is the usual entry point. The method is plugged in through the hooks below; the
+    defaults are LoQI's, so ``Trainer`` itself trains LoQI (:class:`~vpr_ros.training.loqi.LoQI`).
+    A method subclasses ``Trainer`` and overrides only what differs (SciceVPR's place batches and
+    multi-similarity objective, StructVPR's stages); the loop itself is never copied.
+
+    ===============================  =============================================================
+    hook                             LoQI default
+    ===============================  =============================================================
+    :meth:`build_places`             ``data`` source, split by place -> (train, validation)
+    :meth:`build_models`             (student, frozen teacher) from ``model``
+    :meth:`build_dataset`            :class:`~vpr_ros.training.data.TupleDataset` (hq / lq tuples)
+    :meth:`build_sampler`            ``DistributedSampler`` (this process's share, seeded per epoch)
+    :meth:`build_objective`          the module whose forward gives the loss parts (``LoQI``)
+    :meth:`trainable_parameters`     the student's parameters that require gradients
+    :meth:`compute_loss`             batch -> ``{"loss": total, part: value, ...}``
+    :meth:`refresh_cache`            hard-mining descriptors (``data.mining: hard``)
+    :meth:`validate`                 recall@N on the validation places (``{}``: none)
+    :meth:`checkpoint_meta`,         what the checkpoint says about the run / carries besides the
+    :meth:`checkpoint_extra`,        student weights, and how a resume restores it
+    :meth:`load_extra`
+    ===============================  =============================================================
+
+    Class attributes: ``method`` (the checkpoint's ``meta["method"]``) and ``loss_terms`` (the
+    ``train.csv`` columns); :meth:`val_columns` (the ``val.csv`` columns, empty: no validation).
+    ``cfg`` is a :class:`~vpr_ros.training.config.TrainConfig` or a method recipe with the same
+    ``data``, ``degradation``, ``optim``, ``schedule`` and ``run`` sections, a ``model.name``,
+    ``to_dict()`` and ``save()``.
+    """
+
+    method = "loqi"
+    loss_terms: tuple[str, ...] = LOSS_TERMS
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
         self.cfg = cfg
@@ -219,29 +261,25 @@ class Trainer:
             self.close()
             raise
 
-    def _setup(self, resume: bool) -> None:
-        cfg, d = self.cfg, self.dist
-        self.run_dir = Path(cfg.run.dir)
-        self.ckpt_path = self.run_dir / "last.pt"
-        resume_ckpt = None
-        if resume:
-            resume_ckpt = self._read_resume()
-        elif self.ckpt_path.exists():
-            raise ConfigError(
-                f"{self.run_dir} already holds a checkpoint (last.pt); resume it (--resume) or "
-                "choose another run.dir"
-            )
-        torch.manual_seed(cfg.run.seed)
-        np.random.seed(cfg.run.seed)
-        random.seed(cfg.run.seed)
-        # data first: errors about data come before any model is built
-        places = build_places(cfg.data)
-        train_p, val_p = split_places(places, cfg.data.split)
-        self.train_places = train_p.with_positive_queries(cfg.data.max_train_queries)
-        self.val_places = val_p.with_positive_queries(cfg.data.max_val_queries)
-        self.student, self.teacher = build_branches(cfg.model)
-        self.degrader = Degrader(cfg.degradation.specs)
-        self.dataset = TupleDataset(
+    # ------------------------------------------------------------------ hooks (LoQI's by default)
+
+    def build_places(self) -> tuple[PlaceSet, PlaceSet]:
+        """(training, validation) places; errors about data come before any model is built."""
+        cfg = self.cfg
+        train_p, val_p = split_places(build_places(cfg.data), cfg.data.split)
+        return (
+            train_p.with_positive_queries(cfg.data.max_train_queries),
+            val_p.with_positive_queries(cfg.data.max_val_queries),
+        )
+
+    def build_models(self) -> tuple[VprModel, VprModel | None]:
+        """(the model being trained, the frozen teacher or None)."""
+        return build_branches(self.cfg.model)
+
+    def build_dataset(self) -> Dataset:
+        """Training items by index; ``set_epoch(epoch)`` is called at each epoch start."""
+        cfg = self.cfg
+        return TupleDataset(
             self.train_places,
             preprocess=self.student.preprocess,
             degrader=self.degrader,
@@ -250,143 +288,41 @@ class Trainer:
             seed=cfg.run.seed,
             pool=cfg.data.mining_pool,
         )
-        bs = cfg.schedule.batch_size
-        self.sampler = DistributedSampler(
-            self.dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.run.seed, drop_last=True
-        )
-        self.steps_per_epoch = len(self.sampler) // bs
-        if self.steps_per_epoch == 0:
-            raise DatasetError(
-                f"{self.train_places.name}: {len(self.dataset)} training tuples cannot fill one "
-                f"batch of {bs} on each of {d.world} processes"
-            )
-        total = cfg.schedule.epochs * self.steps_per_epoch
-        self.total_steps = min(total, cfg.schedule.max_steps or total)
-        self.loqi = LoQI(self.student, self.teacher, cfg.loss).to(d.device)
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = _make_optimizer(cfg, params)
-        s = cfg.schedule
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, LrSchedule(s.scheduler, self.total_steps, s.warmup_steps, s.step_size, s.gamma)
-        )
-        self.step, self.train_seconds = 0, 0.0
-        self.metrics: dict[str, float] = {}
-        if resume_ckpt is not None:
-            self._load_state(resume_ckpt)
-        self.model = self.loqi
-        if d.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.model = DDP(
-                self.loqi,
-                device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                find_unused_parameters=True,
-            )
-        self.val_queries: list[np.ndarray] | None = None
-        self.teacher_db: np.ndarray | None = None
-        self.csv_train = self.csv_val = self.tb = None
-        if d.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.run_dir / "config.yaml")
-            keep = self.step if resume_ckpt is not None else None
-            self.csv_train = _CsvLog(
-                self.run_dir / "train.csv",
-                ["step", "epoch", "lr", *LOSS_TERMS, "sec_per_step", "train_seconds"],
-                keep_until=keep,
-            )
-            ns = cfg.run.recall_ns
-            self.csv_val = _CsvLog(
-                self.run_dir / "val.csv",
-                ["step", *(f"R@{n}" for n in ns), *(f"teacher_db/R@{n}" for n in ns)],
-                keep_until=keep,
-            )
-            self.tb = _tensorboard(self.run_dir, cfg.run.tensorboard)
-        log.info(
-            "[rank %d/%d] %s | %s | %d tuples, %d steps/epoch, %d steps total, device %s",
-            d.rank,
-            d.world,
-            self.train_places.summary(),
-            self.val_places.summary(),
-            len(self.dataset),
-            self.steps_per_epoch,
-            self.total_steps,
-            d.device,
+    def build_sampler(self) -> Sampler:
+        """This process's item order of an epoch (``set_epoch``); its length fixes the steps per epoch."""
+        d = self.dist
+        return DistributedSampler(
+            self.dataset,
+            num_replicas=d.world,
+            rank=d.rank,
+            shuffle=True,
+            seed=self.cfg.run.seed,
+            drop_last=True,
         )
 
-    # ------------------------------------------------------------------ checkpoint state
+    def build_objective(self) -> nn.Module:
+        """The module whose forward gives the loss parts; it holds the student (and any frozen teacher)."""
+        return LoQI(self.student, self.teacher, self.cfg.loss)
 
-    def _read_resume(self) -> dict[str, Any]:
-        if not self.ckpt_path.is_file():
-            raise ConfigError(f"cannot resume: {self.ckpt_path} does not exist")
-        ckpt = read_checkpoint(self.ckpt_path)
-        if ckpt.get("kind") != "training" or "optimizer" not in ckpt:
-            raise ModelError(f"{self.ckpt_path}: not a training checkpoint (kind {ckpt.get('kind')!r})")
-        if ckpt["model"]["name"] != self.cfg.model.name:
-            raise ModelError(
-                f"{self.ckpt_path}: holds model {ckpt['model']['name']!r}, the recipe trains "
-                f"{self.cfg.model.name!r}"
-            )
-        return ckpt
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
 
-    def _load_state(self, ckpt: dict[str, Any]) -> None:
-        try:
-            self.student.load_state_dict(ckpt["state_dict"], strict=True)
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise ModelError(f"{self.ckpt_path}: does not fit this recipe's model/optimizer: {exc}") from None
-        self.step = int(ckpt["step"])
-        self.train_seconds = float(ckpt.get("train_seconds", 0.0))
-        self.metrics = dict(ckpt.get("metrics", {}))
-        _set_rng_state(ckpt["rng"])
-        cache = ckpt.get("mining_cache")
-        if cache is not None:
-            self.dataset.set_cache(cache["q"].numpy(), cache["db"].numpy())
-        log.info(
-            "[rank %d/%d] resumed from %s at step %d",
-            self.dist.rank,
-            self.dist.world,
-            self.ckpt_path,
-            self.step,
-        )
-
-    def save(self, path: Path | None = None) -> Path:
-        """Write the training checkpoint atomically (rank 0 only)."""
-        path = path or self.ckpt_path
-        extra: dict[str, Any] = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(),
-            "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
-            "total_steps": self.total_steps,
-            "train_seconds": self.train_seconds,
-            "config": self.cfg.to_dict(),
-            "metrics": dict(self.metrics),
-        }
-        if self.dataset.q_desc is not None:
-            extra["mining_cache"] = {
-                "q": torch.from_numpy(self.dataset.q_desc),
-                "db": torch.from_numpy(self.dataset.db_desc),
-            }
-        meta = {
-            "method": "loqi",
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "degradation": self.degrader.label,
-            "teacher": self.cfg.model.teacher,
-            "dataset": self.train_places.name,
-        }
-        return save_checkpoint(self.student, path, kind="training", meta=meta, extra=extra)
-
-    # ------------------------------------------------------------------ mining and validation
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"loss": total, ...}`` of one batch; ``self.model`` is the objective (DDP-wrapped if needed)."""
+        dev = self.dist.device
+        return self.model(batch["hq"].to(dev, non_blocking=True), batch["lq"].to(dev, non_blocking=True))
 
     def refresh_cache(self) -> None:
         """Descriptors of all training queries and database images (high quality) for hard mining."""
         p: PlaceSet = self.train_places
-        bs = self.cfg.run.val_batch_size
-        q = describe(self.student, [r.load() for r in p.queries], device=self.dist.device, batch_size=bs)
-        db = describe(self.student, [r.load() for r in p.database], device=self.dist.device, batch_size=bs)
+        bs, dev, images = self.cfg.run.val_batch_size, self.dist.device, self.dataset.cache
+        q = describe(self.student, [images.get(r) for r in p.queries], device=dev, batch_size=bs)
+        db = (
+            q
+            if p.database is p.queries
+            else describe(self.student, [images.get(r) for r in p.database], device=dev, batch_size=bs)
+        )
         self.dataset.set_cache(q, db)
 
     def validate(self) -> dict[str, float]:
@@ -417,8 +353,171 @@ class Trainer:
         self.metrics = metrics
         return metrics
 
-    def _after_validation(self) -> None:
-        self.loqi.train()
+    def val_columns(self) -> list[str]:
+        ns = self.cfg.run.recall_ns
+        return [*(f"R@{n}" for n in ns), *(f"teacher_db/R@{n}" for n in ns)]
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Method-specific entries of the checkpoint's ``meta`` (beside method, step, data, degradation)."""
+        return {"teacher": self.cfg.model.teacher}
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """Method-specific top-level checkpoint entries (tensors, numbers, strings: ``weights_only``)."""
+        q, db = getattr(self.dataset, "q_desc", None), getattr(self.dataset, "db_desc", None)
+        if q is None or db is None:
+            return {}
+        return {"mining_cache": {"q": torch.from_numpy(q), "db": torch.from_numpy(db)}}
+
+    def load_extra(self, ckpt: dict[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_extra` saved (on resume)."""
+        cache = ckpt.get("mining_cache")
+        if cache is not None:
+            self.dataset.set_cache(cache["q"].numpy(), cache["db"].numpy())
+
+    # ------------------------------------------------------------------ set-up
+
+    def _setup(self, resume: bool) -> None:
+        cfg, d = self.cfg, self.dist
+        self.run_dir = Path(cfg.run.dir)
+        self.ckpt_path = self.run_dir / "last.pt"
+        resume_ckpt = None
+        if resume:
+            resume_ckpt = self._read_resume()
+        elif self.ckpt_path.exists():
+            raise ConfigError(
+                f"{self.run_dir} already holds a checkpoint (last.pt); resume it (--resume) or "
+                "choose another run.dir"
+            )
+        self.resuming = resume_ckpt is not None
+        torch.manual_seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed)
+        random.seed(cfg.run.seed)
+        self.train_places, self.val_places = self.build_places()
+        self.student, self.teacher = self.build_models()
+        self.degrader = Degrader(cfg.degradation.specs)
+        self.dataset = self.build_dataset()
+        self.sampler = self.build_sampler()
+        bs = cfg.schedule.batch_size
+        self.steps_per_epoch = len(self.sampler) // bs
+        if self.steps_per_epoch == 0:
+            raise DatasetError(
+                f"{self.train_places.name}: {len(self.dataset)} training items cannot fill one "
+                f"batch of {bs} on each of {d.world} processes"
+            )
+        total = cfg.schedule.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.schedule.max_steps or total)
+        self.objective = self.build_objective().to(d.device)
+        params = self.trainable_parameters()
+        self.optimizer = make_optimizer(cfg.optim, params)
+        s = cfg.schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, LrSchedule(s.scheduler, self.total_steps, s.warmup_steps, s.step_size, s.gamma)
+        )
+        self.step, self.train_seconds = 0, 0.0
+        self.metrics: dict[str, float] = {}
+        if resume_ckpt is not None:
+            self._load_state(resume_ckpt)
+        self.model: nn.Module = self.objective
+        if d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(
+                self.objective,
+                device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+        self.val_queries: list[np.ndarray] | None = None
+        self.teacher_db: np.ndarray | None = None
+        self.csv_train = self.csv_val = self.tb = None
+        if d.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+            keep = self.step if resume_ckpt is not None else None
+            self.csv_train = CsvLog(
+                self.run_dir / "train.csv",
+                ["step", "epoch", "lr", *self.loss_terms, "sec_per_step", "train_seconds"],
+                keep_until=keep,
+            )
+            if self.val_columns():
+                self.csv_val = CsvLog(
+                    self.run_dir / "val.csv", ["step", *self.val_columns()], keep_until=keep
+                )
+            self.tb = _tensorboard(self.run_dir, cfg.run.tensorboard)
+        log.info(
+            "[rank %d/%d] %s %s | %s | %s | %d items, %d steps/epoch, %d steps total, %d trainable "
+            "parameters, device %s",
+            d.rank,
+            d.world,
+            self.method,
+            cfg.model.name,
+            self.train_places.summary(),
+            self.val_places.summary(),
+            len(self.dataset),
+            self.steps_per_epoch,
+            self.total_steps,
+            sum(p.numel() for p in params),
+            d.device,
+        )
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def _read_resume(self) -> dict[str, Any]:
+        if not self.ckpt_path.is_file():
+            raise ConfigError(f"cannot resume: {self.ckpt_path} does not exist")
+        ckpt = read_checkpoint(self.ckpt_path)
+        if ckpt.get("kind") != "training" or "optimizer" not in ckpt:
+            raise ModelError(f"{self.ckpt_path}: not a training checkpoint (kind {ckpt.get('kind')!r})")
+        if ckpt["model"]["name"] != self.cfg.model.name:
+            raise ModelError(
+                f"{self.ckpt_path}: holds model {ckpt['model']['name']!r}, the recipe trains "
+                f"{self.cfg.model.name!r}"
+            )
+        return ckpt
+
+    def _load_state(self, ckpt: dict[str, Any]) -> None:
+        try:
+            self.student.load_state_dict(ckpt["state_dict"], strict=True)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.load_extra(ckpt)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ModelError(f"{self.ckpt_path}: does not fit this recipe's model/optimizer: {exc}") from None
+        self.step = int(ckpt["step"])
+        self.train_seconds = float(ckpt.get("train_seconds", 0.0))
+        self.metrics = dict(ckpt.get("metrics", {}))
+        _set_rng_state(ckpt["rng"])
+        log.info(
+            "[rank %d/%d] resumed from %s at step %d",
+            self.dist.rank,
+            self.dist.world,
+            self.ckpt_path,
+            self.step,
+        )
+
+    def save(self, path: Path | None = None) -> Path:
+        """Write the training checkpoint atomically (rank 0 only)."""
+        path = path or self.ckpt_path
+        extra: dict[str, Any] = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "train_seconds": self.train_seconds,
+            "config": self.cfg.to_dict(),
+            "metrics": dict(self.metrics),
+            **self.checkpoint_extra(),
+        }
+        meta = {
+            "method": self.method,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "degradation": self.degrader.label,
+            "dataset": self.train_places.name,
+            **self.checkpoint_meta(),
+        }
+        return save_checkpoint(self.student, path, kind="training", meta=meta, extra=extra)
 
     # ------------------------------------------------------------------ run
 
@@ -438,7 +537,7 @@ class Trainer:
             self.tb.add_scalar("train/lr", row["lr"], self.step)
 
     def _validate_and_log(self) -> None:
-        if self.dist.main:
+        if self.dist.main and self.val_columns():
             t0 = time.perf_counter()
             m = self.validate()
             self.csv_val.write({"step": self.step, **m})
@@ -451,7 +550,7 @@ class Trainer:
                 time.perf_counter() - t0,
                 "  ".join(f"{k} {100 * v:.1f}" for k, v in m.items()),
             )
-            self._after_validation()
+            self.objective.train()
         self.dist.barrier()
 
     def _checkpoint(self) -> None:
@@ -461,24 +560,25 @@ class Trainer:
         self.dist.barrier()
 
     def run(self) -> TrainResult:
+        """Train to the final step (from the resume point), validating and checkpointing on schedule."""
         cfg, d, s = self.cfg, self.dist, self.cfg.schedule
         bs = s.batch_size
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
-            desc="train",
+            desc=self.run_dir.name,
             unit="step",
             disable=not (d.main and cfg.run.progress),
             dynamic_ncols=True,
         )
-        self.loqi.train()
+        self.objective.train()
         while self.step < self.total_steps:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch)
             self.dataset.set_epoch(epoch)
             if cfg.data.mining == "hard" and (skip == 0 or self.dataset.db_desc is None):
                 self.refresh_cache()
-                self.loqi.train()
+                self.objective.train()
             loader = DataLoader(
                 self.dataset,
                 batch_size=bs,
@@ -488,9 +588,7 @@ class Trainer:
             )
             for batch in loader:
                 t0 = time.perf_counter()
-                hq = batch["hq"].to(d.device, non_blocking=True)
-                lq = batch["lq"].to(d.device, non_blocking=True)
-                out = self.model(hq, lq)
+                out = self.compute_loss(batch)
                 self.optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 if cfg.optim.grad_clip > 0:
@@ -517,7 +615,7 @@ class Trainer:
                     and not end_of_epoch
                 ):
                     self.refresh_cache()
-                    self.loqi.train()
+                    self.objective.train()
                 if (
                     (s.val_every and self.step % s.val_every == 0)
                     or (not s.val_every and end_of_epoch)
@@ -548,8 +646,10 @@ class Trainer:
                 "train_places": self.train_places.summary(),
                 "val_places": self.val_places.summary(),
                 "degradation": self.degrader.label,
+                **self.checkpoint_meta(),
             }
-            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            text = json.dumps(summary, indent=2, default=str) + "\n"
+            atomic_write_text(self.run_dir / "summary.json", text)
             if self.tb is not None:
                 self.tb.close()
         log.info(
@@ -566,10 +666,15 @@ class Trainer:
             dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """Run (or, with ``resume``, continue) a recipe to its final step; see the module docstring."""
-    trainer = Trainer(cfg, resume=resume)
+def run_trainer(trainer_cls: type[Trainer], *args: Any, **kwargs: Any) -> TrainResult:
+    """Build ``trainer_cls(*args, **kwargs)``, run it to the final step and release its process group."""
+    trainer = trainer_cls(*args, **kwargs)
     try:
         return trainer.run()
     finally:
         trainer.close()
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Run (or, with ``resume``, continue) a recipe to its final step; see the module docstring."""
+    return run_trainer(Trainer, cfg, resume=resume)

@@ -29,7 +29,6 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from torch.utils.data import Dataset, Sampler
 from ..core.errors import ConfigError, DatasetError, ModelError, VprError
 from ..core.extract import to_tensor_batch
 from ..core.fileio import atomic_write_text
-from ..core.models import create_model, model_from_checkpoint, read_checkpoint, save_checkpoint
+from ..core.models import create_model, model_from_checkpoint, read_checkpoint
 from ..core.models.registry import VprModel
 from ..core.models.scicevpr import CricaTeacher, RegionalDinoV2, SciceStudent
 from .config import (
@@ -57,12 +56,12 @@ from .config import (
     RunConfig,
     ScheduleConfig,
     TrainConfig,
-    _build,
     apply_overrides,
+    build_config,
     validate,
 )
-from .data import Degrader, ImageCache, PlaceSet, build_places, sample_rng, split_places
-from .engine import LrSchedule, Trainer, TrainResult, _CsvLog, _make_optimizer, _rng_state, _tensorboard
+from .data import Degrader, ImageCache, PlaceSet, sample_rng
+from .engine import Trainer, TrainResult
 from .evaluate import describe, evaluate_model
 from .export import export_deployed
 from .losses import mse_loss
@@ -234,7 +233,7 @@ def validate_scice(cfg: SciceConfig) -> SciceConfig:
 def scice_config(data: dict[str, Any] | None, overrides: Sequence[str] = ()) -> SciceConfig:
     """A validated :class:`SciceConfig` from a raw dict plus ``key=value`` overrides."""
     raw = apply_overrides(copy.deepcopy(data or {}), list(overrides))
-    return validate_scice(_build(SciceConfig, raw, ""))
+    return validate_scice(build_config(SciceConfig, raw))
 
 
 def load_scice_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SciceConfig:
@@ -539,30 +538,19 @@ def _same_backbone(a: RegionalDinoV2, b: RegionalDinoV2) -> bool:
 
 class SciceTrainer(Trainer):
     """The engine's :class:`~vpr_ros.training.engine.Trainer` (loop, logs, checkpoints, resume, DDP) with the
-    SciceVPR data (place batches), models and objective. ``self.student`` is the model being trained."""
+    SciceVPR hooks: place batches, the stage's models, the MS (+ distillation) objective, validation of the
+    unreduced descriptor. ``self.student`` is the model being trained (teacher or student stage)."""
 
     cfg: SciceConfig
+    method = "scicevpr"
+    loss_terms = LOSS_TERMS
 
-    def _setup(self, resume: bool) -> None:
-        cfg, d = self.cfg, self.dist
-        self.run_dir = Path(cfg.run.dir)
-        self.ckpt_path = self.run_dir / "last.pt"
-        resume_ckpt = self._read_resume() if resume else None
-        if not resume and self.ckpt_path.exists():
-            raise ConfigError(
-                f"{self.run_dir} already holds a checkpoint (last.pt); resume it (--resume) or "
-                "choose another run.dir"
-            )
-        torch.manual_seed(cfg.run.seed)
-        np.random.seed(cfg.run.seed)
-        random.seed(cfg.run.seed)
-        places = build_places(cfg.data)
-        train_p, val_p = split_places(places, cfg.data.split)
-        self.train_places = train_p.with_positive_queries(cfg.data.max_train_queries)
-        self.val_places = val_p.with_positive_queries(cfg.data.max_val_queries)
-        self.student, self.teacher = build_models(cfg)
-        self.degrader = Degrader(cfg.degradation.specs)
-        self.dataset = PlaceGroups(
+    def build_models(self) -> tuple[RegionalDinoV2, CricaTeacher | None]:
+        return build_models(self.cfg)
+
+    def build_dataset(self) -> PlaceGroups:
+        cfg = self.cfg
+        return PlaceGroups(
             self.train_places,
             preprocess=self.student.preprocess,
             degrader=self.degrader,
@@ -570,100 +558,34 @@ class SciceTrainer(Trainer):
             targets=cfg.degradation.targets,
             seed=cfg.run.seed,
         )
-        self.sampler = PlaceBatchSampler(
+
+    def build_sampler(self) -> PlaceBatchSampler:
+        return PlaceBatchSampler(
             self.train_places,
             self.dataset.index,
-            places_per_batch=cfg.schedule.batch_size,
-            seed=cfg.run.seed,
-            rank=d.rank,
-            world=d.world,
+            places_per_batch=self.cfg.schedule.batch_size,
+            seed=self.cfg.run.seed,
+            rank=self.dist.rank,
+            world=self.dist.world,
         )
-        self.steps_per_epoch = len(self.sampler) // cfg.schedule.batch_size
-        total = cfg.schedule.epochs * self.steps_per_epoch
-        self.total_steps = min(total, cfg.schedule.max_steps or total)
+
+    def build_objective(self) -> SciceObjective:
         shared = self.teacher is not None and _same_backbone(self.student, self.teacher)
-        self.loqi = SciceObjective(
-            self.student, self.teacher, cfg.loss, shared_backbone=shared, same_input=self.degrader.identity
-        ).to(d.device)
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = _make_optimizer(cfg, params)
-        s = cfg.schedule
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, LrSchedule(s.scheduler, self.total_steps, s.warmup_steps, s.step_size, s.gamma)
+        objective = SciceObjective(
+            self.student,
+            self.teacher,
+            self.cfg.loss,
+            shared_backbone=shared,
+            same_input=self.degrader.identity,
         )
-        self.step, self.train_seconds = 0, 0.0
-        self.metrics: dict[str, float] = {}
-        if resume_ckpt is not None:
-            self._load_state(resume_ckpt)
-        self.model = self.loqi
-        if d.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+        log.info("stage %s: shared backbone pass %s", self.cfg.stage, objective.shared)
+        return objective
 
-            self.model = DDP(
-                self.loqi,
-                device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                find_unused_parameters=True,
-            )
-        self.val_queries = None
-        self.csv_train = self.csv_val = self.tb = None
-        if d.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.run_dir / "config.yaml")
-            keep = self.step if resume_ckpt is not None else None
-            self.csv_train = _CsvLog(
-                self.run_dir / "train.csv",
-                ["step", "epoch", "lr", *LOSS_TERMS, "sec_per_step", "train_seconds"],
-                keep_until=keep,
-            )
-            self.csv_val = _CsvLog(
-                self.run_dir / "val.csv", ["step", *(f"R@{n}" for n in cfg.run.recall_ns)], keep_until=keep
-            )
-            self.tb = _tensorboard(self.run_dir, cfg.run.tensorboard)
-        log.info(
-            "[rank %d/%d] stage %s, %s: %s | %s | %d places, %d steps/epoch (%d places x %d images), "
-            "%d steps, %d trainable parameters, shared backbone pass %s, device %s",
-            d.rank,
-            d.world,
-            cfg.stage,
-            cfg.model.name,
-            self.train_places.summary(),
-            self.val_places.summary(),
-            len(self.dataset),
-            self.steps_per_epoch,
-            cfg.schedule.batch_size,
-            cfg.places.images_per_place,
-            self.total_steps,
-            sum(p.numel() for p in params),
-            self.loqi.shared,
-            d.device,
-        )
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"stage": self.cfg.stage, "teacher": self.cfg.model.teacher}
 
-    def refresh_cache(self) -> None:  # no descriptor cache: data.mining is 'random'
-        pass
-
-    def save(self, path: Path | None = None) -> Path:
-        path = path or self.ckpt_path
-        extra: dict[str, Any] = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(),
-            "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
-            "total_steps": self.total_steps,
-            "train_seconds": self.train_seconds,
-            "config": self.cfg.to_dict(),
-            "metrics": dict(self.metrics),
-        }
-        meta = {
-            "method": "scicevpr",
-            "stage": self.cfg.stage,
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "degradation": self.degrader.label,
-            "teacher": self.cfg.model.teacher,
-            "dataset": self.train_places.name,
-        }
-        return save_checkpoint(self.student, path, kind="training", meta=meta, extra=extra)
+    def val_columns(self) -> list[str]:
+        return [f"R@{n}" for n in self.cfg.run.recall_ns]
 
     def validate(self) -> dict[str, float]:
         """Recall@N of the trained model's unreduced descriptor (degraded queries, high-quality database)."""
