@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vpr_ros.cli import main
@@ -36,6 +37,56 @@ def test_build_map_from_an_image_folder(rtabmap_dir, torch_home, tmp_path, capsy
     assert "84 entries" in capsys.readouterr().out
 
 
+def test_build_map_with_onnx_backend_matches_torch(rtabmap_dir, torch_home, tmp_path, monkeypatch, capsys):
+    """--backend onnx --threads 1: the same map as the torch backend (descriptors within 1e-4)."""
+    monkeypatch.setenv("VPR_ROS_CACHE", str(tmp_path / "cache"))
+    common = ["build-map", "--images", str(rtabmap_dir / "images"), "--model", "structvpr_mobilenetv2",
+              "--input-size", "48x64", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "torch")]) == 0
+    assert main([*common, "--backend", "onnx", "--threads", "1", "--out", str(tmp_path / "onnx")]) == 0
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx")), "no ONNX export was made"
+    ref, got = PlaceMap.load(tmp_path / "torch"), PlaceMap.load(tmp_path / "onnx")
+    assert len(got) == len(ref) == 84
+    np.testing.assert_allclose(got.descriptors(), ref.descriptors(), atol=1e-4)
+
+
+def test_eval_and_demo_take_backend_options(nordland_dir, torch_home, tmp_path, monkeypatch, capsys):
+    """eval runs with --backend onnx; demo hands backend/precision/threads to its ROS graph part."""
+    from vpr_ros import cli
+
+    monkeypatch.setenv("VPR_ROS_CACHE", str(tmp_path / "cache"))
+    rc = main(["eval", "--dataset", "nordland", "--root", str(nordland_dir), "--every", "80", "--model",
+               "structvpr_mobilenetv2", "--input-size", "64x128", "--device", "cpu", "--backend", "onnx",
+               "--threads", "1", "--out", str(tmp_path / "eval")])
+    assert rc == 0 and "R@1" in capsys.readouterr().out
+    args = cli.build_parser().parse_args(["demo", "--backend", "onnx", "--threads", "1",
+                                          "--out", str(tmp_path)])
+    seen = {}
+    demo = pytest.importorskip("vpr_ros.ros.demo")
+    monkeypatch.setattr(demo, "run_graph_demo", lambda **kw: seen.update(kw) or {})
+    cli._demo_ros(args, nordland_dir)
+    assert (seen["backend"], seen["precision"], seen["threads"]) == ("onnx", "fp32", 1)
+
+
+def test_backend_choices_match_the_library():
+    from vpr_ros.cli import BACKEND_CHOICES, PRECISION_CHOICES
+    from vpr_ros.core.backends import BACKENDS, PRECISIONS
+
+    assert BACKEND_CHOICES == BACKENDS and PRECISION_CHOICES == PRECISIONS
+
+
+@pytest.mark.parametrize("argv", [["eval", "--backend", "tensorrt"],
+                                  ["build-map", "--threads", "-1", "--out", "x"],
+                                  ["demo", "--precision", "fp8"]])
+def test_bad_backend_options_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    option = next(a for a in argv if a.startswith("--"))
+    assert f"error: argument {option}" in err and "Traceback" not in err
+
+
 def test_degrade_reports_bytes_and_writes_received_frames(rtabmap_dir, tmp_path, capsys):
     rc = main(["degrade", "--images", str(rtabmap_dir / "images"), "--limit", "5",
                "--spec", "jpeg:10", "--spec", "h264:40", "--out", str(tmp_path)])
@@ -53,6 +104,8 @@ def test_degrade_reports_bytes_and_writes_received_frames(rtabmap_dir, tmp_path,
     (["build-map", "--images", "/nonexistent", "--weights", "/nonexistent/w.pt", "--out", "/tmp/x"],
      "checkpoint file not found"),
     (["degrade", "--images", "/nonexistent", "--spec", "jpeg:10", "--out", "/tmp/x"], "not a folder"),
+    (["build-map", "--images", "/tmp", "--model", "structvpr_mobilenetv2", "--device", "cpu", "--precision",
+      "fp16", "--out", "/tmp/x"], "fp16 needs a CUDA device"),
 ])
 def test_errors_are_one_clear_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2

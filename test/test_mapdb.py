@@ -27,6 +27,7 @@ from vpr_ros.core.mapdb import (
     UnknownEntryError,
     map_path,
     scaled_ef_search,
+    set_search_threads,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -396,6 +397,24 @@ def test_auto_default_threshold_is_30k():
 def test_scaled_ef_search_formula():
     assert [scaled_ef_search(n) for n in (0, 10_000, 300_000, 333_334, 1_000_000, 2_500_000)] == \
         [128, 128, 128, 129, 384, 960]
+
+
+def test_search_threads_are_set_per_thread():
+    """OpenMP thread counts are per thread: a worker must set its own (the main thread's is untouched)."""
+    main_before = faiss.omp_get_max_threads()
+    seen = {}
+
+    def worker() -> None:
+        set_search_threads(0)  # 0: keep the default
+        seen["default"] = faiss.omp_get_max_threads()
+        set_search_threads(1)
+        seen["set"] = faiss.omp_get_max_threads()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["set"] == 1 and seen["default"] >= 1
+    assert faiss.omp_get_max_threads() == main_before
 
 
 def test_hnsw_ef_search_grows_with_the_map_unless_given(tmp_path, monkeypatch):

@@ -349,8 +349,82 @@ def test_mapping_mode_kitti_odometry_save_service_and_reload(model, kitti_dir, t
 # --------------------------------------------------------------------------- configuration
 
 
+# --------------------------------------------------------------------------- backends
+
+
+def test_onnx_backend_from_parameters_matches_torch(summer_map, torch_home, tmp_path, monkeypatch):
+    """backend=onnx (the node builds the model and exports it): the offline torch top-1 on real frames."""
+    monkeypatch.setenv("VPR_ROS_CACHE", str(tmp_path / "cache"))  # a fresh export, not a stale one
+    path, queries, offline = summer_map
+    frames = queries[:20]
+    tp = topics()
+    with InProcessGraph() as graph:
+        node = graph.create(LocalizerNode, unique("localizer_onnx"), params={
+            "map_path": str(path), "weights": "imagenet", "input_size": "native", "device": "cpu",
+            "backend": "onnx", "threads": 1, "queue_size": 50, "top_k": 5, **tp})
+        assert node.extractor.backend.kind == "onnx" and node.extractor.backend.threads == 1
+        assert node.diagnostics()["backend"] == "onnx fp32"
+        assert list((tmp_path / "cache" / "onnx").glob("*.onnx")), "the ONNX export was not cached"
+        probe = Probe(graph, tp)
+        probe.wait_connected(graph)
+        msgs = [rgb_to_image_msg(im, "rgb8", header(i)) for i, im in enumerate(frames)]
+        graph.publish_paced(probe.pub, msgs, lambda: node.frames_in)
+        assert graph.wait_for(lambda: len(probe.matches) == len(frames), 30.0), \
+            f"{len(probe.matches)} of {len(frames)} PlaceMatch received"
+    for i, off in enumerate(offline[: len(frames)]):
+        got = probe.matches[stamp_of(i)]
+        assert got.model == "structvpr_mobilenetv2@imagenet"  # the map's label: same weights, any backend
+        np.testing.assert_allclose([c.score for c in got.matches], off.scores, atol=1e-3)
+        if off.scores[0] - off.scores[1] > 1e-3:  # no near-tie: the same place first
+            assert got.matches[0].entry_id == int(off.ids[0]), i
+
+
+def test_fp16_on_cpu_refused_with_the_reason(summer_map, torch_home):
+    path, _, _ = summer_map
+    with InProcessGraph() as graph:
+        with pytest.raises(ModelError, match="fp16 needs a CUDA device"):
+            graph.create(LocalizerNode, "localizer_fp16", params={
+                "map_path": str(path), "weights": "imagenet", "input_size": "native", "device": "cpu",
+                "precision": "fp16"})
+        assert not graph.nodes
+
+
+def test_main_refuses_unknown_backend_in_one_line(summer_map, torch_home):
+    path, _, _ = summer_map
+    out, errors = run_node_main("localizer", {"map_path": path, "backend": "tensorrt"}, timeout=120,
+                                TORCH_HOME=str(torch_home))
+    assert out.returncode == 2, out.stderr
+    assert errors == ["localizer_node: error: localizer: parameter 'backend' = 'tensorrt' is not one of: "
+                      "torch, onnx"], out.stderr
+
+
+def test_main_spins_single_threaded_with_short_switch_interval(monkeypatch):
+    """Node main()s: a SingleThreadedExecutor, a 0.5 ms GIL switch interval while running, restored after."""
+    import inspect
+
+    from rclpy.executors import SingleThreadedExecutor
+
+    from vpr_ros.ros import params as ros_params
+
+    assert inspect.signature(ros_params.run_node).parameters["executor_factory"].default \
+        is SingleThreadedExecutor
+    seen = []
+
+    def factory():
+        seen.append(sys.getswitchinterval())
+        raise ConfigError("stop here")
+
+    before = sys.getswitchinterval()
+    assert ros_params.run_node(factory, [], "probe_node") == 2
+    assert seen == [pytest.approx(ros_params.SWITCH_INTERVAL_S)] and sys.getswitchinterval() == before
+
+
 @pytest.mark.parametrize("params, error, words", [
     ({"map_path": ""}, ConfigError, "map_path' is required"),
+    ({"backend": "tensorrt"}, ConfigError, "'backend' = 'tensorrt' is not one of: torch, onnx"),
+    ({"precision": "fp8"}, ConfigError, "'precision' = 'fp8' is not one of: fp32, fp16"),
+    ({"threads": -1}, ConfigError, "threads"),
+    ({"faiss_threads": 1000}, ConfigError, "faiss_threads"),
     ({"top_k": 0}, ConfigError, "top_k"),
     ({"top_k": "5"}, ConfigError, "must be an integer"),
     ({"min_score": 2.0}, ConfigError, "min_score"),

@@ -25,6 +25,9 @@ log = logging.getLogger("vpr_ros")
 _ROS_MODULES = {"rclpy", "vpr_ros_msgs", "sensor_msgs", "std_msgs", "geometry_msgs", "nav_msgs",
                 "diagnostic_msgs", "builtin_interfaces", "rosidl_runtime_py"}
 DEMO_DEGRADATIONS = ("none", "jpeg:10", "resize:0.25", "h264:40")
+#: ``vpr_ros.core.backends.BACKENDS`` / ``PRECISIONS`` (spelled out: parsing must not import torch).
+BACKEND_CHOICES = ("torch", "onnx")
+PRECISION_CHOICES = ("fp32", "fp16")
 
 
 def default_shared() -> Path:
@@ -42,6 +45,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input-size", default=None, help="preprocessing size HxW (e.g. 240x320) or 'native'")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--backend", default="torch", choices=BACKEND_CHOICES,
+                   help="inference backend: torch (eager) or onnx (ONNX Runtime, 2-5x faster on CPU; "
+                        "the export is cached in $VPR_ROS_CACHE/onnx or ~/.cache/vpr_ros/onnx)")
+    g.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES, help="fp16 needs CUDA")
+    g.add_argument("--threads", type=_threads, default=0,
+                   help="intra-op threads of the backend (0: library default; torch wants 1 on busy "
+                        "shared cores)")
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0 = library default), got {text!r}")
+    return value
 
 
 def _add_dataset_args(p: argparse.ArgumentParser, *, default_name: str | None = None) -> None:
@@ -59,10 +79,12 @@ def _extractor(args: argparse.Namespace):
 
     size = "keep" if args.input_size is None else parse_size(args.input_size)
     model = resolve_model(args.weights, args.model, input_size=size)
-    ext = DescriptorExtractor(model, device=args.device, batch_size=args.batch_size)
+    options = {"threads": args.threads} if args.threads else {}
+    ext = DescriptorExtractor(model, device=args.device, batch_size=args.batch_size, backend=args.backend,
+                              precision=args.precision, **options)
     pre = model.preprocess.input_size
-    log.info("model %s (%d-d) on %s, input %s", model.name, model.descriptor_dim, ext.device,
-             "native" if pre is None else f"{pre[0]}x{pre[1]}")
+    log.info("model %s (%d-d) on %s, backend %s %s, input %s", model.name, model.descriptor_dim, ext.device,
+             args.backend, args.precision, "native" if pre is None else f"{pre[0]}x{pre[1]}")
     return ext
 
 
@@ -245,7 +267,8 @@ def _demo_ros(args: argparse.Namespace, root: Path) -> dict[str, Path]:
         print(f"\n(ROS graph part skipped: {exc})")
         return {}
     return demo.run_graph_demo(nordland_root=root, out_dir=Path(args.out) / "ros", every=args.every,
-                               weights=args.weights, input_size=args.input_size)
+                               weights=args.weights, input_size=args.input_size, backend=args.backend,
+                               precision=args.precision, threads=args.threads)
 
 
 # --------------------------------------------------------------------------- parser

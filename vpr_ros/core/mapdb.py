@@ -77,6 +77,7 @@ __all__ = [
     "UnknownEntryError",
     "map_path",
     "scaled_ef_search",
+    "set_search_threads",
 ]
 
 FORMAT_NAME = "vpr_ros.map"
@@ -100,6 +101,17 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 }
 #: Parameters whose default None means "chosen by the map" (not filled in, saved as null).
 _AUTO_PARAMS = frozenset({"efSearch"})
+
+
+def set_search_threads(n: int) -> None:
+    """faiss OpenMP threads for the searches *the calling thread* makes; ``n <= 0`` keeps the default.
+
+    OpenMP's thread count is a per-thread setting: call this in the thread that searches (a
+    node's worker), not only in the main thread. One thread suits single-query search, and on
+    cores shared with busy processes a multi-threaded search can be ~40x slower (spin-waits).
+    """
+    if n > 0:
+        faiss.omp_set_num_threads(int(n))
 
 
 def scaled_ef_search(n: int) -> int:

@@ -221,12 +221,14 @@ def _tx_params(config: TransmissionConfig) -> dict[str, Any]:
 
 def run_graph_demo(*, nordland_root: str | os.PathLike, out_dir: str | os.PathLike, every: int = 3,
                    weights: str | None = None, input_size: str | tuple | None = "128x256",
-                   max_frames: int = 80, rate_hz: float = 10.0, quality: int = 10) -> dict[str, Path]:
+                   max_frames: int = 80, rate_hz: float = 10.0, quality: int = 10, backend: str = "torch",
+                   precision: str = "fp32", threads: int = 0) -> dict[str, Path]:
     """Recall@1/5 and latency through the ROS graph at full quality and at JPEG ``quality``.
 
     Uses every ``every``-th Nordland place, thinned further to about ``max_frames`` places so
     the run stays near a minute on two CPU cores. Writes ``graph_demo.json`` and
     ``graph_demo.png`` (latency histogram, recall graph vs offline) under ``out_dir``.
+    ``backend`` / ``precision`` / ``threads``: how the model runs (the localizer's parameters).
     """
     from vpr_ros.ros.localizer import build_extractor
 
@@ -240,10 +242,11 @@ def run_graph_demo(*, nordland_root: str | os.PathLike, out_dir: str | os.PathLi
     print("\nROS graph demo: camera -> transmitter -> localizer -> PlaceMatch "
           f"(Nordland, every {step}th place)")
     ds = load_nordland(nordland_root, every=step)
-    ext, label = build_extractor(weights or "default", "", _size_arg(input_size), "auto", 16)
+    ext, label = build_extractor(weights or "default", "", _size_arg(input_size), "auto", 16, backend=backend,
+                                 precision=precision, threads=threads)
     size = ext.preprocess.input_size
     size_tag = "native" if size is None else f"{size[0]}x{size[1]}"
-    print(f"  model {label} ({ext.dim}-d) on {ext.device}, input {size_tag}")
+    print(f"  model {label} ({ext.dim}-d) on {ext.device}, backend {backend} {precision}, input {size_tag}")
     cache = out / f"nordland_summer_every{step}_{label.replace('@', '_')}_{size_tag}"
     place_map, db_of_id = _summer_map(ext, label, ds, cache)
     frames = [r.load() for r in ds.queries]
@@ -285,7 +288,8 @@ def run_graph_demo(*, nordland_root: str | os.PathLike, out_dir: str | os.PathLi
     print(f"  {verdict}")
     result = {
         "dataset": ds.name, "every": step, "database": len(ds.database), "queries": len(frames),
-        "model": label, "input_size": size_tag, "device": str(ext.device), "rate_hz": rate_hz,
+        "model": label, "input_size": size_tag, "device": str(ext.device), "backend": backend,
+        "rate_hz": rate_hz,
         "runs": summary, "agree": agree, "graph_seconds": graph_s,
         "total_seconds": time.perf_counter() - t_start,
     }

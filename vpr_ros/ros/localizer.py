@@ -17,8 +17,17 @@ images, frames over ``max_pixels``) is rejected, logged throttled with the reaso
 on ``/diagnostics``. A stamp earlier than the previous frame's is counted as ``out_of_order``
 and the frame is still localised (the result carries its own stamp) but never becomes a
 keyframe, so map stamps stay monotonic (a bag restart keeps localising instead of going
-silent). Bad configuration (missing/corrupt map in localize mode, missing/corrupt weights, a
-map made by another model or of another descriptor dimension, invalid parameters) raises
+silent).
+
+Speed: ``backend`` picks the inference backend (``torch`` eager channels_last, or ``onnx``:
+ONNX Runtime, 2-5x faster on CPU), ``precision`` fp32/fp16 (fp16 needs CUDA), ``threads`` the
+backend's intra-op threads; the worker sets faiss to ``faiss_threads`` OpenMP threads (1 by
+default: single-query search gains nothing from more, and OpenMP spin-waits collapse on busy
+shared cores). ``main`` spins a ``SingleThreadedExecutor`` (callbacks only queue) with a
+0.5 ms GIL switch interval (see :func:`vpr_ros.ros.params.run_node`).
+
+Bad configuration (missing/corrupt map in localize mode, missing/corrupt weights, a map made
+by another model or of another descriptor dimension, invalid parameters) raises
 :class:`~vpr_ros.core.errors.ConfigError` / another ``VprError`` from the constructor:
 ``main`` prints the one-line reason and exits with status 2.
 """
@@ -42,9 +51,10 @@ from rclpy.node import Node
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
+from vpr_ros.core.backends import BACKENDS, PRECISIONS
 from vpr_ros.core.errors import ConfigError, MapError, ModelError, VprError
 from vpr_ros.core.extract import DescriptorExtractor
-from vpr_ros.core.mapdb import INDEX_KINDS, MapEntry, PlaceMap, QueryResult, map_path
+from vpr_ros.core.mapdb import INDEX_KINDS, MapEntry, PlaceMap, QueryResult, map_path, set_search_threads
 from vpr_ros.core.models import DEFAULT_WEIGHTS, parse_size, resolve_model
 from vpr_ros.core.models.resolve import DEFAULT_MODEL
 from vpr_ros.ros.conversions import float_to_stamp, stamp_to_float
@@ -82,6 +92,15 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("input_size", "", "preprocessing size HxW (e.g. 240x320), 'native', or empty for the model's",
               read_only=True),
     ParamSpec("device", "auto", "auto (CUDA when present), cpu, cuda or cuda:N", read_only=True),
+    ParamSpec("backend", "torch", "inference backend: torch (eager, channels_last) or onnx (ONNX Runtime, "
+              "exported once and cached; fastest on CPU)", choices=BACKENDS, read_only=True),
+    ParamSpec("precision", "fp32", "fp32, or fp16 (CUDA only: torch half precision, onnx via TensorRT)",
+              choices=PRECISIONS, read_only=True),
+    ParamSpec("threads", 0, "intra-op threads of the backend (torch: process-wide; onnx: its session); "
+              "0 = library default (all cores). torch wants 1 on cores shared with busy processes",
+              low=0, high=256, read_only=True),
+    ParamSpec("faiss_threads", 1, "OpenMP threads of the map search in the worker (0 = faiss default); "
+              "1 suits single-frame queries", low=0, high=256, read_only=True),
     ParamSpec("map_path", "", "place map (.vprmap directory); required. Map modes start empty when missing",
               read_only=True),
     ParamSpec("mode", "localize", "localize (query only), map (add keyframes, no PlaceMatch) or both",
@@ -127,12 +146,21 @@ def model_label(weights: str, name: str) -> str:
 
 
 def build_extractor(weights: str = "default", model: str = "", input_size: str | tuple | None = "",
-                    device: str = "auto", batch_size: int = 8) -> tuple[DescriptorExtractor, str]:
+                    device: str = "auto", batch_size: int = 8, *, backend: str = "torch",
+                    precision: str = "fp32", threads: int = 0) -> tuple[DescriptorExtractor, str]:
     """Resolve the model as the node does; return the extractor and its :func:`model_label`.
 
     ``input_size``: "" keeps the model's, "native", "HxW", or an (H, W) tuple / None.
+    ``backend`` / ``precision`` / ``threads`` (0 = the library's default) select how the model
+    runs (:func:`vpr_ros.core.backends.make_backend`); the label does not depend on them.
     Raises :class:`ConfigError` / :class:`ModelError` with the reason.
     """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; expected one of: {', '.join(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ConfigError(f"threads must be an integer >= 0 (0 = library default), got {threads!r}")
     if isinstance(input_size, str):
         size = "keep" if not input_size.strip() else parse_size(input_size.strip())
     else:
@@ -152,7 +180,9 @@ def build_extractor(weights: str = "default", model: str = "", input_size: str |
     except Exception as exc:  # torchvision download attempts offline, unreadable files, ...
         raise ModelError(f"cannot build the model (weights {weights!r}, model {model!r}): "
                          f"{type(exc).__name__}: {exc}") from None
-    ext = DescriptorExtractor(net, device=device, batch_size=batch_size)
+    options = {"threads": threads} if threads else {}
+    ext = DescriptorExtractor(net, device=device, batch_size=batch_size, backend=backend, precision=precision,
+                              **options)
     return ext, model_label(weights, net.name)
 
 
@@ -214,8 +244,8 @@ class LocalizerNode(Node):
     """Visual place recognition against a place map; see the module docstring.
 
     ``extractor`` (with its ``label``) may be passed in-process to share one loaded model
-    (demo, tests); the ``weights``/``model``/``input_size``/``device`` parameters are then only
-    reported.
+    (demo, tests); the ``weights``/``model``/``input_size``/``device``/``backend``/``precision``/
+    ``threads`` parameters are then not used to build one.
     """
 
     def __init__(self, node_name: str = NODE_NAME, *, extractor: DescriptorExtractor | None = None,
@@ -243,9 +273,12 @@ class LocalizerNode(Node):
         if extractor is None:
             t0 = time.perf_counter()
             extractor, label = build_extractor(v["weights"], v["model"], v["input_size"], v["device"],
-                                               v["max_batch"])
-            log.info(f"model {label} ({extractor.dim}-d) on {extractor.device}, "
-                     f"input {extractor.preprocess.input_size or 'native'}, {time.perf_counter() - t0:.1f} s")
+                                               v["max_batch"], backend=v["backend"], precision=v["precision"],
+                                               threads=v["threads"])
+            b = extractor.backend
+            log.info(f"model {label} ({extractor.dim}-d) on {extractor.device}, backend {b.kind} "
+                     f"{b.precision}, input {extractor.preprocess.input_size or 'native'}, "
+                     f"{time.perf_counter() - t0:.1f} s")
         self.extractor = extractor
         self.label = label or extractor.model.name
         self.place_map, loaded = open_map(v["map_path"], v["mode"], extractor.dim, self.label, v["index"])
@@ -353,6 +386,7 @@ class LocalizerNode(Node):
     # ------------------------------------------------------------------ worker
 
     def _run(self) -> None:
+        set_search_threads(self._values["faiss_threads"])  # OpenMP thread counts are per thread: set here
         while not self._queue.closed:
             batch = self._queue.get_batch(self._values["max_batch"], timeout=0.2)
             if not batch:
@@ -471,6 +505,7 @@ class LocalizerNode(Node):
             "mode": self._values["mode"],
             "model": self.label,
             "device": str(self.extractor.device),
+            "backend": f"{self.extractor.backend.kind} {self.extractor.backend.precision}",
             "frames_received": self.frames_in,
             "frames_processed": self.frames_ok,
             "rate_hz": self._latency.rate(),

@@ -38,7 +38,7 @@ from rclpy.exceptions import (
     InvalidParameterValueException,
     ParameterException,
 )
-from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import Executor, ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
@@ -50,6 +50,7 @@ __all__ = [
     "LatencyWindow",
     "ParamSpec",
     "ReasonCounter",
+    "SWITCH_INTERVAL_S",
     "declare_params",
     "diagnostic_status",
     "publish_diagnostics",
@@ -206,14 +207,36 @@ def spec_table(specs: Iterable[ParamSpec]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+#: GIL switch interval of processes that run nodes (Python's default is 5 ms). A node's worker
+#: releases the GIL at every numpy/OpenCV/ONNX/faiss call and must win it back from the executor
+#: thread; 0.5 ms keeps it from waiting behind DDS callbacks (bench/README.md, section 2).
+SWITCH_INTERVAL_S = 5e-4
+
+
 def run_node(node_factory: Callable[[], Node], args: list[str] | None, name: str,
-             executor_factory: Callable[[], Executor] = MultiThreadedExecutor) -> int:
+             executor_factory: Callable[[], Executor] = SingleThreadedExecutor,
+             switch_interval: float | None = SWITCH_INTERVAL_S) -> int:
     """Spin the node ``node_factory()`` makes until shutdown: the body of a node's ``main()``.
 
+    The nodes' callbacks only queue work for their own worker thread, so one executor thread
+    suffices: a ``MultiThreadedExecutor`` measured 2-4x slower at high frame rates (its
+    dispatch threads contend for the GIL with the worker). ``switch_interval`` (s) is set with
+    ``sys.setswitchinterval`` while the node runs (None: Python's default).
     A :class:`VprError` from ``node_factory`` (bad configuration) prints one line
     ``<name>: error: ...`` to stderr and returns 2; Ctrl-C or an external shutdown returns 0
     after the node is destroyed.
     """
+    previous = sys.getswitchinterval()
+    if switch_interval is not None:
+        sys.setswitchinterval(switch_interval)
+    try:
+        return _run_node(node_factory, args, name, executor_factory)
+    finally:
+        sys.setswitchinterval(previous)
+
+
+def _run_node(node_factory: Callable[[], Node], args: list[str] | None, name: str,
+              executor_factory: Callable[[], Executor]) -> int:
     try:
         with rclpy.init(args=args):
             try:

@@ -215,7 +215,11 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
         if cfg.extractor is not None:
             ext, label = cfg.extractor
         else:
-            ext, label = build_extractor(cfg.weights, cfg.model, cfg.input_size, cfg.device, 8)
+            loc_file = {**params.get("*", {}), **params.get("localizer", {})}  # backend settings of --params
+            ext, label = build_extractor(cfg.weights, cfg.model, cfg.input_size, cfg.device, 8,
+                                         backend=str(loc_file.get("backend", "torch")),
+                                         precision=str(loc_file.get("precision", "fp32")),
+                                         threads=int(loc_file.get("threads", 0)))
         from nav_msgs.msg import Odometry
         from sensor_msgs.msg import CompressedImage, Image, NavSatFix
         from vpr_ros_msgs.msg import LoopClosure, PlaceMatch

@@ -2,9 +2,11 @@
 
 ``vpr-ros localize --params config/localize.yaml [--set localizer.top_k=3] [--transmitter]
 [--loop-closure]`` reads a ROS 2 params file (``node_name: {ros__parameters: {...}}``, ``/**``
-for every node), starts the nodes in one ``MultiThreadedExecutor`` and stops them cleanly on
-Ctrl-C / SIGTERM (workers stopped, the map saved in map modes). This is how the graph runs
-where ``ros2 launch`` is not installed (the PyPI-wheel ROS of this project's venv).
+for every node), starts the nodes in one ``SingleThreadedExecutor`` (their callbacks only queue
+work for each node's worker thread) with the nodes' 0.5 ms GIL switch interval, as each node's
+``main()`` does, and stops them cleanly on Ctrl-C / SIGTERM (workers stopped, the map saved in
+map modes). This is how the graph runs where ``ros2 launch`` is not installed (the PyPI-wheel
+ROS of this project's venv).
 
 :class:`InProcessGraph` is the reusable part (tests and the demo use it): a private rclpy
 context with an executor spinning in a background thread, nodes added to it, and an orderly
@@ -25,14 +27,16 @@ from typing import Any
 import rclpy
 import yaml
 from rclpy.context import Context
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
 from vpr_ros.core.errors import ConfigError, VprError
+from vpr_ros.ros.params import SWITCH_INTERVAL_S
 
 __all__ = [
+    "EXECUTORS",
     "NODES",
     "InProcessGraph",
     "apply_sets",
@@ -190,24 +194,36 @@ def overrides_for(name: str, params: dict[str, dict[str, Any]]) -> list[Paramete
 # --------------------------------------------------------------------------- in-process graph
 
 
-class InProcessGraph:
-    """Nodes of one private rclpy context, spun by a ``MultiThreadedExecutor`` in a background thread.
+EXECUTORS = ("single", "multi")
 
-    Use as a context manager; leaving it shuts the executor down, then destroys the nodes in
-    reverse order (their ``close()`` stops workers and saves maps), then the context.
+
+class InProcessGraph:
+    """Nodes of one private rclpy context, spun by an executor in a background thread.
+
+    ``executor``: ``"single"`` (default, a ``SingleThreadedExecutor`` as the nodes' ``main()``
+    use) or ``"multi"`` (a ``MultiThreadedExecutor`` of ``num_threads``). Use as a context
+    manager; leaving it shuts the executor down, then destroys the nodes in reverse order (their
+    ``close()`` stops workers and saves maps), then the context.
     """
 
-    def __init__(self, args: Sequence[str] | None = None, *, num_threads: int | None = None) -> None:
+    def __init__(self, args: Sequence[str] | None = None, *, executor: str = "single",
+                 num_threads: int | None = None) -> None:
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
         self.context = Context()
         self._args = list(args) if args is not None else None
+        self._kind = executor
         self._num_threads = num_threads
         self.nodes: list[Node] = []
-        self.executor: MultiThreadedExecutor | None = None
+        self.executor: Executor | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> InProcessGraph:
         rclpy.init(args=self._args, context=self.context, signal_handler_options=SignalHandlerOptions.NO)
-        self.executor = MultiThreadedExecutor(num_threads=self._num_threads, context=self.context)
+        if self._kind == "multi":
+            self.executor = MultiThreadedExecutor(num_threads=self._num_threads, context=self.context)
+        else:
+            self.executor = SingleThreadedExecutor(context=self.context)
         self._thread = threading.Thread(target=self._spin, name="vpr-executor", daemon=True)
         self._thread.start()
         return self
@@ -320,6 +336,8 @@ def run_graph(params_file: str | Path, sets: Sequence[str] = (), *, use_transmit
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     args = ["--ros-args", *ros_args] if ros_args else None
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         with InProcessGraph(args) as graph:
             for name in wanted:
@@ -334,6 +352,7 @@ def run_graph(params_file: str | Path, sets: Sequence[str] = (), *, use_transmit
                 stop.wait(0.1)
             print("vpr-ros localize: stopping", flush=True)
     finally:
+        sys.setswitchinterval(switch)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print("vpr-ros localize: stopped cleanly", flush=True)
