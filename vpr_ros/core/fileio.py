@@ -1,4 +1,8 @@
-"""Crash-safe file writing: write to a temporary file beside the target, fsync, rename."""
+"""Crash-safe file writing (temporary file beside the target, fsync, rename) and path confinement.
+
+:func:`confined_path` resolves a path that comes from untrusted input (a ROS service request, a
+file's manifest) inside a configured directory and refuses anything that would land outside it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -59,3 +65,20 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def confined_path(root: str | os.PathLike, rel: str | os.PathLike) -> Path:
+    """``rel`` resolved inside directory ``root``; :class:`ConfigError` if it would land outside.
+
+    ``rel`` may be relative to ``root`` or absolute; ``..`` components and symbolic links are
+    resolved first, so neither can lead out of ``root``. ``root`` itself is not a valid target
+    (a path must name something inside it). Nothing is created.
+    """
+    text = os.fspath(rel)
+    if not text or "\x00" in text:
+        raise ConfigError(f"invalid path {text!r}: empty or containing a NUL byte")
+    base = Path(root).resolve()
+    target = (base / text).resolve()  # an absolute rel replaces base, then must still lie inside it
+    if target == base or not target.is_relative_to(base):
+        raise ConfigError(f"path {text!r} leaves the directory {base} (only paths inside it are allowed)")
+    return target

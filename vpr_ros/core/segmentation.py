@@ -38,6 +38,7 @@ from tqdm import tqdm
 from .errors import DatasetError, ImageError, ModelError
 from .fileio import atomic_path
 from .images import as_rgb8, load_image
+from .models.backbones import weights_only_loads
 from .models.registry import IMAGENET_MEAN, IMAGENET_STD, select_device
 
 log = logging.getLogger(__name__)
@@ -607,7 +608,8 @@ class TorchvisionSegmenter(TorchSegmenter):
             kw: dict = {"num_classes": num_classes} if num_classes else {}
             if w is None:
                 kw["weights_backbone"] = None  # a random model must not fetch backbone weights either
-            self.net = get_model(name, weights=w, **kw).eval().to(self.device)
+            with weights_only_loads():  # torchvision would unpickle the cached weights file
+                self.net = get_model(name, weights=w, **kw).eval().to(self.device)
         except Exception as exc:
             raise ModelError(f"torchvision segmentation model {name!r} ({weights}): {exc}") from None
         cats = w.meta.get("categories") if w is not None else None

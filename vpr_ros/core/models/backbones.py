@@ -1,8 +1,15 @@
-"""Backbones shared by the registered models, built through their libraries' normal APIs."""
+"""Backbones shared by the registered models, built through their libraries' normal APIs.
+
+Pretrained weights never go through pickle: torchvision's weights API loads its cached files
+with ``torch.load(weights_only=False)``, so they are read here with ``weights_only=True``
+(:func:`mobilenet_v2_features`, :func:`weights_only_loads`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from torch import nn
 
@@ -22,10 +29,13 @@ def mobilenet_v2_features(pretrained: bool) -> nn.Sequential:
     """
     from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
-    weights = MobileNet_V2_Weights.IMAGENET1K_V1 if pretrained else None
+    net = mobilenet_v2(weights=None)
     try:
-        net = mobilenet_v2(weights=weights)
-    except Exception as exc:  # network or file errors from torch.hub
+        if pretrained:  # what mobilenet_v2(weights=...) does, minus the pickle load of the cached file
+            state = MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True,
+                                                                      weights_only=True)
+            net.load_state_dict(state)
+    except Exception as exc:  # network or file errors from torch.hub, a file that is not plain weights
         home = os.environ.get("TORCH_HOME", "~/.cache/torch")
         raise ModelError(
             "could not load torchvision's ImageNet MobileNetV2 weights "
@@ -33,3 +43,20 @@ def mobilenet_v2_features(pretrained: bool) -> nn.Sequential:
             "Seed TORCH_HOME with mobilenet_v2-b0353104.pth or build with pretrained=False."
         ) from exc
     return net.features[: MOBILENETV2_STAGE_ENDS[-1] + 1]
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside the block uses ``weights_only=True``, even where a library asks
+    for ``False`` (torchvision's weights API does). Sets ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` for the
+    block: process-wide, but it only ever makes loads stricter."""
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    previous = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
