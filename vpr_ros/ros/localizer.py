@@ -54,6 +54,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from vpr_ros.core.backends import BACKENDS, PRECISIONS
 from vpr_ros.core.errors import ConfigError, MapError, ModelError, VprError
 from vpr_ros.core.extract import DescriptorExtractor
+from vpr_ros.core.fileio import confined_path
 from vpr_ros.core.mapdb import INDEX_KINDS, MapEntry, PlaceMap, QueryResult, map_path, set_search_threads
 from vpr_ros.core.models import DEFAULT_WEIGHTS, parse_size, resolve_model
 from vpr_ros.core.models.resolve import DEFAULT_MODEL
@@ -298,6 +299,8 @@ class LocalizerNode(Node):
         self.out_of_order = 0
         self.keyframes_added = 0
         self.keyframes_without_pose = 0
+        self.odom_rejected = 0
+        self._batch_accounted = 0
         self.batches = 0
         self._good_count = 0
         self._last_stamp: float | None = None
@@ -359,6 +362,10 @@ class LocalizerNode(Node):
     def _on_odom(self, msg: Odometry) -> None:
         p, q = msg.pose.pose.position, msg.pose.pose.orientation
         item = (stamp_to_float(msg.header.stamp), (p.x, p.y, p.z), (q.x, q.y, q.z, q.w), msg.header.frame_id)
+        if not np.isfinite([*item[1], *item[2]]).all():  # would poison every keyframe near its stamp
+            self.odom_rejected += 1
+            self._rejects.log_throttled("odom_nan", f"odometry at stamp {item[0]:.3f}: NaN/inf in its pose")
+            return
         with self._odom_lock:
             if self._odom and item[0] < self._odom[-1][0]:
                 bisect.insort(self._odom, item, key=lambda o: o[0])
@@ -374,8 +381,8 @@ class LocalizerNode(Node):
 
     def _on_save_map(self, request: Any, response: Any) -> Any:
         try:
-            path, n = self.save_map(request.path or None)
-        except (MapError, OSError) as exc:
+            path, n = self.save_map(self.service_target(request.path) if request.path else None)
+        except (MapError, ConfigError, OSError) as exc:
             response.success, response.message, response.entries = False, str(exc), 0
             self.get_logger().error(f"save_map failed: {exc}")
             return response
@@ -395,12 +402,16 @@ class LocalizerNode(Node):
                 try:
                     self._process(batch)
                 except Exception as exc:  # keep the node alive whatever one batch does
-                    for _ in batch:
+                    lost = len(batch) - self._batch_accounted  # frames not yet counted either way
+                    for _ in range(lost):
                         self._rejects.add("internal", f"{type(exc).__name__}: {exc}")
+                    if not lost:
+                        self._rejects.log_throttled("internal", f"after a batch: {type(exc).__name__}: {exc}")
 
     def _process(self, batch: list[_Frame]) -> None:
         v = self._values
         frames, images = [], []
+        self._batch_accounted = 0  # frames of this batch already counted (rejected or processed)
         for f in batch:
             try:
                 images.append(image_from_msg(f.msg, v["max_pixels"]))
@@ -408,6 +419,7 @@ class LocalizerNode(Node):
             except RejectedFrame as exc:
                 stamp = stamp_to_float(f.msg.header.stamp)
                 self._rejects.add(exc.reason, f"frame {f.query_id} (stamp {stamp:.3f}): {exc.detail}")
+                self._batch_accounted += 1
         if not frames:
             return
         descriptors = self.extractor(images)
@@ -422,6 +434,7 @@ class LocalizerNode(Node):
         else:
             results = self.place_map.query(descriptors, k)
         self.frames_ok += len(frames)
+        self._batch_accounted += len(frames)
         for f, result in zip(frames, results, strict=True):
             if not self._publishing:  # map mode: latency = receipt to keyframe decision
                 self._latency.add((time.monotonic() - f.received) * 1000.0)
@@ -492,7 +505,18 @@ class LocalizerNode(Node):
 
     # ------------------------------------------------------------------ map, diagnostics, shutdown
 
-    def save_map(self, path: str | None = None) -> tuple[Path, int]:
+    def service_target(self, requested: str) -> Path:
+        """Where a ``~/save_map`` request may write: inside the folder of ``map_path`` only.
+
+        The request comes from anyone on the ROS graph, so ``..``, absolute paths elsewhere and
+        symbolic links out of that folder are refused (:class:`ConfigError`).
+        """
+        try:
+            return confined_path(self._map_target.parent, map_path(requested))
+        except ValueError as exc:  # ConfigError, or a name that cannot take the .vprmap suffix
+            raise ConfigError(f"save_map: refused path {requested!r}: {exc}") from None
+
+    def save_map(self, path: str | Path | None = None) -> tuple[Path, int]:
         """Save the map atomically to ``path`` (default ``map_path``); return where and how many places."""
         target = self.place_map.save(Path(path).expanduser() if path else self._map_target)
         return target, len(self.place_map)
@@ -520,6 +544,7 @@ class LocalizerNode(Node):
             "map_size": len(self.place_map),
             "keyframes_added": self.keyframes_added,
             "keyframes_without_pose": self.keyframes_without_pose,
+            "odom_rejected": self.odom_rejected,
         }
         out.update({f"rejected_{k}": n for k, n in sorted(rejects.items())})
         return out

@@ -239,6 +239,8 @@ class LoopClosureNode(Node):
         self.candidates_checked = 0
         self.closures_published = 0
         self.image_rejects = 0
+        self.images_out_of_order = 0
+        self._last_image_ns: int | None = None
 
         from vpr_ros_msgs.msg import LoopClosure, PlaceMatch
 
@@ -281,6 +283,11 @@ class LoopClosureNode(Node):
     def _on_image(self, msg: Image | CompressedImage) -> None:
         if self._values["enabled"]:
             self.images_in += 1
+            stamp = _ns(msg.header.stamp)
+            if self._last_image_ns is not None and stamp < self._last_image_ns:
+                self.images_out_of_order += 1  # still cached: features are looked up by stamp
+            else:
+                self._last_image_ns = stamp
             self._queue.put(("image", msg))
 
     def _on_match(self, msg: Any) -> None:
@@ -364,6 +371,7 @@ class LoopClosureNode(Node):
         p50, p95 = self._verify_ms.percentiles(50, 95)
         out: dict[str, Any] = {
             "images_received": self.images_in,
+            "images_out_of_order": self.images_out_of_order,
             "matches_received": self.matches_in,
             "matches_processed": self.matches_done,
             "candidates_checked": self.candidates_checked,

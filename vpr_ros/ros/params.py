@@ -327,9 +327,15 @@ class ReasonCounter:
         self._suppressed: collections.Counter[str] = collections.Counter()
 
     def add(self, reason: str, detail: str) -> None:
-        now = time.monotonic()
+        """Count one rejection of ``reason`` and log it (throttled)."""
         with self._lock:
             self.counts[reason] += 1
+        self.log_throttled(reason, detail, prefix="rejected frame")
+
+    def log_throttled(self, reason: str, detail: str, prefix: str = "ignored") -> None:
+        """Log ``detail`` under ``reason`` at most once per period, without counting it."""
+        now = time.monotonic()
+        with self._lock:
             last = self._last_log.get(reason)
             if last is not None and now - last < self._period:
                 self._suppressed[reason] += 1
@@ -337,7 +343,7 @@ class ReasonCounter:
             more = self._suppressed.pop(reason, 0)
             self._last_log[reason] = now
         suffix = f" ({more} more '{reason}' since the last report)" if more else ""
-        self._log(f"rejected frame [{reason}]: {detail}{suffix}")
+        self._log(f"{prefix} [{reason}]: {detail}{suffix}")
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:

@@ -30,7 +30,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +169,30 @@ def _stamp_ns(stamp: Any) -> int:
     return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
+def _bag_messages(reader: Any, connection: Any, bag: Path) -> Iterator[tuple[Any, int, bytes]]:
+    """``reader.messages`` of one connection; a read error mid-bag is a :class:`DatasetError`."""
+    messages = reader.messages(connections=[connection])
+    while True:
+        try:
+            item = next(messages)
+        except StopIteration:
+            return
+        except Exception as exc:  # truncated chunk, corrupt database page, ...
+            raise DatasetError(f"{bag}: bag is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+        yield item
+
+
+def _deserialize(raw: bytes, msg_type: type, bag: Path) -> Any:
+    """A bag message as ``msg_type``; bytes that do not deserialise are a :class:`DatasetError`."""
+    from rclpy.serialization import deserialize_message
+
+    try:
+        return deserialize_message(raw, msg_type)
+    except Exception as exc:
+        raise DatasetError(f"{bag}: corrupt {msg_type.__name__} message in the bag "
+                           f"({type(exc).__name__}: {exc})") from None
+
+
 class _Collector:
     """The probe's subscriptions: PlaceMatch by image stamp, LoopClosure in arrival order."""
 
@@ -195,7 +219,6 @@ def _node_params(cfg: ReplayConfig) -> dict[str, dict[str, Any]]:
 def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
     """Replay ``cfg.bag`` through the real nodes; write the report (and ``cfg.record``); return the report."""
     from rclpy.qos import QoSProfile, qos_profile_sensor_data
-    from rclpy.serialization import deserialize_message
     from rosbags.highlevel import AnyReader
 
     from vpr_ros.ros.bag_tools import vpr_typestore
@@ -279,22 +302,22 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
                                   "(is DDS discovery confined to loopback?)")
             # Positions are small: read them first and publish each ahead of the images it belongs to, so
             # the localizer has a keyframe's odometry before it describes the frame (also in --fast runs).
-            positions = ([(t, bytes(raw)) for _, t, raw in reader.messages(connections=[inp.position_conn])]
+            positions = ([(t, bytes(raw)) for _, t, raw in _bag_messages(reader, inp.position_conn, cfg.bag)]
                          if pos_pub is not None else [])
             next_pos = 0
             t0_bag = None
             wall0 = time.perf_counter()
             lost = 0
-            for _, t_ns, raw in reader.messages(connections=[inp.image_conn]):
+            for _, t_ns, raw in _bag_messages(reader, inp.image_conn, cfg.bag):
                 if not cfg.fast:
                     t0_bag = t_ns if t0_bag is None else t0_bag
                     delay = wall0 + (t_ns - t0_bag) * 1e-9 / cfg.rate - time.perf_counter()
                     if delay > 0:
                         time.sleep(delay)
                 while next_pos < len(positions) and positions[next_pos][0] <= t_ns + POSITION_LEAD_NS:
-                    pos_pub.publish(deserialize_message(positions[next_pos][1], pos_type))
+                    pos_pub.publish(_deserialize(positions[next_pos][1], pos_type, cfg.bag))
                     next_pos += 1
-                msg = deserialize_message(bytes(raw), img_type)
+                msg = _deserialize(bytes(raw), img_type, cfg.bag)
                 published.append(_stamp_ns(msg.header.stamp))
                 img_pub.publish(msg)
                 if cfg.fast and not _wait_frame(graph, loc, coll, len(published), publishing, cfg.timeout_s):

@@ -114,6 +114,8 @@ class TransmitterNode(Node):
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=v["stats_window"])
         self.frames_in = 0
         self.frames_out = 0
+        self.out_of_order = 0
+        self._last_stamp: float | None = None
         self.bytes_out = 0
 
         out = v["output_topic"].rstrip("/")
@@ -166,6 +168,11 @@ class TransmitterNode(Node):
 
     def _on_image(self, msg: Image | CompressedImage) -> None:
         self.frames_in += 1
+        stamp = float(msg.header.stamp.sec) + float(msg.header.stamp.nanosec) * 1e-9
+        if self._last_stamp is not None and stamp < self._last_stamp:
+            self.out_of_order += 1  # still sent: the link forwards what the camera gives it
+        else:
+            self._last_stamp = stamp
         self._queue.put(msg)
 
     def _run(self) -> None:
@@ -209,8 +216,9 @@ class TransmitterNode(Node):
         if not recent:
             return 0.0
         mean = sum(b for _, b in recent) / len(recent)
-        span = recent[-1][0] - recent[0][0]
-        rate = (len(recent) - 1) / span if len(recent) > 1 and span > 0 else fps
+        steps = [b[0] - a[0] for a, b in zip(recent, recent[1:], strict=False)]
+        forward = [d for d in steps if d > 0]  # a stamp going back (bag restart, reordering) is skipped
+        rate = len(forward) / sum(forward) if forward else fps
         return mean * 8.0 * rate / 1000.0
 
     # ------------------------------------------------------------------ diagnostics and shutdown
@@ -226,6 +234,7 @@ class TransmitterNode(Node):
             "queue_size": len(self._queue),
             "queue_drops": self._queue.dropped,
             "rejected_total": sum(rejects.values()),
+            "out_of_order": self.out_of_order,
         }
         out.update({f"rejected_{k}": n for k, n in sorted(rejects.items())})
         return out
