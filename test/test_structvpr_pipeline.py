@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 from vpr_ros.core.images import load_image
 from vpr_ros.core.models import load_model, read_checkpoint
@@ -27,7 +28,7 @@ def tiny_config(kitti_dir, shared_dir, tmp_path) -> dict:
                          "weights": str(shared_dir / "weights/espnetv2_s_2.0_city_1024x512.pth")},
         "rgb_stage1": stage, "seg_stage1": {**stage, "lr": 1e-3}, "stage2": {**stage, "kd_weight": 1.0},
         "eval_degradations": ["none"],
-        "dir": str(tmp_path / "run"), "threads": 1, "progress": False,
+        "dir": str(tmp_path / "run"), "threads": 1, "progress": False, "log_every": 1,
     }
 
 
@@ -64,6 +65,23 @@ def test_structvpr_end_to_end(kitti_dir, shared_dir, torch_home, tmp_path):
     d = DescriptorExtractor(model, device="cpu")([image])
     assert d.shape == (1, 448) and np.isclose(np.linalg.norm(d), 1.0, atol=1e-4)
     assert elapsed < 90, f"end-to-end run took {elapsed:.0f} s"
+
+    # each stage ran on the engine's loop: resumable training checkpoints that describe the stage
+    s2 = read_checkpoint(run / "stage2" / "last.pt")
+    assert {"optimizer", "scheduler", "rng", "kd_proj", "structvpr_config"} <= set(s2)
+    assert s2["meta"]["method"] == "structvpr" and s2["meta"]["stage"] == "stage2" and s2["step"] == 3
+    assert s2["meta"]["weighting"]["partition"] == "gp-d" and seg_meta["meta"]["stage"] == "stage1_seg"
+    # a stage without summary.json (killed) resumes from its last.pt: here to a later final step
+    (run / "stage2" / "summary.json").unlink()
+    cfg = tiny_config(kitti_dir, shared_dir, tmp_path)
+    cfg["stage2"]["steps"] = 5
+    StructVPR(config_from_dict(cfg)).stage2()
+    rows = (run / "stage2" / "train.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]
+    resumed = read_checkpoint(run / "stage2" / "last.pt")
+    # the restored cosine schedule (with its total of 3 steps) is at learning rate 0, so T stays exactly as
+    # checkpointed: restored, not re-initialised
+    assert resumed["step"] == 5 and torch.equal(resumed["kd_proj"]["weight"], s2["kd_proj"]["weight"])
 
 
 def test_deployed_student_needs_no_training_code(tmp_path):

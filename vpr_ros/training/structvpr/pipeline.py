@@ -13,11 +13,14 @@
    distillation of the frozen seg-branch through a linear T (:class:`.weighted_kd.StructVPRDistill`).
 6. **Export**: the student alone as deployed weights (a plain ``structvpr_mobilenetv2``).
 
-Data, tuples, degradation, the triplet loss, optimiser, learning-rate schedule, evaluation and
-checkpoints are the training engine's (:mod:`vpr_ros.training`); what is StructVPR's lives here. Places
-come from the engine's sources (``places.kind: engine`` with a ``data`` section: nordland / folder / bags,
-split by place) or from KITTI odometry sequences with poses (``places.kind: kitti``: one sequence to
-train, another to test). A stage whose run directory holds ``summary.json`` is reused.
+Data, tuples, degradation, the triplet loss, optimiser, learning-rate schedule, the training loop,
+evaluation and checkpoints are the training engine's (:mod:`vpr_ros.training`): each stage is a
+:class:`~vpr_ros.training.engine.Trainer` subclass (:class:`RgbBranchStage`, :class:`SegBranchStage`,
+:class:`DistillStage`) that overrides only the engine's hooks (models, tuples, objective); what is
+StructVPR's lives here. Places come from the engine's sources (``places.kind: engine`` with a ``data``
+section: nordland / folder / bags, split by place) or from KITTI odometry sequences with poses
+(``places.kind: kitti``: one sequence to train, another to test). A stage whose run directory holds
+``summary.json`` is reused; one killed midway resumes from its ``last.pt`` (every ``ckpt_every`` steps).
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ import dataclasses
 import json
 import logging
 import sys
-import time
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,13 +40,12 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from ...core.datasets import ImageRecord, load_kitti
-from ...core.errors import ConfigError, DatasetError
+from ...core.errors import ConfigError
 from ...core.fileio import atomic_write_text
 from ...core.images import save_image
-from ...core.models import create_model, model_from_checkpoint, read_checkpoint, save_checkpoint
+from ...core.models import create_model, model_from_checkpoint, read_checkpoint
 from ...core.models.registry import Preprocess, VprModel
 from ...core.segmentation import (
     ESPNetv2Segmenter,
@@ -56,9 +56,20 @@ from ...core.segmentation import (
 )
 from ...core.segmentation import segment_files as _segment_files
 from ...core.transmission import TransmissionConfig, degrade_image
-from ..config import DataConfig, DegradationConfig, OptimConfig, _build, apply_overrides
+from ..config import (
+    DataConfig,
+    DegradationConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainConfig,
+    apply_overrides,
+    build_config,
+)
 from ..data import Degrader, PlaceSet, Relation, TupleDataset, build_places, degrade_queries, split_places
-from ..engine import LrSchedule, _make_optimizer
+from ..engine import Trainer, run_trainer
 from ..evaluate import describe, recall_on_places
 from ..export import export_deployed
 from ..losses import triplet_loss
@@ -159,6 +170,7 @@ class StructVPRConfig:
     seed: int = 0
     threads: int = 1
     log_every: int = 10
+    ckpt_every: int = 50  # steps between a stage's checkpoints (a killed stage resumes from the last)
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,7 +180,7 @@ class StructVPRConfig:
 def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ()) -> StructVPRConfig:
     """Build and check a :class:`StructVPRConfig` (unknown keys, types and ranges raise ConfigError)."""
     raw = apply_overrides(copy.deepcopy(data or {}), list(overrides))
-    cfg: StructVPRConfig = _build(StructVPRConfig, raw, "")
+    cfg: StructVPRConfig = build_config(StructVPRConfig, raw)
     p, s = cfg.places, cfg.segmentation
     checks = [
         (p.kind in ("kitti", "engine"), "places.kind", f"{p.kind!r} is not kitti or engine"),
@@ -325,143 +337,198 @@ def received_files(records: Sequence[ImageRecord], spec: str, folder: Path) -> l
 # --------------------------------------------------------------------------- tuples
 
 
-class StructTuples(Dataset):
+class StructTuples(TupleDataset):
     """The engine's tuples plus what StructVPR needs: ``rgb`` (student input, degraded as configured),
     ``slme`` (SLME maps of the same images, from the high-quality frames) and ``weight`` (phi of (q, p))."""
 
     def __init__(
         self,
-        base: TupleDataset,
+        places: PlaceSet,
         bank: SLMEBank | None,
         *,
         rgb: bool = True,
         weights: Callable[[int, int], float] | None = None,
+        **tuple_args: Any,
     ) -> None:
-        self.base, self.bank, self.rgb, self.weights = base, bank, rgb, weights
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
+        super().__init__(places, **tuple_args)
+        self.bank, self.rgb, self.weights = bank, rgb, weights
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        qi, p, negs, _ = self.base.tuple_ids(k)
-        places = self.base.places
+        qi, p, negs, _ = self.tuple_ids(k)
         out: dict[str, Any] = {"index": k, "weight": float(self.weights(qi, p)) if self.weights else 1.0}
         if self.rgb:
-            out["rgb"] = self.base[k]["lq"]
+            out["rgb"] = super().__getitem__(k)["lq"]
         if self.bank is not None:
-            recs = [places.queries[qi], places.database[p], *(places.database[n] for n in negs)]
+            db = self.places.database
+            recs = [self.places.queries[qi], db[p], *(db[n] for n in negs)]
             out["slme"] = self.bank.tensor([r.path for r in recs])
         return out
 
 
-# --------------------------------------------------------------------------- one training stage
+# --------------------------------------------------------------------------- the stages, on the engine's loop
 
 
-@dataclass
-class StageResult:
-    steps: int
-    train_seconds: float  # forward/backward/update time
-    wall_seconds: float  # including data loading and hard-negative mining
-    last: dict[str, float] = field(default_factory=dict)
+class TripletObjective(nn.Module):
+    """Stage I: the triplet loss of one branch's descriptors of (B, T, ...) tuples (query, positive,
+    negatives...)."""
+
+    def __init__(self, model: VprModel, margin: float) -> None:
+        super().__init__()
+        self.model, self.margin = model, float(margin)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        d = self.model(x.flatten(0, 1)).view(*x.shape[:2], -1)
+        loss = triplet_loss(d[:, 0], d[:, 1], d[:, 2:], self.margin)
+        return {"loss": loss, "triplet": loss}
 
 
-def fit(
-    modules: nn.Module,
-    params: list[nn.Parameter],
-    dataset: StructTuples,
-    stage: StageConfig,
-    step_fn: Callable[[dict[str, Any]], dict[str, torch.Tensor]],
-    *,
-    optim: OptimConfig,
-    seed: int,
-    run_dir: Path,
-    log_every: int = 10,
-    refresh: Callable[[], None] | None = None,
-    progress: bool = True,
-) -> StageResult:
-    """Train ``params`` for ``stage.steps`` steps of ``step_fn(batch) -> {"loss", ...}`` on ``dataset``.
+class StageTrainer(Trainer):
+    """One StructVPR stage on the engine's :class:`~vpr_ros.training.engine.Trainer` (loop, ``train.csv``,
+    atomic self-describing checkpoints, mid-stage resume, hard-mining refresh). The recipe of a stage is
+    the engine's (:meth:`StructVPR.stage_config`); places, SLME maps and the partition come from the
+    :class:`StructVPR` run. No validation during a stage: :meth:`StructVPR.evaluate` tests afterwards."""
 
-    Uses the engine's optimiser factory and learning-rate schedule; ``refresh`` (hard-negative mining
-    cache) runs at each epoch start. Logs ``train.csv`` in ``run_dir``.
-    """
-    from tqdm import tqdm
+    method = "structvpr"
+    model_name = "structvpr_mobilenetv2"
+    loss_terms = ("loss", "triplet")
 
-    o = dataclasses.replace(optim, lr=stage.lr)
-    optimizer = _make_optimizer(types.SimpleNamespace(optim=o), params)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, LrSchedule(stage.scheduler, stage.steps, stage.warmup_steps)
-    )
-    gen = torch.Generator().manual_seed(seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rows, step, epoch, train_s, t_start, last = [], 0, 0, 0.0, time.perf_counter(), {}
-    bar = tqdm(total=stage.steps, desc=run_dir.name, unit="step", disable=not progress, dynamic_ncols=True)
-    while step < stage.steps:
-        dataset.set_epoch(epoch)
-        if refresh is not None:
-            refresh()
-        modules.train()
-        loader = DataLoader(dataset, batch_size=stage.batch_size, shuffle=True, generator=gen, drop_last=True)
-        if len(loader) == 0:
-            raise DatasetError(f"{len(dataset)} tuples cannot fill one batch of {stage.batch_size}")
-        for batch in loader:
-            t0 = time.perf_counter()
-            out = step_fn(batch)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            if o.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            train_s += time.perf_counter() - t0
-            last = {k: float(v.detach()) for k, v in out.items()}
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()}, refresh=False)
-            if step % log_every == 0 or step == stage.steps:
-                rows.append(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "lr": scheduler.get_last_lr()[0],
-                        **last,
-                        "train_seconds": train_s,
-                    }
-                )
-                _write_csv(run_dir / "train.csv", rows)
-            if step >= stage.steps:
-                break
-        epoch += 1
-    bar.close()
-    return StageResult(step, train_s, time.perf_counter() - t_start, last)
+    def __init__(self, sv: StructVPR, name: str, stage: StageConfig, *, resume: bool = False) -> None:
+        self.sv, self.name = sv, name
+        super().__init__(sv.stage_config(name, stage, self.model_name), resume=resume)
+
+    def build_places(self) -> tuple[PlaceSet, PlaceSet]:
+        return self.sv.train_places, self.sv.test_places
+
+    def val_columns(self) -> list[str]:
+        return []
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"stage": self.name}
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {**super().checkpoint_extra(), "structvpr_config": self.sv.cfg.to_dict()}
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    lines = [",".join(cols)] + [",".join(f"{r.get(c, '')}" for c in cols) for r in rows]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+class RgbBranchStage(StageTrainer):
+    """Stage I, rgb-branch: ImageNet MobileNetV2 (the student's architecture) with the triplet loss on
+    RGB tuples whose query is degraded like the student's deployment input."""
+
+    def build_models(self) -> tuple[VprModel, None]:
+        return self.sv.new_rgb(), None
+
+    def build_dataset(self) -> StructTuples:
+        return self.sv.tuples(self.student, rgb=True, slme=False)
+
+    def build_objective(self) -> nn.Module:
+        return TripletObjective(self.student, self.sv.cfg.margin)
+
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.model(batch["rgb"].to(self.dist.device))
 
 
-def _save(
-    model: VprModel, run_dir: Path, result: StageResult, meta: dict[str, Any], extra: dict[str, Any]
-) -> Path:
-    path = save_checkpoint(
-        model,
-        run_dir / "last.pt",
-        kind="training",
-        meta={"method": "structvpr", **meta},
-        extra={
-            "step": result.steps,
-            "total_steps": result.steps,
-            "train_seconds": result.train_seconds,
-            **extra,
-        },
-    )
-    summary = {**asdict(result), **meta, "checkpoint": str(path)}
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-    return path
+class SegBranchStage(StageTrainer):
+    """Stage I, seg-branch: trained from scratch with the triplet loss on the SLME maps of the same
+    tuples (maps of the high-quality frames); its hard negatives come from its own descriptors."""
+
+    model_name = "structvpr_segbranch"
+
+    def build_models(self) -> tuple[VprModel, None]:
+        return self.sv.new_seg(), None
+
+    def build_dataset(self) -> StructTuples:
+        return self.sv.tuples(self.student, rgb=False, slme=True)
+
+    def build_objective(self) -> nn.Module:
+        return TripletObjective(self.student, self.sv.cfg.margin)
+
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.model(batch["slme"].to(self.dist.device))
+
+    def refresh_cache(self) -> None:
+        p, bank = self.train_places, self.dataset.bank
+        q = describe_slme(self.student, bank, [r.path for r in p.queries])
+        db = q if p.database is p.queries else describe_slme(self.student, bank, [r.path for r in p.database])
+        self.dataset.set_cache(q, db)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {
+            **super().checkpoint_meta(),
+            "degradation": None,  # the seg-branch sees SLME maps of the high-quality frames
+            "segmenter": self.sv.segmenter.id,
+            "slme_groups": list(self.sv.cfg.slme.groups),
+        }
+
+
+class DistillStage(StageTrainer):
+    """Stage II: the student starts from the Stage-I rgb-branch and minimises
+    ``L_triplet + lambda * phi-weighted ||x_S - T(x_D)||^2`` against the frozen seg-branch
+    (:class:`~.weighted_kd.StructVPRDistill`); T starts at the least-squares map
+    (:func:`~.weighted_kd.init_projection`)."""
+
+    loss_terms = ("loss", "triplet", "kd")
+
+    def __init__(
+        self,
+        sv: StructVPR,
+        name: str,
+        stage: Stage2Config,
+        *,
+        weighting: WeightingConfig,
+        kd_weight: float,
+        resume: bool = False,
+    ) -> None:
+        self.wcfg, self.lam = weighting, kd_weight
+        self.pairs = sv.partition()
+        self.weights = pair_weights(self.pairs, weighting)
+        super().__init__(sv, name, stage, resume=resume)
+
+    def build_models(self) -> tuple[VprModel, VprModel]:
+        root = self.sv.root
+        return load_trained(root / "stage1_rgb"), load_trained(root / "stage1_seg")
+
+    def build_dataset(self) -> StructTuples:
+        weights = PairWeights(self.pairs, self.weights)
+        return self.sv.tuples(self.student, rgb=True, slme=self.lam > 0, weights=weights)
+
+    def build_objective(self) -> StructVPRDistill:
+        distill = StructVPRDistill(self.student, self.teacher, kd_weight=self.lam, margin=self.sv.cfg.margin)
+        if self.lam > 0 and not self.resuming:
+            db = self.train_places.database
+            fit_mse = init_projection(
+                distill.proj,
+                describe_slme(self.teacher, self.dataset.bank, [r.path for r in db]),
+                describe(self.student, [self.dataset.cache.get(r) for r in db]),
+            )
+            log.info("%s: T initialised by least squares (residual %.3f)", self.name, fit_mse)
+        return distill
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in [*self.student.parameters(), *self.objective.proj.parameters()] if p.requires_grad]
+
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        dev = self.dist.device
+        rgb = batch["rgb"].to(dev)
+        slme = batch["slme"].to(dev) if "slme" in batch else rgb[:, :, :1]  # no KD: never read
+        return self.model(rgb, slme, batch["weight"].to(dev))
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        if self.lam == 0:  # the no-distillation control
+            return {**super().checkpoint_meta(), "weighting": None, "kd_weight": 0.0, "distilled_share": 0.0}
+        return {
+            **super().checkpoint_meta(),
+            "weighting": dataclasses.asdict(self.wcfg),
+            "kd_weight": self.lam,
+            "segmenter": self.sv.segmenter.id,
+            **summarize_weights(self.pairs, self.weights, self.wcfg.n_t),
+        }
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        proj = {k: v.detach().cpu() for k, v in self.objective.proj.state_dict().items()}
+        return {**super().checkpoint_extra(), "kd_proj": proj}
+
+    def load_extra(self, ckpt: dict[str, Any]) -> None:
+        super().load_extra(ckpt)
+        self.objective.proj.load_state_dict(ckpt["kd_proj"])
 
 
 def _finished(run_dir: Path) -> dict[str, Any] | None:
@@ -535,119 +602,59 @@ class StructVPR:
         self, student: VprModel, *, rgb: bool, slme: bool, weights: Callable[[int, int], float] | None = None
     ) -> StructTuples:
         d = self.cfg.data
-        pre = student.preprocess if rgb else Preprocess(input_size=self.size)
-        base = TupleDataset(
+        return StructTuples(
             self.train_places,
-            preprocess=pre,
+            self.segment_training() if slme else None,
+            rgb=rgb,
+            weights=weights,
+            preprocess=student.preprocess if rgb else Preprocess(input_size=self.size),
             degrader=self.degrader,
             negatives=d.negatives,
             targets=self.cfg.degradation.targets,
             seed=self.cfg.seed,
             pool=d.mining_pool,
         )
-        return StructTuples(base, self.segment_training() if slme else None, rgb=rgb, weights=weights)
 
-    def _rgb_refresh(self, model: VprModel, ds: StructTuples) -> Callable[[], None] | None:
-        if self.cfg.data.mining != "hard":
-            return None
-        p = self.train_places
+    def stage_config(self, name: str, stage: StageConfig, model_name: str) -> TrainConfig:
+        """The engine recipe of one stage: this recipe's tuples (``data``), degradation, optimiser (at the
+        stage's learning rate) and seed; the stage's steps, batch and schedule; CPU; run dir DIR/name."""
+        c = self.cfg
+        return TrainConfig(
+            data=c.data,
+            model=ModelConfig(name=model_name, init="random"),
+            degradation=c.degradation,
+            loss=LossConfig(ickd=False, mse=False, margin=c.margin),
+            optim=dataclasses.replace(c.optim, lr=stage.lr),
+            schedule=ScheduleConfig(
+                epochs=stage.steps,  # as many as the steps need; max_steps ends the stage
+                max_steps=stage.steps,
+                batch_size=stage.batch_size,
+                scheduler=stage.scheduler,
+                warmup_steps=stage.warmup_steps,
+                log_every=c.log_every,
+                val_every=0,
+                ckpt_every=c.ckpt_every,
+            ),
+            run=RunConfig(dir=str(self.root / name), seed=c.seed, device="cpu", progress=c.progress),
+        )
 
-        def refresh() -> None:
-            q = describe(model, [ds.base.cache.get(r) for r in p.queries], batch_size=64)
-            db = q if p.database is p.queries else describe(model, [ds.base.cache.get(r) for r in p.database])
-            ds.base.set_cache(q, db)
-
-        return refresh
-
-    def _seg_refresh(self, model: VprModel, ds: StructTuples) -> Callable[[], None] | None:
-        if self.cfg.data.mining != "hard":
-            return None
-        p = self.train_places
-
-        def refresh() -> None:
-            q = describe_slme(model, self.bank, [r.path for r in p.queries])  # type: ignore[arg-type]
-            db = (
-                q
-                if p.database is p.queries
-                else describe_slme(model, self.bank, [r.path for r in p.database])
-            )
-            ds.base.set_cache(q, db)
-
-        return refresh
+    def _run_stage(self, trainer: type[StageTrainer], name: str, stage: StageConfig, **kw: Any) -> Path:
+        """Run a stage unless it finished before; a stage killed midway resumes from its last.pt."""
+        run_dir = self.root / name
+        if not _finished(run_dir):
+            resume = (run_dir / "last.pt").is_file()
+            run_trainer(trainer, self, name, stage, resume=resume, **kw)
+        return run_dir
 
     # ------------------------------------------------------------------ Stage I
 
     def stage1_rgb(self) -> Path:
         """The rgb-branch: ImageNet MobileNetV2 student trained with the triplet loss."""
-        run_dir = self.root / "stage1_rgb"
-        if _finished(run_dir):
-            return run_dir
-        model = self.new_rgb()
-        ds = self.tuples(model, rgb=True, slme=False)
-        margin = self.cfg.margin
-
-        def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-            x = batch["rgb"]
-            d = model(x.flatten(0, 1)).view(*x.shape[:2], -1)
-            loss = triplet_loss(d[:, 0], d[:, 1], d[:, 2:], margin)
-            return {"loss": loss, "triplet": loss}
-
-        res = fit(
-            model,
-            [p for p in model.parameters() if p.requires_grad],
-            ds,
-            self.cfg.rgb_stage1,
-            step,
-            optim=self.cfg.optim,
-            seed=self.cfg.seed,
-            run_dir=run_dir,
-            log_every=self.cfg.log_every,
-            refresh=self._rgb_refresh(model, ds),
-            progress=self.cfg.progress,
-        )
-        _save(model, run_dir, res, {"stage": "stage1_rgb", "degradation": self.degrader.label}, {})
-        return run_dir
+        return self._run_stage(RgbBranchStage, "stage1_rgb", self.cfg.rgb_stage1)
 
     def stage1_seg(self) -> Path:
         """The seg-branch: trained from scratch on SLME maps with the triplet loss."""
-        run_dir = self.root / "stage1_seg"
-        if _finished(run_dir):
-            return run_dir
-        model = self.new_seg()
-        ds = self.tuples(model, rgb=False, slme=True)
-        margin = self.cfg.margin
-
-        def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-            x = batch["slme"]
-            d = model(x.flatten(0, 1)).view(*x.shape[:2], -1)
-            loss = triplet_loss(d[:, 0], d[:, 1], d[:, 2:], margin)
-            return {"loss": loss, "triplet": loss}
-
-        res = fit(
-            model,
-            list(model.parameters()),
-            ds,
-            self.cfg.seg_stage1,
-            step,
-            optim=self.cfg.optim,
-            seed=self.cfg.seed,
-            run_dir=run_dir,
-            log_every=self.cfg.log_every,
-            refresh=self._seg_refresh(model, ds),
-            progress=self.cfg.progress,
-        )
-        _save(
-            model,
-            run_dir,
-            res,
-            {
-                "stage": "stage1_seg",
-                "segmenter": self.segmenter.id,
-                "slme_groups": list(self.cfg.slme.groups),
-            },
-            {},
-        )
-        return run_dir
+        return self._run_stage(SegBranchStage, "stage1_seg", self.cfg.seg_stage1)
 
     # ------------------------------------------------------------------ partition
 
@@ -694,60 +701,14 @@ class StructVPR:
         self, name: str = "stage2", weighting: WeightingConfig | None = None, kd_weight: float | None = None
     ) -> Path:
         """The student: Stage-I rgb-branch + triplet + weighted distillation from the frozen seg-branch."""
-        run_dir = self.root / name
-        if _finished(run_dir):
-            return run_dir
         s2 = self.cfg.stage2
-        wcfg = weighting or s2.weighting
-        lam = s2.kd_weight if kd_weight is None else kd_weight
-        student, teacher = load_trained(self.root / "stage1_rgb"), load_trained(self.root / "stage1_seg")
-        pairs = self.partition()
-        w = pair_weights(pairs, wcfg)
-        ds = self.tuples(student, rgb=True, slme=lam > 0, weights=PairWeights(pairs, w))
-        distill = StructVPRDistill(student, teacher, kd_weight=lam, margin=self.cfg.margin)
-        if lam > 0:
-            db = self.train_places.database
-            fit_mse = init_projection(
-                distill.proj,
-                describe_slme(teacher, self.segment_training(), [r.path for r in db]),
-                describe(student, [r.load() for r in db]),
-            )
-            log.info("%s: T initialised by least squares (residual %.3f)", name, fit_mse)
-
-        def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-            slme = batch.get("slme", batch["rgb"][:, :, :1])
-            return distill(batch["rgb"], slme, batch["weight"])
-
-        params = [p for p in [*student.parameters(), *distill.proj.parameters()] if p.requires_grad]
-        res = fit(
-            distill,
-            params,
-            ds,
+        return self._run_stage(
+            DistillStage,
+            name,
             s2,
-            step,
-            optim=self.cfg.optim,
-            seed=self.cfg.seed,
-            run_dir=run_dir,
-            log_every=self.cfg.log_every,
-            refresh=self._rgb_refresh(student, ds),
-            progress=self.cfg.progress,
+            weighting=weighting or s2.weighting,
+            kd_weight=s2.kd_weight if kd_weight is None else kd_weight,
         )
-        meta = {
-            "stage": name,
-            "weighting": asdict(wcfg) if lam > 0 else None,
-            "kd_weight": lam,
-            "degradation": self.degrader.label,
-            "segmenter": self.segmenter.id if lam > 0 else None,
-            **(summarize_weights(pairs, w, wcfg.n_t) if lam > 0 else {"distilled_share": 0.0}),
-        }
-        _save(
-            student,
-            run_dir,
-            res,
-            meta,
-            {"kd_proj": {k: v.detach().cpu() for k, v in distill.proj.state_dict().items()}},
-        )
-        return run_dir
 
     def export(self, name: str = "stage2", out: str | Path | None = None) -> Path:
         """Step 6: the Stage-II student alone as deployed weights (``structvpr_mobilenetv2``)."""
