@@ -2,10 +2,12 @@
 
 Run it confined to this machine (a loopback-only network namespace)::
 
-    scripts/confine.sh .venv/bin/python bench/node_e2e.py [--backends torch,onnx/f1] [--rates 10,30,120]
+    scripts/confine.sh .venv/bin/python bench/node_e2e.py [--backends onnx,torch/t1] [--rates 10,30,120]
 
 Three processes: this orchestrator, the localizer node (``vpr_ros.ros.localizer.LocalizerNode``,
-mode ``localize``, a map of 300 KITTI-00 frames), and a publisher/receiver started with
+mode ``localize``, a map of 300 KITTI-00 frames, its backend chosen by its ``backend`` /
+``threads`` / ``faiss_threads`` parameters, spun as ``localizer_node``'s ``main()`` does: a
+``SingleThreadedExecutor`` and a 0.5 ms GIL switch interval), and a publisher/receiver started with
 ``FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA``. The publisher sends real camera frames (KITTI 05 and
 RTAB-Map corridor, resized to the input size, ``rgb8`` ``sensor_msgs/Image``, header stamp = send
 time) at each rate for ``--duration`` seconds and receives ``vpr_ros_msgs/PlaceMatch``:
@@ -24,9 +26,9 @@ plain loop, batch 1 (``bare_backend``), and the student's plain eager ``forward`
 preprocessed tensors (``bare_eager``); both are timed right before and after each node run and
 averaged, so the ratio compares like load with like load.
 
-The node gets its backend through a ``backend`` parameter when the localizer declares one;
-otherwise the benchmark builds the extractor with :func:`vpr_ros.core.backends.make_backend`
-and hands it to ``LocalizerNode(extractor=...)`` in the node process (same node code path).
+A configuration ``backend[/tN][/fM][/multi][/swU]`` varies one setting from that: ``tN`` the
+``threads`` parameter (node and bare loops), ``fM`` ``faiss_threads`` (0 = faiss default),
+``multi`` a ``MultiThreadedExecutor``, ``swU`` the switch interval in µs (5000 = Python's default).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def _frames(size: tuple[int, int], n: int, seq: str = "05") -> list[np.ndarray]:
 
 def _ros_env() -> None:
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    os.environ.setdefault("VPR_ROS_CACHE", str(C.REPO / ".cache"))  # ONNX exports: .cache/onnx
     os.environ.setdefault("ROS_LOG_DIR", str(C.REPO / ".cache" / "ros_log"))
     os.environ.setdefault("HOME", str(C.REPO / ".cache" / "home"))
 
@@ -73,44 +76,23 @@ def _ros_env() -> None:
 
 def role_node(args: argparse.Namespace) -> int:
     _ros_env()
-    import torch
-
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    if args.faiss_threads:  # the map query's OpenMP pool (torch may share the same OpenMP runtime)
-        import faiss
-
-        faiss.omp_set_num_threads(args.faiss_threads)
     import rclpy
     from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
-    from vpr_ros.core.extract import DescriptorExtractor
-    from vpr_ros.ros.localizer import PARAMS, LocalizerNode, build_extractor
+    from vpr_ros.ros.localizer import LocalizerNode
 
     params = {"image_topic": args.image_topic, "match_topic": args.match_topic, "map_path": args.map,
               "mode": "localize", "weights": args.weights, "input_size": args.input_size, "device": "cpu",
+              "backend": args.backend, "threads": args.threads, "faiss_threads": args.faiss_threads,
               "max_batch": args.max_batch, "queue_size": args.queue_size, "top_k": 5,
               "diagnostics_period_s": 0.0}
-    declared = {p.name for p in PARAMS}
-    kw = {}
-    if "backend" in declared:
-        params["backend"] = args.backend
-        wired = "parameter"
-    else:
-        ext, label = build_extractor(args.weights, "", args.input_size, "cpu", args.max_batch)
-        if args.backend != "torch":
-            ext = DescriptorExtractor(ext.model, device="cpu", batch_size=args.max_batch,
-                                      backend=args.backend, cache_dir=str(C.REPO / ".cache" / "onnx"))
-        kw = {"extractor": ext, "label": label}
-        wired = "extractor"
     rclpy.init()
-    node = LocalizerNode(parameter_overrides=[Parameter(k, value=v) for k, v in params.items()], **kw)
+    node = LocalizerNode(parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
     node.extractor.backend.warmup(batch=args.max_batch)
-    print(json.dumps({"ready": True, "pid": os.getpid(), "wired": wired,
+    print(json.dumps({"ready": True, "pid": os.getpid(), "wired": "parameter",
                       "backend": node.extractor.backend.describe()}), flush=True)
-    if args.switch_interval_us:  # how long a thread may hold the GIL before yielding it (default 5 ms)
-        sys.setswitchinterval(args.switch_interval_us * 1e-6)
+    sys.setswitchinterval(args.switch_interval_us * 1e-6)  # how long a thread may hold the GIL
     executor = SingleThreadedExecutor() if args.executor == "single" else MultiThreadedExecutor()
     executor.add_node(node)
     stop = threading.Event()
@@ -236,19 +218,17 @@ def role_pub(args: argparse.Namespace) -> int:
 
 
 def bare_rates(backend_name: str, size: tuple[int, int], weights: str, frames: list[np.ndarray],
-               seconds: float) -> dict[str, float]:
+               seconds: float, threads: int = 0) -> dict[str, float]:
     """Frames/s of the student called in a loop at batch 1: through the backend (preprocessing
-    included) and as a plain eager forward on ready tensors."""
+    included, built as the node builds it) and as a plain eager forward on ready tensors."""
     import torch
 
-    from vpr_ros.core.extract import DescriptorExtractor, to_tensor_batch
+    from vpr_ros.core.extract import to_tensor_batch
     from vpr_ros.ros.localizer import build_extractor
 
-    ext, _ = build_extractor(weights, "", f"{size[0]}x{size[1]}", "cpu", 1)
+    ext, _ = build_extractor(weights, "", f"{size[0]}x{size[1]}", "cpu", 1, backend=backend_name,
+                             threads=threads)
     model = ext.model
-    if backend_name != "torch":
-        ext = DescriptorExtractor(model, device="cpu", batch_size=1, backend=backend_name,
-                                  cache_dir=str(C.REPO / ".cache" / "onnx"))
     tensors = [to_tensor_batch([f], model.preprocess) for f in frames]
     out = {}
     for name in ("bare_backend", "bare_eager"):
@@ -295,16 +275,14 @@ def orchestrate(args: argparse.Namespace) -> int:
     _ros_env()
     import torch
 
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
     from vpr_ros.core.datasets import load_kitti
     from vpr_ros.core.experiment import map_from_records
-    from vpr_ros.ros.localizer import PARAMS, build_extractor
+    from vpr_ros.ros.localizer import build_extractor
 
     size = tuple(int(v) for v in args.input_size.split("x"))
     mach = C.machine("torch", "onnxruntime", "numpy", "rclpy")
     mach["confined"] = os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE")
-    mach["node_backend_param"] = "backend" in {p.name for p in PARAMS}
+    mach["node_main"] = "SingleThreadedExecutor, switch interval 500 us, faiss_threads in the worker"
     print("machine:", mach)
     tmp = Path(tempfile.mkdtemp(prefix="vpr_bench_"))
     ext, label = build_extractor(args.weights, "", args.input_size, "cpu", 16)
@@ -321,12 +299,12 @@ def orchestrate(args: argparse.Namespace) -> int:
         for run, spec in enumerate(runs):
             backend, threads, faiss_threads, node_extra = parse_spec(spec, args)
             torch.set_num_threads(threads or default_threads)
-            before = bare_rates(backend, size, args.weights, frames, args.bare_seconds)
+            before = bare_rates(backend, size, args.weights, frames, args.bare_seconds, threads)
             topic = f"/bench_{uuid.uuid4().hex[:8]}"
             args.image_topic, args.match_topic = f"{topic}/image", f"{topic}/place_match"
             node = spawn("node", args, ["--backend", backend, "--map", str(map_dir), "--max-batch",
                                         str(args.max_batch), "--queue-size", str(args.queue_size),
-                                        "--torch-threads", str(threads),
+                                        "--threads", str(threads),
                                         "--faiss-threads", str(faiss_threads), *node_extra])
             info = read_json_lines(node, "ready", 300)
             if not info or "ready" not in info[-1]:
@@ -343,12 +321,13 @@ def orchestrate(args: argparse.Namespace) -> int:
             node.send_signal(signal.SIGINT)
             diag = read_json_lines(node, "diagnostics", 60)
             node.wait(timeout=60)
-            after = bare_rates(backend, size, args.weights, frames, args.bare_seconds)
+            after = bare_rates(backend, size, args.weights, frames, args.bare_seconds, threads)
             torch.set_num_threads(default_threads)
             bare = {k: (before[k] + after[k]) / 2 for k in before}
             top = max((p["sustained_hz"] for p in phases), default=0.0)
             for p in phases:
-                row = {"backend": spec, "run": run, "wired": ready["wired"], **p,
+                row = {"backend": spec, "run": run, "wired": ready["wired"], "node_backend": ready["backend"],
+                       **p,
                        "bare_backend_hz": bare["bare_backend"], "bare_eager_hz": bare["bare_eager"],
                        "bare_backend_cpu_ms": bare["bare_backend_cpu_ms"],
                        "node_cpu_vs_bare": p["node_cpu_ms_per_frame"] / bare["bare_backend_cpu_ms"],
@@ -379,13 +358,13 @@ def orchestrate(args: argparse.Namespace) -> int:
 
 
 def parse_spec(spec: str, args: argparse.Namespace) -> tuple[str, int, int, list[str]]:
-    """``backend[/tN][/fM][/single][/swU]`` -> (backend, torch threads N, faiss threads M, extra node
-    arguments: SingleThreadedExecutor, GIL switch interval U µs); 0 = default."""
+    """``backend[/tN][/fM][/multi][/swU]`` -> (backend, threads N, faiss threads M, extra node arguments:
+    MultiThreadedExecutor, GIL switch interval U µs); threads 0 = library default."""
     backend, *opts = spec.split("/")
-    threads, faiss_threads, extra = args.torch_threads, args.faiss_threads, []
+    threads, faiss_threads, extra = args.threads, args.faiss_threads, []
     for o in opts:
-        if o == "single":
-            extra += ["--executor", "single"]
+        if o in ("single", "multi"):
+            extra += ["--executor", o]
         elif o.startswith("sw"):
             extra += ["--switch-interval-us", o[2:]]
         elif o.startswith("t"):
@@ -393,26 +372,26 @@ def parse_spec(spec: str, args: argparse.Namespace) -> tuple[str, int, int, list
         elif o.startswith("f"):
             faiss_threads = int(o[1:])
         else:
-            raise SystemExit(f"bad backend spec {spec!r}: options are /tN (torch threads), "
-                             "/fM (faiss threads), /single (executor), /swU (GIL switch interval, µs)")
+            raise SystemExit(f"bad backend spec {spec!r}: options are /tN (backend threads), "
+                             "/fM (faiss threads), /multi (executor), /swU (GIL switch interval, µs)")
     return backend, threads, faiss_threads, extra
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--role", default="orchestrate", choices=["orchestrate", "node", "pub"])
-    ap.add_argument("--backends", default="torch,torch/t1/f1,onnx,onnx/f1",
-                    help="node configurations: backend[/tN][/fM], N torch intra-op threads (node and bare "
-                         "loops), M faiss OpenMP threads in the node (0 = library default)")
+    ap.add_argument("--backends", default="onnx,torch/t1,onnx/multi/sw5000/f0",
+                    help="node configurations backend[/tN][/fM][/multi][/swU] (see the module docstring); "
+                         "the last default is the node's main() before issue #6")
     ap.add_argument("--repeats", type=int, default=2,
                     help="runs of each configuration, in alternating order (ABC, CBA, ...)")
-    ap.add_argument("--faiss-threads", type=int, default=0,
-                    help="faiss OpenMP threads in the node (0: default)")
+    ap.add_argument("--faiss-threads", type=int, default=1,
+                    help="the node's faiss_threads parameter (0: faiss default)")
     ap.add_argument("--backend", default="torch")
-    ap.add_argument("--executor", default="multi", choices=["multi", "single"],
-                    help="node process executor (the localizer's main() uses MultiThreadedExecutor)")
-    ap.add_argument("--switch-interval-us", type=int, default=0,
-                    help="node process sys.setswitchinterval in µs (0: Python's 5000)")
+    ap.add_argument("--executor", default="single", choices=["multi", "single"],
+                    help="node process executor (the localizer's main() uses SingleThreadedExecutor)")
+    ap.add_argument("--switch-interval-us", type=int, default=500,
+                    help="node process sys.setswitchinterval in µs (main(): 500; Python's default: 5000)")
     ap.add_argument("--rates", default="10,20,30,45,60,120", help="offered frame rates (Hz), in order")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per rate")
     ap.add_argument("--drain", type=float, default=1.5, help="seconds to wait for late matches per rate")
@@ -422,7 +401,7 @@ def main() -> int:
     ap.add_argument("--queue-size", type=int, default=10)
     ap.add_argument("--frames", type=int, default=120)
     ap.add_argument("--bare-seconds", type=float, default=6.0)
-    ap.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    ap.add_argument("--threads", type=int, default=0, help="the node's threads parameter (0: default)")
     ap.add_argument("--map", default="")
     ap.add_argument("--node-pid", type=int, default=0)
     ap.add_argument("--image-topic", default="/bench/image")
