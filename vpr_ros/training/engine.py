@@ -48,7 +48,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from ..core.errors import ConfigError, DatasetError, ModelError
-from ..core.fileio import atomic_write_text
+from ..core.fileio import atomic_write_text, remove_stale_temps
 from ..core.models import read_checkpoint, save_checkpoint, select_device
 from ..core.models.registry import VprModel
 from .config import OptimConfig, TrainConfig
@@ -431,6 +431,8 @@ class Trainer:
         self.csv_train = self.csv_val = self.tb = None
         if d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temps(self.ckpt_path):  # checkpoint writes a kill interrupted
+                log.info("removed %s (an unfinished checkpoint write)", stale)
             cfg.save(self.run_dir / "config.yaml")
             keep = self.step if resume_ckpt is not None else None
             self.csv_train = CsvLog(
