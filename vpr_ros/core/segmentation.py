@@ -36,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .errors import DatasetError, ImageError, ModelError
-from .fileio import atomic_path
+from .fileio import atomic_path, confined_path
 from .images import as_rgb8, load_image
 from .models.backbones import weights_only_loads
 from .models.registry import IMAGENET_MEAN, IMAGENET_STD, select_device
@@ -675,7 +675,9 @@ class LabelCache:
             raise ImageError(f"{p}: no such image file") from None
         key = hashlib.sha1(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
         safe_id = re.sub(r"[^A-Za-z0-9_.-]", "_", segmenter_id)
-        return self.root / safe_id / f"{p.stem[:40]}-{key}.png"
+        name = f"{safe_id}/{p.stem[:40]}-{key}.png"
+        confined_path(self.root, name)  # an id of "." or ".." must not write beside the cache
+        return self.root / name
 
     def get(self, image_path: str | os.PathLike, segmenter: Segmenter) -> np.ndarray:
         """The cached map, computed and stored first if missing."""
