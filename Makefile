@@ -46,5 +46,10 @@ test: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The accuracy study (issue #8): raw results in results/accuracy/, the page docs/results.md + docs/results/.
+.PHONY: study
+study: $(STAMP) weights
+	nice -n 15 $(PY) scripts/accuracy_study.py
+
 clean:
 	rm -rf $(VENV) .cache build install log results

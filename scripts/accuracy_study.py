@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""The accuracy study of issue #8: every model x dataset x link degradation, loop closure, the results page.
+
+    python scripts/accuracy_study.py                 # full study -> results/accuracy/, docs/results.md
+    python scripts/accuracy_study.py --quick --out /tmp/acc   # small subset, page in OUT/results.md
+
+The library work is :mod:`vpr_ros.core.study`; this script adds the one thing the core may not do (import
+``vpr_ros.training``): the ``finetuned`` control, trained here when its checkpoint is not cached (LoQI
+recipe ``training/loqi_nordland_jpeg10.yaml`` with the triplet loss only, initialised from the same
+teacher as the packaged LoQI student, seed 0, one thread).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+from vpr_ros.core import study  # noqa: E402
+
+log = logging.getLogger("accuracy_study")
+
+RECIPE = REPO / "training" / "loqi_nordland_jpeg10.yaml"
+TEACHER_RECIPE = REPO / "training" / "teacher_nordland.yaml"
+
+
+def _train(recipe: Path, overrides: list[str]) -> Path:
+    """Train ``recipe`` (with ``overrides``) unless its run folder has a finished summary; return last.pt."""
+    import torch
+
+    from vpr_ros.training.config import load_config
+    from vpr_ros.training.engine import train
+
+    cfg = load_config(recipe, overrides)
+    run_dir = Path(cfg.run.dir)
+    if (run_dir / "summary.json").is_file():
+        return run_dir / "last.pt"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the LoQI study: reproducible, and faster than 2 on a shared CPU
+    try:
+        t0 = time.perf_counter()
+        train(cfg, resume=(run_dir / "last.pt").is_file())
+        log.info("trained %s in %.0f s", run_dir, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir / "last.pt"
+
+
+def ensure_finetuned(cache: Path, teacher: str | None = None) -> tuple[Path, dict]:
+    """The no-distillation control: the LoQI recipe with only the triplet loss, from the LoQI teacher.
+
+    Teacher: ``teacher``, else the one named in the packaged student's sidecar when that file exists
+    (the exact teacher of the deployed student), else ``training/teacher_nordland.yaml`` trained into
+    ``cache/teacher`` (seed 0; about 7 min on 2 CPU cores). Returns the checkpoint and its provenance.
+    """
+    sidecar = study.LOQI_WEIGHTS.with_suffix(".json")
+    named = json.loads(sidecar.read_text()).get("teacher") if sidecar.is_file() else None
+    if teacher is None and named and (REPO / named).is_file():
+        teacher, source = str(REPO / named), f"the packaged LoQI student's own teacher ({named})"
+    elif teacher is None:
+        teacher = str(_train(TEACHER_RECIPE, [f"run.dir={cache / 'teacher'}", "run.progress=true"]))
+        source = f"retrained from {TEACHER_RECIPE.relative_to(REPO)} (seed 0): {named} was not present"
+    else:
+        source = f"given: {teacher}"
+    run_dir = cache / "finetuned_triplet"
+    ckpt = _train(
+        RECIPE,
+        [
+            "loss.ickd=false",
+            "loss.mse=false",
+            "loss.triplet=true",
+            f"model.teacher={teacher}",
+            "model.init=teacher",
+            f"run.dir={run_dir}",
+            "run.progress=true",
+        ],
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    info = {
+        "checkpoint": str(ckpt),
+        "teacher": source,
+        "recipe": str(RECIPE.relative_to(REPO)),
+        "losses": "triplet only",
+        "steps": summary.get("steps"),
+        "train_seconds": summary.get("train_seconds"),
+        "validation": summary.get("metrics"),
+    }
+    return ckpt, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--quick", action="store_true", help="small subset: 3 datasets, 5 links, 2 models (< 1 min)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="raw results and caches (default results/accuracy)")
+    p.add_argument(
+        "--page",
+        type=Path,
+        default=None,
+        help="results page to write (default docs/results.md; --quick: OUT/results.md)",
+    )
+    p.add_argument(
+        "--shared", type=Path, default=None, help="shared data folder (default $VPR_ROS_SHARED or ../shared)"
+    )
+    p.add_argument("--models", default=None, help=f"comma list of {', '.join(study.MODEL_KEYS)}")
+    p.add_argument("--datasets", default=None, help=f"comma list of {', '.join(study.DATASET_KEYS)}")
+    p.add_argument(
+        "--degrade", action="append", default=None, help="link spec, repeatable (default: the study's 14)"
+    )
+    p.add_argument("--teacher", default=None, help="teacher checkpoint of the finetuned control")
+    p.add_argument(
+        "--train-cache",
+        type=Path,
+        default=REPO / ".cache" / "accuracy",
+        help="where the finetuned control is trained and cached",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    os.environ.setdefault("TORCH_HOME", str(REPO / ".cache" / "torch"))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    cfg = study.StudyConfig.quick_preset() if args.quick else study.StudyConfig()
+    if args.out:
+        cfg.out = args.out
+    cfg.page = args.page or ((cfg.out / "results.md") if args.quick else REPO / "docs" / "results.md")
+    if args.shared:
+        cfg.shared = args.shared
+    if args.models:
+        cfg.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if args.datasets:
+        cfg.datasets = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
+    if args.degrade:
+        cfg.degradations = tuple(args.degrade)
+    t0 = time.perf_counter()
+    if "finetuned" in cfg.models:
+        ckpt, info = ensure_finetuned(args.train_cache, args.teacher)
+        cfg.finetuned = ckpt
+        cfg.finetuned_info = info
+    summary = study.run_study(cfg, train_seconds=time.perf_counter() - t0)
+    print(
+        f"\naccuracy study done in {summary['seconds']['total'] / 60:.1f} min "
+        f"({summary['cache']['described']} descriptor sets computed, {summary['cache']['reused']} reused)"
+    )
+    print(f"  raw results   {summary['paths']['results']}")
+    print(f"  results page  {summary['paths']['page']}")
+    print(f"  figures       {summary['paths']['figures']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
