@@ -7,11 +7,17 @@ Variants (timed in alternation, Adam + grad-clip 1.0 step included in each, data
 ``loqi``
     :class:`vpr_ros.training.loqi.LoQI` with ICKD + MSE + triplet (``vpr_ros/training/losses.py``):
     frozen teacher forward (no grad) on the high-quality batch, student ``forward_features`` +
-    aggregation on the low-quality batch, the three losses, backward.
+    aggregation on the low-quality batch, the three losses, backward: the step of ``loss.cache_teacher:
+    false``.
 ``loqi_cached_teacher``
-    the same losses, with the teacher's maps and descriptors computed before the timer (what a
-    teacher-output cache would give: the teacher is frozen and sees undegraded images, so its
-    outputs per image never change).
+    the same ``LoQI`` module with its :class:`~vpr_ros.training.loqi.TeacherCache` and the images' ids
+    (``loss.cache_teacher: true``, what the engine calls), every image of the batch already cached: the
+    step of an image drawn before (epochs after the first; small training sets).
+``loqi_cache_cold``
+    the same with an empty cache at every step (every image a miss): the first time an image is drawn.
+``loqi_dense_ickd``
+    the LoQI step as first written, with the dense C x C ICKD of both sides
+    (:func:`vpr_ros.training.losses.channel_correlation`), for the ICKD speed-up.
 
 Batch: ``B`` tuples of ``T = 2 + negatives`` real Nordland images (query winter, positive
 summer, negatives summer); high quality = the frames, low quality = JPEG quality 10 of them
@@ -61,10 +67,10 @@ def batch_images(b: int, negatives: int) -> tuple[list[np.ndarray], list[np.ndar
 
 
 def run_size(size_text: str, args: argparse.Namespace, hq_imgs: list, lq_imgs: list) -> list[dict]:
-    """Time the three variants at one input size; returns the table rows."""
+    """Time the variants at one input size; returns the table rows."""
     from vpr_ros.training.config import LossConfig
     from vpr_ros.training.loqi import LoQI, forward_outputs
-    from vpr_ros.training.losses import ickd_loss, mse_loss, triplet_loss
+    from vpr_ros.training.losses import channel_correlation, mse_loss, triplet_loss
 
     b, t = args.batch, 2 + args.negatives
     rows = []
@@ -72,18 +78,18 @@ def run_size(size_text: str, args: argparse.Namespace, hq_imgs: list, lq_imgs: l
     pre = Preprocess(input_size=size)
     hq = to_tensor_batch(hq_imgs, pre).view(b, t, 3, *size)
     lq = to_tensor_batch(lq_imgs, pre).view(b, t, 3, *size)
+    ids = torch.arange(b * t).view(b, t)  # the batch's images, all distinct
     torch.manual_seed(0)
     teacher = create_model("structvpr_mobilenetv2", pretrained=True, preprocess=pre)
-    students = {k: copy.deepcopy(teacher) for k in ("bare", "loqi", "loqi_cached_teacher")}
-    loqi = LoQI(students["loqi"], copy.deepcopy(teacher), LossConfig()).train()
-    students["bare"].train()
-    students["loqi_cached_teacher"].train()
-    with torch.no_grad():
-        teacher.eval()
-        t_maps, t_desc = forward_outputs(teacher, hq.flatten(0, 1), maps=True, desc=True)
-        target = torch.randn_like(t_desc)
-    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in students.items()}
     cfg = LossConfig()
+    names = ("bare", "loqi", "loqi_cached_teacher", "loqi_cache_cold", "loqi_dense_ickd")
+    students = {k: copy.deepcopy(teacher) for k in names}
+    loqi = {k: LoQI(students[k], copy.deepcopy(teacher), cfg).train() for k in names if k != "bare"}
+    loqi["loqi_cached_teacher"].teacher_cache = loqi["loqi_cached_teacher"].make_teacher_cache()
+    students["bare"].train()
+    with torch.no_grad():
+        target = torch.randn_like(forward_outputs(teacher.eval(), hq.flatten(0, 1), maps=False, desc=True)[1])
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in students.items()}
 
     def step(name: str, loss_fn) -> None:
         model, opt = students[name], opts[name]
@@ -97,17 +103,31 @@ def run_size(size_text: str, args: argparse.Namespace, hq_imgs: list, lq_imgs: l
         return F.mse_loss(students["bare"](lq.flatten(0, 1)), target)
 
     def loqi_loss() -> torch.Tensor:
-        return loqi(hq, lq)["loss"]
+        return loqi["loqi"](hq, lq)["loss"]
 
-    def cached_loss() -> torch.Tensor:
-        s_maps, s_desc = forward_outputs(students["loqi_cached_teacher"], lq.flatten(0, 1), maps=True,
-                                         desc=True)
+    def cached_loss() -> torch.Tensor:  # the engine's call with loss.cache_teacher: true
+        return loqi["loqi_cached_teacher"](hq, lq, ids)["loss"]
+
+    def cold_loss() -> torch.Tensor:
+        m = loqi["loqi_cache_cold"]
+        m.teacher_cache = m.make_teacher_cache()
+        return m(hq, lq, ids)["loss"]
+
+    def dense_ickd_loss() -> torch.Tensor:  # LoQI.forward as first written (dense C x C correlations)
+        m = loqi["loqi_dense_ickd"]
+        s_maps, s_desc = forward_outputs(m.student, lq.flatten(0, 1), maps=True, desc=True)
+        with torch.no_grad():
+            t_maps, t_desc = forward_outputs(m.teacher, hq.flatten(0, 1), maps=True, desc=True)
+        pairs = zip(s_maps, t_maps, strict=True)
+        diffs = [channel_correlation(sm) - channel_correlation(tm) for sm, tm in pairs]
+        ickd = torch.stack([df.pow(2).sum(dim=(1, 2)).mean() / df.shape[1] for df in diffs]).mean()
         d = s_desc.view(b, t, -1)
-        return (cfg.ickd_weight * ickd_loss(s_maps, t_maps) + cfg.alpha * mse_loss(s_desc, t_desc)
+        return (cfg.ickd_weight * ickd + cfg.alpha * mse_loss(s_desc, t_desc)
                 + cfg.beta * triplet_loss(d[:, 0], d[:, 1], d[:, 2:], cfg.margin))
 
     steps = args.steps or (10 if size[0] * size[1] <= 64 * 128 else 2)
-    fns = {"bare": bare_loss, "loqi": loqi_loss, "loqi_cached_teacher": cached_loss}
+    fns = {"bare": bare_loss, "loqi": loqi_loss, "loqi_cached_teacher": cached_loss,
+           "loqi_cache_cold": cold_loss, "loqi_dense_ickd": dense_ickd_loss}
 
     def measure(name: str):
         def run() -> float:
@@ -119,14 +139,19 @@ def run_size(size_text: str, args: argparse.Namespace, hq_imgs: list, lq_imgs: l
 
     variants = {k: measure(k) for k in fns}
     for fn in variants.values():
-        fn()  # warm-up
-    print(f"{size[0]}x{size[1]}, {b} tuples x {t} images:", file=sys.stderr)
+        fn()  # warm-up (fills the teacher cache of loqi_cached_teacher)
+    cache = loqi["loqi_cached_teacher"].teacher_cache
+    cache_kb = cache.nbytes / len(cache) / 1024
+    print(f"{size[0]}x{size[1]}, {b} tuples x {t} images: teacher cache {cache_kb:.1f} KiB/image",
+          file=sys.stderr)
     res = C.interleaved(variants, args.repeats)
     for name, secs in res.items():
         ratio = C.paired_ratio(res["bare"], secs)  # throughput ratio = bare time / variant time
         row = {"variant": name, "size": f"{size[1]}x{size[0]}", "tuples": b, "images_per_tuple": t,
                "step_ms": 1000 * C.median(secs), "samples_per_s": b / C.median(secs),
                "throughput_vs_bare": ratio}
+        if name == "loqi_cached_teacher":
+            row["cache_kib_per_image"] = cache_kb
         rows.append(row)
         print(f"  {name:20s} {row['step_ms']:8.1f} ms/step  {row['samples_per_s']:7.2f} tuples/s  "
               f"x{ratio:.2f} of bare throughput", flush=True)

@@ -21,6 +21,7 @@ from vpr_ros.core.models import create_model, load_model, read_checkpoint, save_
 from vpr_ros.core.models.registry import Preprocess
 from vpr_ros.training import config_from_dict, export_deployed, train
 from vpr_ros.training.data import Degrader, TupleDataset, nordland_places, split_places
+from vpr_ros.training.engine import Trainer
 from vpr_ros.training.loqi import LoQI, build_branches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,6 +256,55 @@ def test_tuples_are_seeded_and_hard_mining_picks_the_closest(nordland_dir):
     assert p == pos[(db_desc[pos] @ q_desc[qi]).argmax()]
     sims = db_desc[negs] @ q_desc[qi]
     assert list(sims) == sorted(sims, reverse=True) and len(set(negs.tolist())) == 3
+
+
+def _csv_losses(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: float(r[k]) for k in ("loss", "ickd", "mse", "triplet")} for r in csv.DictReader(f)]
+
+
+def test_teacher_cache_trains_to_the_same_losses(nordland_dir, torch_home, tmp_path):
+    """loss.cache_teacher: the same loss values step by step as computing the teacher every step; with 6
+    training queries and 2 tuples a step, epoch 2 re-draws the queries and the cache serves them.
+
+    SGD: Adam turns float rounding in near-zero gradients into full-size updates, so Adam runs drift
+    apart from step 3 on (by ~1e-4 here) exactly as an uncached run does on 2 threads instead of 1
+    (by ~3e-3 from step 2); SGD shows that the cached teacher outputs are the computed ones."""
+    runs = {}
+    for cache in (False, True):
+        recipe = tiny_recipe(nordland_dir, tmp_path / f"cache_{cache}", max_steps=6, ckpt_every=6)
+        recipe["data"]["max_train_queries"] = 6
+        recipe["schedule"]["epochs"] = 2
+        recipe["optim"]["name"] = "sgd"
+        recipe["loss"] = {"cache_teacher": cache}
+        trainer = Trainer(config_from_dict(recipe))
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
+        losses = _csv_losses(tmp_path / f"cache_{cache}" / "train.csv")
+        runs[cache] = (losses, trainer.objective.teacher_cache)
+    (plain, none), (cached, cache) = runs[False], runs[True]
+    assert none is None and len(plain) == len(cached) == 6
+    for step, (a, b) in enumerate(zip(plain, cached, strict=True), 1):
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-5), (step, k)
+    # 6 steps x 2 tuples x 4 images; the 6 queries (at least) came back in epoch 2
+    assert cache.hits >= 6 and cache.misses == len(cache) == 6 * 2 * 4 - cache.hits
+
+    class Augmented(TupleDataset):
+        deterministic_hq = False
+
+    class AugmentedTrainer(Trainer):
+        def build_dataset(self):
+            d = self.cfg.data
+            return Augmented(self.train_places, preprocess=self.student.preprocess, degrader=self.degrader,
+                             negatives=d.negatives, seed=0)
+
+    recipe = tiny_recipe(nordland_dir, tmp_path / "augmented")
+    recipe["loss"] = {"cache_teacher": True}
+    with pytest.raises(ConfigError, match="deterministic high-quality"):
+        AugmentedTrainer(config_from_dict(recipe))
 
 
 def test_gem_model_trains_and_exports(nordland_dir, torch_home, tmp_path):

@@ -15,7 +15,7 @@ from vpr_ros.core.models import create_model, save_checkpoint
 from vpr_ros.training.config import TrainConfig, config_from_dict, expand_env, load_config
 from vpr_ros.training.engine import LrSchedule
 from vpr_ros.training.loqi import LoQI, build_branches
-from vpr_ros.training.losses import channel_correlation, ickd_loss, mse_loss, triplet_loss
+from vpr_ros.training.losses import channel_correlation, correlation, ickd_loss, mse_loss, triplet_loss
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"data": {"root": "/data/x"}, "model": {"teacher": "imagenet"}}
@@ -143,6 +143,78 @@ def test_ickd_hand_computed_value_and_gradient_to_student_only():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
     assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+
+
+def _reference_ickd(student_maps, teacher_maps):
+    """ICKD as first written: dense C x C correlations of both sides, their squared difference."""
+    out = [
+        (channel_correlation(s) - channel_correlation(t.detach())).pow(2).sum(dim=(1, 2)).mean() / s.shape[1]
+        for s, t in zip(student_maps, teacher_maps, strict=True)
+    ]
+    return torch.stack(out).mean()
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(5, 32, 4, 8), (5, 96, 2, 4), (5, 320, 1, 2)],  # StructVPR's maps at 32x64 (96 and 320: factored)
+        [(2, 32, 30, 40), (2, 96, 15, 20), (2, 320, 8, 10)],  # at 240x320 (320: factored)
+    ],
+)
+def test_ickd_equals_the_dense_reference_value_and_gradient(shapes):
+    torch.manual_seed(0)
+    teacher = [torch.randn(*s) for s in shapes]
+    student = [(t + 0.3 * torch.randn_like(t)).requires_grad_() for t in teacher]
+    ref, new = _reference_ickd(student, teacher), ickd_loss(student, teacher)
+    assert new.item() == pytest.approx(ref.item(), abs=1e-5, rel=1e-5)
+    grads = zip(torch.autograd.grad(ref, student), torch.autograd.grad(new, student), strict=True)
+    for g_ref, g_new in grads:
+        assert torch.allclose(g_new, g_ref, rtol=1e-4, atol=1e-9)
+    # near the optimum (student = teacher up to 1e-3) the factored form has no cancellation problem
+    close = [(t + 1e-3 * torch.randn_like(t)) for t in teacher]
+    assert ickd_loss(close, teacher).item() == pytest.approx(_reference_ickd(close, teacher).item(), abs=1e-6)
+
+
+def test_correlation_forms_agree_with_zero_channels_and_other_sizes():
+    """Dense and factored forms, mixed between student and teacher (maps of other spatial sizes), and
+    all-zero channels (F.normalize's eps) give the reference value."""
+    torch.manual_seed(2)
+    s, t = torch.randn(3, 64, 2, 2), torch.randn(3, 64, 6, 6)
+    s[:, 5], t[:, 7] = 0.0, 0.0
+    ref = _reference_ickd([s], [t]).item()
+    for fs in (False, True):
+        for ft in (False, True):
+            d = correlation(s, factored=fs).sq_distance(correlation(t, factored=ft)).mean() / 64
+            assert d.item() == pytest.approx(ref, rel=1e-5)
+    dense = correlation(t, factored=False).dense
+    assert torch.allclose(dense, channel_correlation(t))
+    fac = correlation(t, factored=True)
+    assert torch.allclose((fac.fmap * fac.scale[..., None]) @ fac.fmap.transpose(1, 2), dense, atol=1e-6)
+
+
+def test_teacher_cache_gives_the_same_losses_and_skips_the_teacher():
+    torch.manual_seed(0)
+    cfg = _cfg(ickd=True, mse=True, triplet=True)
+    student, teacher = build_branches(cfg.model)
+    plain = LoQI(student, teacher, cfg.loss).train()
+    cached = LoQI(student, teacher, cfg.loss).train()
+    cached.teacher_cache = cached.make_teacher_cache()
+    hq = torch.randn(2, 4, 3, 32, 64)
+    hq[1, 1] = hq[0, 1]
+    ids = torch.tensor([[0, 10, 11, 12], [1, 10, 13, 14]])  # image 10 twice in the batch
+    lq = hq + 0.1 * torch.randn_like(hq)
+    calls, forward_features = [], teacher.forward_features
+    teacher.forward_features = lambda x: (calls.append(len(x)), forward_features(x))[1]
+    for step in range(2):
+        a, b = plain(hq, lq), cached(hq, lq, ids)
+        for k in a:
+            assert b[k].item() == pytest.approx(a[k].item(), abs=1e-5, rel=1e-5), (step, k)
+    # 7 distinct images computed once; the second step read them all from the cache
+    cache = cached.teacher_cache
+    assert (len(cache), cache.misses, cache.hits) == (7, 7, 9) and cache.nbytes > 0
+    assert calls == [8, 7, 8]  # teacher passes: plain step 1, cached step 1 (7 distinct), plain step 2
+    with pytest.raises(ConfigError, match="loss.cache_teacher"):
+        _cfg(ickd=False, mse=False, cache_teacher=True)
 
 
 def test_mse_and_triplet_values():

@@ -105,6 +105,9 @@ class LossConfig:
     beta: float = 1.0
     margin: float = 0.3
     ickd_maps: list[int] | None = None  # indices into forward_features(); None: all maps
+    # compute the frozen teacher's outputs (ICKD correlations, descriptor) once per training image and
+    # reuse them when the image is drawn again: the same loss values, fewer teacher passes (in memory)
+    cache_teacher: bool = False
 
 
 @dataclass
@@ -328,6 +331,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         not (cfg.distills and m.teacher is None),
         "model.teacher",
         "loss.ickd / loss.mse distil from a teacher: set model.teacher (checkpoint path or imagenet)",
+    )
+    _check(
+        not lo.cache_teacher or cfg.distills,
+        "loss.cache_teacher",
+        "caches the teacher's outputs for loss.ickd / loss.mse: enable one of them or set it false",
     )
     for key in ("ickd_weight", "alpha", "beta"):
         _check(getattr(lo, key) >= 0, f"loss.{key}", f"must be >= 0, got {getattr(lo, key)}")

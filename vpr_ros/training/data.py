@@ -404,10 +404,15 @@ class ImageCache:
 
 
 class TupleDataset(Dataset):
-    """(query, positive, negatives) tuples: ``{"hq": (T,3,H,W), "lq": (T,3,H,W), "index": k}``, T = 2 + N.
+    """(query, positive, negatives) tuples: ``{"hq": (T,3,H,W), "lq": (T,3,H,W), "ids": (T,), "index": k}``,
+    T = 2 + N.
 
     ``hq`` is what the teacher sees (original images); ``lq`` is what the student sees (degraded by
-    ``degrader``: every image, or only the query with ``targets="query"``). Negatives are drawn from
+    ``degrader``: every image, or only the query with ``targets="query"``); ``ids`` name the images
+    (query i: i, database j: len(queries) + j, or j when queries and database are the same records).
+    ``hq`` depends only on the image and the preprocessing (no random augmentation:
+    ``deterministic_hq``), which is what makes caching the frozen teacher's outputs per id exact
+    (``loss.cache_teacher``); a subclass that augments ``hq`` must set it False. Negatives are drawn from
     database images outside the query's ``near`` set: at random, or, with a descriptor cache
     (:meth:`set_cache`), the hardest ``negatives`` of ``pool`` random candidates; the positive is then the
     query's most similar positive (NetVLAD's weak supervision), else a random one.
@@ -446,11 +451,18 @@ class TupleDataset(Dataset):
         if not self.index:
             raise DatasetError(f"{places.name}: no query has a positive and {self.negatives} negatives")
 
+    deterministic_hq = True
+
     def __len__(self) -> int:
         return len(self.index)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def image_ids(self, qi: int, db: Sequence[int]) -> torch.Tensor:
+        """Dataset-wide ids of query ``qi`` and database records ``db``."""
+        offset = 0 if self.places.database is self.places.queries else len(self.places.queries)
+        return torch.tensor([qi, *(offset + int(j) for j in db)], dtype=torch.int64)
 
     def set_cache(self, q_desc: np.ndarray | None, db_desc: np.ndarray | None) -> None:
         """Descriptors of all queries / database images (rows as in ``places``) for hard mining."""
@@ -492,6 +504,7 @@ class TupleDataset(Dataset):
         return {
             "hq": to_tensor_batch(hq, self.preprocess),
             "lq": to_tensor_batch(lq, self.preprocess),
+            "ids": self.image_ids(qi, [p, *negs]),
             "index": k,
         }
 

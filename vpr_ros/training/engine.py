@@ -303,7 +303,16 @@ class Trainer:
 
     def build_objective(self) -> nn.Module:
         """The module whose forward gives the loss parts; it holds the student (and any frozen teacher)."""
-        return LoQI(self.student, self.teacher, self.cfg.loss)
+        objective = LoQI(self.student, self.teacher, self.cfg.loss)
+        if self.cfg.loss.cache_teacher:
+            if not getattr(self.dataset, "deterministic_hq", False):
+                raise ConfigError(
+                    "loss.cache_teacher: the training data does not declare deterministic high-quality "
+                    f"images ({type(self.dataset).__name__}.deterministic_hq), so cached teacher outputs "
+                    "could differ from fresh ones; set loss.cache_teacher: false"
+                )
+            objective.teacher_cache = objective.make_teacher_cache()
+        return objective
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
@@ -311,7 +320,10 @@ class Trainer:
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """``{"loss": total, ...}`` of one batch; ``self.model`` is the objective (DDP-wrapped if needed)."""
         dev = self.dist.device
-        return self.model(batch["hq"].to(dev, non_blocking=True), batch["lq"].to(dev, non_blocking=True))
+        hq, lq = batch["hq"].to(dev, non_blocking=True), batch["lq"].to(dev, non_blocking=True)
+        if getattr(self.objective, "teacher_cache", None) is not None:
+            return self.model(hq, lq, batch["ids"])
+        return self.model(hq, lq)
 
     def refresh_cache(self) -> None:
         """Descriptors of all training queries and database images (high quality) for hard mining."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from ..core.errors import ConfigError, ModelError
 from ..core.models import create_model, model_from_checkpoint, read_checkpoint
 from ..core.models.registry import VprModel
 from .config import LossConfig, ModelConfig
-from .losses import ickd_loss, mse_loss, triplet_loss
+from .losses import Correlation, correlation, ickd_loss, mse_loss, triplet_loss
 
 
 def forward_outputs(
@@ -43,20 +44,94 @@ def forward_outputs(
     return (model.forward_features(x) if maps else None), (model(x) if desc else None)
 
 
+class TeacherCache:
+    """The frozen teacher's outputs per training image, computed the first time the image is drawn.
+
+    Exact, not an approximation: the teacher is frozen and in eval mode (BatchNorm uses its running
+    statistics, so an image's outputs do not depend on the rest of its batch), and its input, the
+    high-quality image resized and normalised, is the same every time it is drawn (the trainer refuses
+    the cache for a dataset that does not declare ``deterministic_hq``). It keeps only what the losses
+    read: per distilled map the row-normalised channel correlation (:class:`~.losses.Correlation`:
+    C x C, or F (C x HW) and 1/D when HW < C/3, the smaller) and the descriptor. In memory, on the
+    training device; after a resume it refills itself. ``hits`` / ``misses`` count looked-up images.
+    """
+
+    def __init__(
+        self, teacher: VprModel, *, maps: bool, desc: bool, select: Callable[[list], list] | None = None
+    ) -> None:
+        self.teacher, self.maps, self.desc = teacher, maps, desc
+        self.select = select or (lambda m: m)
+        self.entries: dict[int, tuple[list[Correlation] | None, torch.Tensor | None]] = {}
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for corrs, desc in self.entries.values():
+            total += sum(c.nbytes for c in corrs or [])
+            total += 0 if desc is None else desc.numel() * desc.element_size()
+        return total
+
+    @torch.no_grad()
+    def __call__(
+        self, hq: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[list[Correlation] | None, torch.Tensor | None]:
+        """Teacher correlations and descriptors of the images ``hq`` (N, 3, H, W) with dataset ids (N,)."""
+        keys = [int(i) for i in ids.tolist()]
+        first: dict[int, int] = {}
+        for row, key in enumerate(keys):
+            if key not in self.entries:
+                first.setdefault(key, row)
+        self.misses += len(first)
+        self.hits += len(keys) - len(first)
+        if first:
+            rows = torch.tensor(list(first.values()), device=hq.device)
+            t_maps, t_desc = forward_outputs(
+                self.teacher, hq.index_select(0, rows), maps=self.maps, desc=self.desc
+            )
+            corrs = [correlation(m) for m in self.select(t_maps)] if self.maps else None
+            for j, key in enumerate(first):
+                pick = torch.tensor([j], device=hq.device)
+                self.entries[key] = (
+                    [c.index(pick) for c in corrs] if corrs is not None else None,
+                    t_desc[j : j + 1] if t_desc is not None else None,
+                )
+        got = [self.entries[k] for k in keys]
+        corrs_out = None
+        if self.maps:
+            corrs_out = [Correlation.cat([g[0][m] for g in got]) for m in range(len(got[0][0]))]
+        desc_out = torch.cat([g[1] for g in got]) if self.desc else None
+        return corrs_out, desc_out
+
+
 class LoQI(nn.Module):
     """Student + frozen teacher; ``forward(hq, lq)`` returns the loss terms of one batch of tuples.
 
     ``hq`` / ``lq``: (B, T, 3, H, W) tuples (query, positive, negatives...) as the teacher / student
     see them. Returns ``{"loss": total, "ickd": ..., "mse": ..., "triplet": ...}`` (enabled terms only).
+    With a :class:`TeacherCache` and the images' dataset ``ids`` (B, T), the teacher's outputs come
+    from the cache (``loss.cache_teacher``): the same loss values, without the teacher's forward pass
+    for images drawn before.
     """
 
-    def __init__(self, student: VprModel, teacher: VprModel | None, loss: LossConfig) -> None:
+    def __init__(
+        self,
+        student: VprModel,
+        teacher: VprModel | None,
+        loss: LossConfig,
+        *,
+        teacher_cache: TeacherCache | None = None,
+    ) -> None:
         super().__init__()
         if (loss.ickd or loss.mse) and teacher is None:
             raise ConfigError("loss.ickd / loss.mse need a teacher (model.teacher)")
         self.student = student
         self.teacher = teacher
         self.cfg = loss
+        self.teacher_cache = teacher_cache
         if teacher is not None:
             teacher.eval()
             for p in teacher.parameters():
@@ -68,11 +143,19 @@ class LoQI(nn.Module):
             self.teacher.eval()  # frozen: BatchNorm keeps its statistics
         return self
 
-    def _select(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    def select_maps(self, maps: list) -> list:
+        """The maps ICKD distils (``loss.ickd_maps``; all by default)."""
         idx = self.cfg.ickd_maps
         return maps if idx is None else [maps[i] for i in idx]
 
-    def forward(self, hq: torch.Tensor, lq: torch.Tensor) -> dict[str, torch.Tensor]:
+    def make_teacher_cache(self) -> TeacherCache:
+        """An empty cache of this objective's teacher outputs (what its enabled losses read)."""
+        assert self.teacher is not None
+        return TeacherCache(self.teacher, maps=self.cfg.ickd, desc=self.cfg.mse, select=self.select_maps)
+
+    def forward(
+        self, hq: torch.Tensor, lq: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         b, t = lq.shape[:2]
         s_maps, s_desc = forward_outputs(
@@ -81,10 +164,16 @@ class LoQI(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         if cfg.ickd or cfg.mse:
             assert self.teacher is not None
-            with torch.no_grad():
-                t_maps, t_desc = forward_outputs(self.teacher, hq.flatten(0, 1), maps=cfg.ickd, desc=cfg.mse)
+            if self.teacher_cache is not None and ids is not None:
+                t_corr, t_desc = self.teacher_cache(hq.flatten(0, 1), ids.flatten())
+            else:
+                with torch.no_grad():
+                    t_maps, t_desc = forward_outputs(
+                        self.teacher, hq.flatten(0, 1), maps=cfg.ickd, desc=cfg.mse
+                    )
+                t_corr = self.select_maps(t_maps) if cfg.ickd else None
             if cfg.ickd:
-                parts["ickd"] = ickd_loss(self._select(s_maps), self._select(t_maps))
+                parts["ickd"] = ickd_loss(self.select_maps(s_maps), t_corr)
             if cfg.mse:
                 parts["mse"] = mse_loss(s_desc, t_desc)
         if cfg.triplet:
