@@ -277,6 +277,11 @@ class LocalizerNode(Node):
                                                v["max_batch"], backend=v["backend"], precision=v["precision"],
                                                threads=v["threads"])
             b = extractor.backend
+            if extractor.preprocess.input_size:  # fixed input shape: every batch size once, the largest
+                # twice, before the first frame, so the backend's memory (ONNX Runtime's arena: +200 MB
+                # at 320x240, batch 8) is taken now, not when a backlog first forms hours later
+                for n in (v["max_batch"], *range(v["max_batch"], 0, -1)):  # (bench/soak.py: RSS flat)
+                    b.warmup(batch=n)
             log.info(f"model {label} ({extractor.dim}-d) on {extractor.device}, backend {b.kind} "
                      f"{b.precision}, input {extractor.preprocess.input_size or 'native'}, "
                      f"{time.perf_counter() - t0:.1f} s")
