@@ -11,7 +11,8 @@ Per size: build time (``PlaceMap.add`` in 100k chunks), single-query top-10 late
 (``PlaceMap.search``, one query per call, as a localizer asks; faiss with one OpenMP thread while
 querying unless ``--search-threads``), recall@1 and @10 versus exact,
 and memory (RSS growth of the process while the index was built, and the index's own bytes).
-HNSW is swept over ``efSearch`` on each built index (M and efConstruction from ``--hnsw``), IVF-PQ over
+HNSW is swept over ``efSearch`` on each built index (M and efConstruction from ``--hnsw``; the sweep
+always includes PlaceMap's own default for N, :func:`~vpr_ros.core.mapdb.scaled_ef_search`), IVF-PQ over
 ``nprobe`` (``nlist`` = sqrt(N) rounded to a power of two — 4 sqrt(N) makes the k-means training
 take tens of minutes on 2 cores at 300k —, m = 56 sub-quantizers of 8 dims, 8 bits; trained on
 PlaceMap's sample of at most 256 max(nlist, 256) vectors). Query rounds alternate between indexes
@@ -34,7 +35,7 @@ import _common as C  # first: sets sys.path
 import faiss
 import numpy as np
 
-from vpr_ros.core.mapdb import PlaceMap
+from vpr_ros.core.mapdb import PlaceMap, scaled_ef_search
 
 NAME = "retrieval"
 DIM = 448
@@ -155,8 +156,8 @@ def main() -> int:
             settings: list[tuple[str, str, str, int | None]] = [("flat", "flat", "", None)]
             for label in maps:
                 if label.startswith("hnsw"):
-                    settings += [(f"{label}/ef{e}", label, "efSearch", int(e))
-                                 for e in args.ef_search.split(",")]
+                    efs = sorted({int(e) for e in args.ef_search.split(",")} | {scaled_ef_search(n)})
+                    settings += [(f"{label}/ef{e}", label, "efSearch", e) for e in efs]
                 elif label == "ivfpq":
                     settings += [(f"ivfpq/np{p}", label, "nprobe", int(p)) for p in args.nprobe.split(",")
                                  if int(p) <= maps[label][0].params["nlist"]]
@@ -191,6 +192,7 @@ def main() -> int:
                                                                                           strict=False)])),
                     "params": {k: v for k, v in params.items() if v is not None}
                     | ({knob: value} if knob else {}),
+                    "placemap_default_ef": knob == "efSearch" and value == scaled_ef_search(n),
                 }
                 rows.append(row)
                 print(f"  {name:16s} p50 {row['p50_ms']:7.3f} ms  p99 {row['p99_ms']:7.3f} ms  "
