@@ -219,8 +219,8 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None, name: str
     """Spin the node ``node_factory()`` makes until shutdown: the body of a node's ``main()``.
 
     The nodes' callbacks only queue work for their own worker thread, so one executor thread
-    suffices: a ``MultiThreadedExecutor`` measured 2-4x slower at high frame rates (its
-    dispatch threads contend for the GIL with the worker). ``switch_interval`` (s) is set with
+    suffices: a ``MultiThreadedExecutor`` measured up to 4x slower at high frame rates on a
+    quiet 2-core machine (its dispatch threads contend for the GIL with the worker). ``switch_interval`` (s) is set with
     ``sys.setswitchinterval`` while the node runs (None: Python's default).
     A :class:`VprError` from ``node_factory`` (bad configuration) prints one line
     ``<name>: error: ...`` to stderr and returns 2; Ctrl-C or an external shutdown returns 0
