@@ -220,8 +220,9 @@ def run_node(node_factory: Callable[[], Node], args: list[str] | None, name: str
 
     The nodes' callbacks only queue work for their own worker thread, so one executor thread
     suffices: a ``MultiThreadedExecutor`` measured up to 4x slower at high frame rates on a
-    quiet 2-core machine (its dispatch threads contend for the GIL with the worker). ``switch_interval`` (s) is set with
-    ``sys.setswitchinterval`` while the node runs (None: Python's default).
+    quiet 2-core machine (its dispatch threads contend for the GIL with the worker).
+    ``switch_interval`` (s) is set with ``sys.setswitchinterval`` while the node runs (None:
+    Python's default).
     A :class:`VprError` from ``node_factory`` (bad configuration) prints one line
     ``<name>: error: ...`` to stderr and returns 2; Ctrl-C or an external shutdown returns 0
     after the node is destroyed.
