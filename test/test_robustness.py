@@ -158,8 +158,9 @@ def good_message(transport: str, stamp: float, good: np.ndarray) -> Any:
 
 
 class Rig:
-    """One graph for the module: localizer, transmitter and loop-closure node per transport, a map-mode
-    localizer with odometry, and a probe collecting PlaceMatch, TransmissionStats, /diagnostics, /rosout."""
+    """One graph for the module: a localizer, a transmitter and a loop-closure node on the raw camera
+    topic, three more on the compressed one, and a probe collecting PlaceMatch, TransmissionStats,
+    /diagnostics and /rosout."""
 
     def __init__(self, graph: Any, model: tuple[Any, str], map_dir: Path, tmp: Path) -> None:
         from rcl_interfaces.msg import Log
@@ -186,59 +187,26 @@ class Rig:
         for transport, msg_type in (("raw", Image), ("compressed", CompressedImage)):
             cam = f"{ns}/{transport}/camera"
             topics = {"image_topic": cam, "image_transport": transport}
+            out = f"{ns}/{transport}"
             self.nodes[transport] = {
-                "localizer": graph.create(
-                    LocalizerNode,
-                    unique(f"loc_{transport}"),
-                    extractor=ext,
-                    label=label,
-                    params={
-                        **common,
-                        **topics,
-                        "map_path": str(map_dir),
-                        "queue_size": 50,
-                        "match_topic": f"{ns}/{transport}/match",
-                        "top_k": 3,
-                    },
-                ),
-                "transmitter": graph.create(
-                    TransmitterNode,
-                    unique(f"tx_{transport}"),
-                    params={
-                        **common,
-                        **topics,
-                        "mode": "jpeg",
-                        "jpeg_quality": 30,
-                        "queue_size": 50,
-                        "output_topic": f"{ns}/{transport}/link",
-                        "stats_topic": f"{ns}/{transport}/stats",
-                    },
-                ),
-                "loop_closure": graph.create(
-                    LoopClosureNode,
-                    unique(f"lc_{transport}"),
-                    params={
-                        **common,
-                        **topics,
-                        "match_topic": f"{ns}/{transport}/match",
-                        "loop_closure_topic": f"{ns}/{transport}/loop",
-                    },
-                ),
+                "localizer": graph.create(LocalizerNode, unique(f"loc_{transport}"), extractor=ext,
+                                          label=label, params={**common, **topics, "map_path": str(map_dir),
+                                                               "top_k": 3, "queue_size": 50,
+                                                               "match_topic": f"{out}/match"}),
+                "transmitter": graph.create(TransmitterNode, unique(f"tx_{transport}"), params={
+                    **common, **topics, "mode": "jpeg", "jpeg_quality": 30, "queue_size": 50,
+                    "output_topic": f"{out}/link", "stats_topic": f"{out}/stats"}),
+                "loop_closure": graph.create(LoopClosureNode, unique(f"lc_{transport}"), params={
+                    **common, **topics, "match_topic": f"{out}/match", "loop_closure_topic": f"{out}/loop"}),
             }
             topic = cam if transport == "raw" else f"{cam}/compressed"
             self.pub[transport] = self.probe.create_publisher(msg_type, topic, qos_profile_sensor_data)
-            self.probe.create_subscription(
-                PlaceMatch,
-                f"{ns}/{transport}/match",
-                lambda m: self.matches.__setitem__(stamp_key(m.header.stamp), m),
-                QoSProfile(depth=1000),
-            )
-            self.probe.create_subscription(
-                TransmissionStats,
-                f"{ns}/{transport}/stats",
-                lambda m: self.stats.__setitem__(stamp_key(m.header.stamp), m),
-                QoSProfile(depth=1000),
-            )
+            for msg_type_out, name, into in ((PlaceMatch, "match", self.matches),
+                                             (TransmissionStats, "stats", self.stats)):
+                def keep(m: Any, into: dict = into) -> None:
+                    into[stamp_key(m.header.stamp)] = m
+
+                self.probe.create_subscription(msg_type_out, f"{out}/{name}", keep, QoSProfile(depth=1000))
         from diagnostic_msgs.msg import DiagnosticArray
 
         self.probe.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, QoSProfile(depth=200))
@@ -358,34 +326,21 @@ def test_nan_odometry_is_ignored_and_keyframes_keep_their_poses(rig, frame):
     every keyframe batch near its stamp)."""
     from geometry_msgs.msg import Point, Pose
     from nav_msgs.msg import Odometry
-    from rclpy.qos import QoSProfile
+    from rclpy.qos import QoSProfile, qos_profile_sensor_data
     from ros_support import fresh_namespace, unique
+    from sensor_msgs.msg import Image
     from std_msgs.msg import Header
 
     from vpr_ros.ros.conversions import float_to_stamp
     from vpr_ros.ros.localizer import LocalizerNode
 
     ns = fresh_namespace()
-    loc = rig.graph.create(
-        LocalizerNode,
-        unique("loc_map"),
-        extractor=rig.nodes["raw"]["localizer"].extractor,
-        label=rig.nodes["raw"]["localizer"].label,
-        params={
-            "image_topic": f"{ns}/camera",
-            "mode": "map",
-            "map_path": str(rig.tmp / "odom_map"),
-            "odom_topic": f"{ns}/odom",
-            "odom_tolerance_s": 0.05,
-            "require_pose": True,
-            "log_throttle_s": 0.0,
-            "diagnostics_period_s": 0.1,
-            "save_on_shutdown": False,
-        },
-    )
-    from rclpy.qos import qos_profile_sensor_data
-    from sensor_msgs.msg import Image
-
+    shared = rig.nodes["raw"]["localizer"]
+    params = {"image_topic": f"{ns}/camera", "mode": "map", "map_path": str(rig.tmp / "odom_map"),
+              "odom_topic": f"{ns}/odom", "odom_tolerance_s": 0.05, "require_pose": True,
+              "log_throttle_s": 0.0, "diagnostics_period_s": 0.1, "save_on_shutdown": False}
+    loc = rig.graph.create(LocalizerNode, unique("loc_map"), extractor=shared.extractor, label=shared.label,
+                           params=params)
     odom = rig.probe.create_publisher(Odometry, f"{ns}/odom", QoSProfile(depth=10))
     cam = rig.probe.create_publisher(Image, f"{ns}/camera", qos_profile_sensor_data)
     assert rig.graph.wait_for(lambda: odom.get_subscription_count() and cam.get_subscription_count(), 10.0)
@@ -460,43 +415,17 @@ def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
 CONFIG = REPO / "config" / "localize.yaml"
 
 
-def _localize(files: dict[str, Path], map_key: str, *sets: str) -> list[str]:
-    return [
-        "localize",
-        "--params",
-        CONFIG,
-        "--duration",
-        "1",
-        "--set",
-        f"localizer.map_path={files[map_key]}",
-        "--set",
-        "localizer.weights=imagenet",
-        "--set",
-        "localizer.input_size=native",
-        "--set",
-        "localizer.device=cpu",
-        *[a for s in sets for a in ("--set", s)],
-    ]
+def _localize(files: dict[str, Path], map_key: str, *sets: str) -> list[Any]:
+    argv: list[Any] = ["localize", "--params", CONFIG, "--duration", "1"]
+    for s in (f"localizer.map_path={files[map_key]}", "localizer.weights=imagenet",
+              "localizer.input_size=native", "localizer.device=cpu", *sets):
+        argv += ["--set", s]
+    return argv
 
 
-def _replay(files: dict[str, Path], bag_key: str, map_key: str, *extra: str) -> list[str]:
-    return [
-        "replay",
-        "--bag",
-        files[bag_key],
-        "--map",
-        files[map_key],
-        "--weights",
-        "imagenet",
-        "--input-size",
-        "native",
-        "--device",
-        "cpu",
-        "--fast",
-        "--out",
-        files["tmp"] / "replay",
-        *extra,
-    ]
+def _replay(files: dict[str, Path], bag_key: str, map_key: str, *extra: str) -> list[Any]:
+    return ["replay", "--bag", files[bag_key], "--map", files[map_key], "--out", files["tmp"] / "replay",
+            *"--weights imagenet --input-size native --device cpu --fast".split(), *extra]
 
 
 CLI_CASES = {
@@ -513,15 +442,7 @@ CLI_CASES = {
         "vpr-ros localize: error: map {map_16d} holds 16-dimensional descriptors but 448 were expected",
     ),
     "corrupt_checkpoint": (
-        lambda f: [
-            "build-map",
-            "--images",
-            REPO / "test",
-            "--weights",
-            f["corrupt_checkpoint"],
-            "--out",
-            f["tmp"] / "never",
-        ],
+        lambda f: ["build-map", "--images", REPO, "--weights", f["corrupt_checkpoint"], "--out", f["tmp"]],
         "vpr-ros build-map: error: {corrupt_checkpoint}: not a readable vpr_ros checkpoint",
     ),
     "corrupt_checkpoint_as_node_weights": (
@@ -557,6 +478,7 @@ def test_cli_bad_input_exits_2_with_one_clear_line(bad_files, capsys, name):
     assert len(errors) == 1 and errors[0].startswith(expected.format(**bad_files)), errors
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the file starts like a pickle
 def test_training_resume_from_corrupt_checkpoint_exits_2(nordland_dir, tmp_path, capsys):
     from test_training import tiny_recipe
 
@@ -618,7 +540,7 @@ def test_sigkill_during_training_checkpoints_loses_nothing_committed(nordland_di
     each logged once, and no temporary file of a killed write is left."""
     from test_training import tiny_recipe
 
-    total = 16
+    total = 10
     run = tmp_path / "run"
     (tmp_path / "r.yaml").write_text(
         yaml.safe_dump(tiny_recipe(nordland_dir, run, max_steps=total, ckpt_every=1))
@@ -640,7 +562,7 @@ def test_sigkill_during_training_checkpoints_loses_nothing_committed(nordland_di
     rng = np.random.default_rng(11)
     kills = 0
     cmd = [sys.executable, "-m", "vpr_ros.training", *train, "--resume"]
-    for _ in range(3):
+    for _ in range(2):
         proc = subprocess.Popen(
             cmd, env=_train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO
         )
