@@ -166,7 +166,10 @@ def test_replay_at_bag_rate_and_bad_options(ros_env, torch_home, kitti_dir, tmp_
                                 radius=3.0, top_k=3, extractor=ext))
     assert r["pace"] == "4x bag rate" and r["bag_span_s"] == pytest.approx(5.8)
     assert r["wall_s"] >= 5.8 / 4 - 0.05 and r["realtime_factor"] <= 4.2
-    assert r["place_matches"] + r["localizer"]["queue_drops"] == 30
+    # every published frame is accounted for: answered, dropped by the localizer's queue policy, or lost
+    # by best-effort DDS before the node saw it (rare, under load)
+    assert r["place_matches"] + r["localizer"]["queue_drops"] + r["lost_in_transport"] == 30
+    assert r["lost_in_transport"] <= 2
     # the same frames as the map: every frame answered in time is right (frames the localizer dropped while
     # busy are misses, as on a robot)
     assert r["recall"]["1"] * 30 >= r["place_matches"] - 1

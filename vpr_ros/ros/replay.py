@@ -339,6 +339,8 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
         "position_topic": inp.position_conn.topic if inp.position_conn else None,
         "pace": "fast" if cfg.fast else f"{cfg.rate:g}x bag rate", "frames_published": len(published),
         "place_matches": len(coll.order), "fast_mode_timeouts": lost, "map_size": map_size,
+        # best-effort camera QoS: frames DDS dropped before the localizer's callback (it cannot count those)
+        "lost_in_transport": max(0, len(published) - int(loc_diag["frames_received"])),
         "frames_without_result": len(published) - (len(coll.order) if publishing
                                                    else int(loc_diag["frames_processed"])),
         "wall_s": wall, "bag_span_s": bag_span, "realtime_factor": bag_span / wall if wall > 0 else None,
