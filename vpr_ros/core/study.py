@@ -329,7 +329,7 @@ def load_sets(cfg: StudyConfig) -> list[StudySet]:
                     "same floor and area",
                     dict(_DOMAIN_OOD),
                     sizes[key],
-                    note=f"every {cfg.ie_tower_every}th gallery and query image; queries and gallery come "
+                    note=f"one in {cfg.ie_tower_every} gallery and query images; queries and gallery come "
                     "from the "
                     "same videos 1 s apart (an easy near-duplicate test)",
                 )
@@ -468,6 +468,14 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _load() -> str:
+    """The 1-minute load average, as text ("?" where the OS has none)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):
+        return "?"
+
+
 def _display_path(path: Path) -> str:
     """``path`` relative to the working directory when inside it (pages name repo paths), else absolute."""
     try:
@@ -498,8 +506,9 @@ def gap_share(hq_ft: float, lq_ft: float, lq_distilled: float, *, min_gap: float
 
 def _bootstrap_share(
     hq: np.ndarray, lq: np.ndarray, dist: np.ndarray, *, n: int = 2000, seed: int = 0
-) -> tuple[float, float] | None:
-    """90 % paired-bootstrap interval of :func:`gap_share` over queries (boolean hits at rank 1)."""
+) -> dict[str, Any] | None:
+    """Paired bootstrap over queries (boolean hits at rank 1): the 5th percentile of the gap and the
+    90 % interval of :func:`gap_share` (None where fewer than half the resamples have a gap)."""
     rng = np.random.default_rng(seed)
     m = len(hq)
     if m == 0:
@@ -507,11 +516,12 @@ def _bootstrap_share(
     idx = rng.integers(0, m, size=(n, m))
     gap = hq[idx].mean(1) - lq[idx].mean(1)
     ok = gap > 0
-    if ok.mean() < 0.5:
-        return None
-    share = (dist[idx].mean(1) - lq[idx].mean(1))[ok] / gap[ok]
-    lo, hi = np.percentile(share, [5, 95])
-    return float(lo), float(hi)
+    out: dict[str, Any] = {"gap_p5": float(np.percentile(gap, 5)), "share_ci90": None}
+    if ok.mean() >= 0.5:
+        share = (dist[idx].mean(1) - lq[idx].mean(1))[ok] / gap[ok]
+        lo, hi = np.percentile(share, [5, 95])
+        out["share_ci90"] = (float(lo), float(hi))
+    return out
 
 
 @dataclass
@@ -572,7 +582,8 @@ def _top_k(q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
 
 def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]:
     """Run the study (module docstring); return the summary written to ``cfg.out/results.json``."""
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    load_start = _load()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = _Cache(out / "cache")
@@ -696,8 +707,10 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
         seconds[s.key] = time.perf_counter() - t_set
         log.info("%s done in %.0f s", s.key, seconds[s.key])
     seconds["total"] = time.perf_counter() - t_start + train_seconds
+    seconds["cpu_evaluation"] = time.process_time() - cpu_start  # all threads of this process
     summary: dict[str, Any] = {
         "out": _display_path(out),
+        "load": [load_start, _load()],
         "config": {
             "degradations": list(cfg.degradations),
             "datasets": list(cfg.datasets),
@@ -868,17 +881,28 @@ def _loop_closure(
         cache.put_json(s.key, label, "verify", memo_key, memo)
 
 
+#: The links the shipped loop-closure point was chosen on (docs/loop_closure.md); re-tuning uses the same.
+RETUNE_LINKS = ("none", "jpeg_q10", "h264_qp40")
+
+
 def _retune(loop: dict[str, Any]) -> dict[str, Any]:
-    """Per model, the operating point ``choose_operating_point`` picks over all links of the study."""
-    from .loop_closure import choose_operating_point
+    """Per model, the point ``choose_operating_point`` picks on :data:`RETUNE_LINKS` (the shipped point's
+    protocol), with its precision / recall on every link of the study."""
+    from .loop_closure import choose_operating_point, operating_stats
 
     out = {}
     models = list(dict.fromkeys(m for v in loop.values() for m in v["models"]))
     for m in models:
         runs = {lb: v["models"][m]["_run"] for lb, v in loop.items() if m in v["models"]}
-        op = choose_operating_point(runs)
-        for stats in op["per_condition"].values():
-            stats.pop("false_pairs_1based", None)
+        tune = {lb: r for lb, r in runs.items() if lb in RETUNE_LINKS} or runs
+        op = choose_operating_point(tune)
+        op["tuned_on"] = list(tune)
+        op["per_condition"] = {}
+        for lb, run in runs.items():
+            st = operating_stats(
+                run, top_k=op["top_k"], min_inliers=op["min_inliers"], score_threshold=op["score_threshold"]
+            )
+            op["per_condition"][lb] = {k: v for k, v in st.items() if k != "false_pairs_1based"}
         out[m] = op
     return out
 
@@ -904,11 +928,15 @@ def gap_table(
         if hq is None or lq is None:
             continue
         share = gap_share(hq.recalls[1], lq.recalls[1], r.recalls[1])
-        ci = None
+        ci, why = None, "" if share is not None else f"gap < {100 * MIN_GAP:.0f} points"
         keys = [(name, "none", control), (name, link, control), (name, link, distilled)]
         if share is not None and all(k in hits for k in keys) and name in has_positive:
             valid = has_positive[name]
-            ci = _bootstrap_share(*(hits[k][valid] == 0 for k in keys))
+            boot = _bootstrap_share(*(hits[k][valid] == 0 for k in keys))
+            if boot is not None and boot["gap_p5"] <= 0:  # the gap itself is within the noise
+                share, why = None, "gap not above noise (bootstrap 5th percentile <= 0)"
+            elif boot is not None:
+                ci = boot["share_ci90"]
         rows.append(
             {
                 "dataset": name,
@@ -919,6 +947,7 @@ def gap_table(
                 "gap": hq.recalls[1] - lq.recalls[1],
                 "share": share,
                 "ci90": ci,
+                "left_out": why,
                 "queries": r.n_queries,
             }
         )
@@ -1084,14 +1113,15 @@ def plot_recall_n(
 
 def plot_loop_pr(loop: dict[str, Any], path: Path) -> Path:
     """Loop-closure PR over the score threshold, a column per model: verified (top-5, >= 25 inliers) on
-    top, descriptor top-1 alone below; one colour per link."""
+    top (precision axis from 0.8), descriptor top-1 alone below; one colour per link."""
     import matplotlib
 
     models = list(dict.fromkeys(m for v in loop.values() for m in v["models"]))
-    fig = _new_figure(2.6 * len(models) + 1.7, 5.0)
-    axes = fig.subplots(2, len(models), squeeze=False, sharex=True, sharey=True)
+    fig = _new_figure(2.6 * len(models) + 0.6, 5.6)
+    axes = fig.subplots(2, len(models), squeeze=False, sharex=True)
     cmap = matplotlib.colormaps["viridis"]
     labels = list(loop)
+    handles = []
     for col, m in enumerate(models):
         for row, key in enumerate(("_curve", "_base")):
             ax = axes[row][col]
@@ -1101,21 +1131,22 @@ def plot_loop_pr(loop: dict[str, Any], path: Path) -> Path:
                     continue
                 color = cmap(i / max(1, len(labels) - 1))
                 x, y = np.r_[0.0, c.recall], np.r_[c.precision[0], c.precision]
-                ax.plot(x, y, color=color, lw=1.1, label=lb)
+                (h,) = ax.plot(x, y, color=color, lw=1.1, label=lb)
+                if row == 0 and col == 0:
+                    handles.append(h)
             ax.set_xlim(0, 1.02)
-            ax.set_ylim(0, 1.02)
+            ax.set_ylim((0.8, 1.01) if row == 0 else (0.0, 1.02))
             ax.grid(True, alpha=0.25)
+            ax.tick_params(labelsize=7)
             if row == 0:
                 ax.set_title(m, fontsize=9)
             else:
-                ax.set_xlabel("recall")
-        axes[0][col].tick_params(labelsize=7)
-        axes[1][col].tick_params(labelsize=7)
+                ax.set_xlabel("recall", fontsize=8)
     axes[0][0].set_ylabel("precision\nverified top-5, >= 25 inl.", fontsize=8)
     axes[1][0].set_ylabel("precision\ndescriptor top-1 only", fontsize=8)
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.0))
-    fig.suptitle("rtabmap_loop loop closure, score threshold swept, per link", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle("rtabmap_loop loop closure, score threshold swept, one curve per link", fontsize=9)
+    fig.legend(handles=handles, loc="lower center", ncol=min(7, len(handles)), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.09 if len(handles) > 7 else 0.06, 1, 1))
     return _save(fig, path)
 
 
@@ -1137,7 +1168,9 @@ def plot_link_gallery(image: np.ndarray, specs: Sequence[str], path: Path, *, ti
         ax.set_title(f"{cfg.label}: {got.nbytes:,} B", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=fig.dpi)
+    return shrink_png(path, colors=48)
 
 
 def _montage(s: StudySet, a: str, b: str, preds: dict, hits: dict, path: Path, n: int = 3) -> Path | None:
@@ -1175,7 +1208,7 @@ def _montage(s: StudySet, a: str, b: str, preds: dict, hits: dict, path: Path, n
         flags.append([p in set(s.positives[qi].tolist()) for p in top])
         titles.append(f"{kind}: {rec.name[:16]}")
     p = plot_match_montage(queries, retrieved, flags, path, titles=titles)
-    return shrink_png(p, colors=64)
+    return shrink_png(p, colors=40)
 
 
 def _figures(
@@ -1251,13 +1284,16 @@ def render_page(summary: dict[str, Any], page: Path, figures: dict[str, Path]) -
     order = [lb for lb in dict.fromkeys(lb for v in links.values() for lb in v)]
     sec = summary["seconds"]
     quick = " --quick" if summary["config"]["quick"] else ""
+    load = summary.get("load") or ["?", "?"]
     L: list[str] = [GEN_BEGIN, ""]
     L += [
         f"Generated by `make study` (`scripts/accuracy_study.py{quick}`) "
-        f"on {summary['machine']}: {sec['total'] / 60:.1f} min this run "
-        f"({summary['cache']['described']} descriptor sets computed, {summary['cache']['reused']} from the "
-        "cache "
-        f"in `{summary['out']}/cache`; raw numbers in `{summary['out']}/results.json`).",
+        f"on {summary['machine']}: {sec['total'] / 60:.1f} min wall this run, "
+        f"{sec.get('cpu_evaluation', float('nan')) / 60:.1f} min CPU for the evaluation (load average "
+        f"{load[0]} at the start, {load[1]} at the end: "
+        "the wall time depends on what else runs); "
+        f"{summary['cache']['described']} descriptor sets computed, {summary['cache']['reused']} from the "
+        f"cache in `{summary['out']}/cache`; raw numbers in `{summary['out']}/results.json`.",
         "",
     ]
     L += ["## Models", "", "| key | model | input (H x W) | trained on | weights |", "|---|---|---|---|---|"]
@@ -1390,8 +1426,10 @@ def render_page(summary: dict[str, Any], page: Path, figures: dict[str, Path]) -
         "",
         "with `finetuned` the no-distillation control (same recipe, initialisation, data and steps as the "
         "distilled `loqi`), HQ = the `none` link and LQ = the link of the row. 1 closes the whole gap, 0 "
-        "recovers nothing, < 0 is worse than fine-tuning. Only rows whose gap is at least "
-        f"{100 * MIN_GAP:.0f} points; 90 % interval: paired bootstrap over queries (2,000 resamples). "
+        "recovers nothing, < 0 is worse than fine-tuning, > 1 is better than the fine-tuned model at full "
+        f"quality. Only rows with a meaningful gap: at least {100 * MIN_GAP:.0f} points, and above the noise "
+        "(the 5th percentile of the gap over 2,000 paired bootstrap resamples of the queries is > 0); "
+        "90 % interval of the share from the same resamples. "
         "StructVPR has no packaged no-distillation control of its own recipe, so it is not in this table "
         "(its own comparison is in docs/structvpr.md).",
         "",
@@ -1413,8 +1451,16 @@ def render_page(summary: dict[str, Any], page: Path, figures: dict[str, Path]) -
     if small:
         L += [
             "",
-            f"Left out (gap < {100 * MIN_GAP:.0f} points, or the fine-tuned model gains from the link): "
-            + ", ".join(f"{g['dataset']}/{g['link']} ({100 * g['gap']:+.1f})" for g in small)
+            "Left out, gap in points (the fine-tuned model's full-quality minus link R@1): "
+            + "; ".join(
+                f"{why}: "
+                + ", ".join(
+                    f"{g['dataset']}/{g['link']} ({100 * g['gap']:+.1f})"
+                    for g in small
+                    if g["left_out"] == why
+                )
+                for why in dict.fromkeys(g["left_out"] for g in small)
+            )
             + ".",
         ]
     pooled = {}
@@ -1459,52 +1505,58 @@ def render_page(summary: dict[str, Any], page: Path, figures: dict[str, Path]) -
             "point (P = 1.00 when nothing is accepted). The 0.95 threshold was chosen on the "
             "ImageNet-initialised student at 240x320 input (docs/loop_closure.md), before the LoQI student "
             "became the packaged default, and the cosine scale is model-specific: every model is shown at "
-            "the shipped values, then re-tuned below. 'R@P=1' columns: the best recall at precision 1 over "
-            "all score thresholds (verified top-5 >= 25 inliers, and descriptor top-1 alone).",
+            "the shipped values and at a point re-tuned for it (below).",
             "",
             "| link | bytes/frame | "
-            + " | ".join(f"{m} P / R" for m in ms)
+            + " | ".join(f"{m} shipped P / R" for m in ms)
             + " | "
-            + " | ".join(f"{m} R@P=1 verified / descriptor" for m in ms)
+            + " | ".join(f"{m} re-tuned P / R" for m in ms)
             + " |",
             "|---|---:|" + "---|" * (2 * len(ms)),
         ]
+        tuned = summary.get("loop_retuned") or {}
         for lb, v in lc.items():
-            pr = []
-            rp = []
+            shipped, retuned = [], []
             for m in ms:
                 d = v["models"].get(m)
-                if d is None:
-                    pr.append("-")
-                    rp.append("-")
-                    continue
-                sh = d["shipped"]
-                pr.append(f"{sh['precision']:.2f} / {sh['recall']:.2f}")
-                vr = d["verified_recall_at_precision_1"]
-                rp.append(
-                    f"{'-' if vr is None else f'{vr:.2f}'} / {d['descriptor_recall_at_precision_1']:.2f}"
+                shipped.append(
+                    "-" if d is None else f"{d['shipped']['precision']:.2f} / {d['shipped']['recall']:.2f}"
                 )
-            L.append(f"| {lb} | {_bytes(v['bytes_per_frame'])} | " + " | ".join(pr + rp) + " |")
-        tuned = summary.get("loop_retuned") or {}
+                st = tuned.get(m, {}).get("per_condition", {}).get(lb)
+                retuned.append("-" if st is None else f"{st['precision']:.2f} / {st['recall']:.2f}")
+            L.append(f"| {lb} | {_bytes(v['bytes_per_frame'])} | " + " | ".join(shipped + retuned) + " |")
         if tuned:
             L += [
                 "",
-                "Re-tuned per model with the rule that chose the shipped point (`choose_operating_point`: "
-                "best worst-case recall at precision 1 over all links of this table, `min_inliers` >= 1.25 x "
-                "the worst clearly false pair):",
+                "Re-tuned points, one per model, by the rule that chose the shipped one "
+                "(`loop_closure.choose_operating_point` on the links none, jpeg_q10 and h264_qp40: the best "
+                "worst-case recall at precision 1, with `min_inliers` >= 1.25 x the inliers of the worst "
+                "clearly false pair):",
                 "",
-                "| model | score_threshold | top_k | min_inliers | recall: worst link / mean "
-                "| precision: worst |",
-                "|---|---:|---:|---:|---|---:|",
+                "| model | score_threshold | top_k | min_inliers |",
+                "|---|---:|---:|---:|",
             ]
             for m, op in tuned.items():
-                per = op["per_condition"].values()
-                rs = [v["recall"] for v in per]
-                ps = [v["precision"] for v in per]
-                L.append(
-                    f"| {m} | {op['score_threshold']:.4f} | {op['top_k']} | {op['min_inliers']} | "
-                    f"{min(rs):.2f} / {sum(rs) / len(rs):.2f} | {min(ps):.2f} |"
+                L.append(f"| {m} | {op['score_threshold']:.4f} | {op['top_k']} | {op['min_inliers']} |")
+        L += [
+            "",
+            "Threshold-free: the best recall at precision 1 over all score thresholds, verified (top 5, "
+            ">= 25 inliers) / descriptor top-1 alone:",
+            "",
+            "| link | " + " | ".join(ms) + " |",
+            "|---|" + "---|" * len(ms),
+        ]
+        for lb, v in lc.items():
+            cells = []
+            for m in ms:
+                d = v["models"].get(m)
+                vr = None if d is None else d["verified_recall_at_precision_1"]
+                cells.append(
+                    "-"
+                    if d is None
+                    else f"{'-' if vr is None else f'{vr:.2f}'} / {d['descriptor_recall_at_precision_1']:.2f}"
                 )
+            L.append(f"| {lb} | " + " | ".join(cells) + " |")
         if "loop_pr" in figures:
             L += ["", f"![loop closure PR]({_rel(figures['loop_pr'], page)})"]
     L += ["", "Per-stage time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in sec.items()) + ".", "", GEN_END]
