@@ -14,7 +14,8 @@ Variants (timed in alternation, Adam + grad-clip 1.0 step included in each, data
     (``loss.cache_teacher: true``, what the engine calls), every image of the batch already cached: the
     step of an image drawn before (epochs after the first; small training sets).
 ``loqi_cache_cold``
-    the same with an empty cache at every step (every image a miss): the first time an image is drawn.
+    the same with new image ids at every step (every image a miss, the cache growing): the step of
+    images drawn for the first time (a first epoch).
 ``loqi_dense_ickd``
     the LoQI step as first written, with the dense C x C ICKD of both sides
     (:func:`vpr_ros.training.losses.channel_correlation`), for the ICKD speed-up.
@@ -108,10 +109,12 @@ def run_size(size_text: str, args: argparse.Namespace, hq_imgs: list, lq_imgs: l
     def cached_loss() -> torch.Tensor:  # the engine's call with loss.cache_teacher: true
         return loqi["loqi_cached_teacher"](hq, lq, ids)["loss"]
 
-    def cold_loss() -> torch.Tensor:
-        m = loqi["loqi_cache_cold"]
-        m.teacher_cache = m.make_teacher_cache()
-        return m(hq, lq, ids)["loss"]
+    m_cold, drawn = loqi["loqi_cache_cold"], [0]
+    m_cold.teacher_cache = m_cold.make_teacher_cache()
+
+    def cold_loss() -> torch.Tensor:  # every image new to the (growing) cache, as in a first epoch
+        drawn[0] += 1
+        return m_cold(hq, lq, ids + drawn[0] * b * t)["loss"]
 
     def dense_ickd_loss() -> torch.Tensor:  # LoQI.forward as first written (dense C x C correlations)
         m = loqi["loqi_dense_ickd"]

@@ -199,12 +199,16 @@ def test_teacher_cache_gives_the_same_losses_and_skips_the_teacher():
     plain = LoQI(student, teacher, cfg.loss).train()
     cached = LoQI(student, teacher, cfg.loss).train()
     cached.teacher_cache = cached.make_teacher_cache()
-    hq = torch.randn(2, 4, 3, 32, 64)
+    # channels_last, as the data pipeline's batches (to_tensor_batch, collated)
+    hq = torch.randn(8, 3, 32, 64).contiguous(memory_format=torch.channels_last).view(2, 4, 3, 32, 64)
     hq[1, 1] = hq[0, 1]
     ids = torch.tensor([[0, 10, 11, 12], [1, 10, 13, 14]])  # image 10 twice in the batch
     lq = hq + 0.1 * torch.randn_like(hq)
     calls, forward_features = [], teacher.forward_features
-    teacher.forward_features = lambda x: (calls.append(len(x)), forward_features(x))[1]
+    teacher.forward_features = lambda x: (
+        calls.append((len(x), x.is_contiguous(memory_format=torch.channels_last))),
+        forward_features(x),
+    )[1]
     for step in range(2):
         a, b = plain(hq, lq), cached(hq, lq, ids)
         for k in a:
@@ -212,7 +216,8 @@ def test_teacher_cache_gives_the_same_losses_and_skips_the_teacher():
     # 7 distinct images computed once; the second step read them all from the cache
     cache = cached.teacher_cache
     assert (len(cache), cache.misses, cache.hits) == (7, 7, 9) and cache.nbytes > 0
-    assert calls == [8, 7, 8]  # teacher passes: plain step 1, cached step 1 (7 distinct), plain step 2
+    # teacher passes: plain step 1, cached step 1 (7 distinct, still channels_last), plain step 2
+    assert calls == [(8, True), (7, True), (8, True)]
     with pytest.raises(ConfigError, match="loss.cache_teacher"):
         _cfg(ickd=False, mse=False, cache_teacher=True)
 
