@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 #: The operating point chosen by ``vpr-ros loop-eval`` on rtabmap_loop (see docs/loop_closure.md):
 #: the highest recall at precision 1.0 for the default model, clean and degraded links alike.
 DEFAULT_EXCLUSION_WINDOW_S = 10.0
-DEFAULT_SCORE_THRESHOLD = 0.95
+DEFAULT_SCORE_THRESHOLD = 0.85
 DEFAULT_TOP_K = 5
 DEFAULT_MIN_INLIERS = DEFAULT_VERIFY_MIN_INLIERS
 
