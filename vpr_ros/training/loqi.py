@@ -70,19 +70,42 @@ class TeacherCache:
     ) -> None:
         self.teacher, self.maps, self.desc = teacher, maps, desc
         self.select = select or (lambda m: m)
-        self.entries: dict[int, tuple[list[Correlation] | None, torch.Tensor | None]] = {}
+        self.slots: dict[int, int] = {}  # image id -> row of the store
+        self.store: list[torch.Tensor] = []  # per stored tensor: (capacity, ...); rows = images
+        self.forms: list[tuple[bool, ...]] = []  # per map: which Correlation fields are held
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.slots)
 
     @property
     def nbytes(self) -> int:
-        total = 0
-        for corrs, desc in self.entries.values():
-            total += sum(c.nbytes for c in corrs or [])
-            total += 0 if desc is None else desc.numel() * desc.element_size()
-        return total
+        """Bytes held for the cached images (the store's spare capacity not counted)."""
+        return len(self.slots) * sum(t[0].numel() * t.element_size() for t in self.store)
+
+    def _flatten(self, corrs: list[Correlation] | None, desc: torch.Tensor | None) -> list[torch.Tensor]:
+        parts = [t for c in corrs or [] for t in (c.dense, c.fmap, c.scale, c.sq) if t is not None]
+        return parts + ([desc] if desc is not None else [])
+
+    def _unflatten(self, parts: list[torch.Tensor]) -> tuple[list[Correlation] | None, torch.Tensor | None]:
+        it = iter(parts)
+        corrs = [Correlation(*(next(it) if held else None for held in form)) for form in self.forms]
+        return (corrs if self.maps else None), (next(it) if self.desc else None)
+
+    def _put(self, keys: list[int], corrs: list[Correlation] | None, desc: torch.Tensor | None) -> None:
+        if not self.store:
+            self.forms = [tuple(t is not None for t in (c.dense, c.fmap, c.scale, c.sq)) for c in corrs or []]
+        parts = self._flatten(corrs, desc)
+        n, m = len(self.slots), len(keys)
+        if not self.store or n + m > len(self.store[0]):  # grow by doubling (amortised copies)
+            cap = max(64, n + m, 2 * len(self.store[0]) if self.store else 0)
+            grown = [p.new_empty((cap, *p.shape[1:])) for p in parts]
+            for new, old in zip(grown, self.store, strict=False):
+                new[:n] = old[:n]
+            self.store = grown
+        for t, p in zip(self.store, parts, strict=True):
+            t[n : n + m] = p
+        self.slots.update({k: n + j for j, k in enumerate(keys)})
 
     @torch.no_grad()
     def __call__(
@@ -90,9 +113,9 @@ class TeacherCache:
     ) -> tuple[list[Correlation] | None, torch.Tensor | None]:
         """Teacher correlations and descriptors of the images ``hq`` (N, 3, H, W) with dataset ids (N,)."""
         keys = [int(i) for i in ids.tolist()]
-        first: dict[int, int] = {}
+        first: dict[int, int] = {}  # images not cached yet -> their first row in the batch
         for row, key in enumerate(keys):
-            if key not in self.entries:
+            if key not in self.slots:
                 first.setdefault(key, row)
         self.misses += len(first)
         self.hits += len(keys) - len(first)
@@ -101,18 +124,9 @@ class TeacherCache:
             x = hq if rows == list(range(len(hq))) else _take_rows(hq, rows)
             t_maps, t_desc = forward_outputs(self.teacher, x, maps=self.maps, desc=self.desc)
             corrs = [correlation(m) for m in self.select(t_maps)] if self.maps else None
-            for j, key in enumerate(first):
-                pick = torch.tensor([j], device=hq.device)
-                self.entries[key] = (
-                    [c.index(pick) for c in corrs] if corrs is not None else None,
-                    t_desc[j : j + 1] if t_desc is not None else None,
-                )
-        got = [self.entries[k] for k in keys]
-        corrs_out = None
-        if self.maps:
-            corrs_out = [Correlation.cat([g[0][m] for g in got]) for m in range(len(got[0][0]))]
-        desc_out = torch.cat([g[1] for g in got]) if self.desc else None
-        return corrs_out, desc_out
+            self._put(list(first), corrs, t_desc)
+        idx = torch.tensor([self.slots[k] for k in keys], device=self.store[0].device)
+        return self._unflatten([t.index_select(0, idx) for t in self.store])
 
 
 class LoQI(nn.Module):

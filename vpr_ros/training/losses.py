@@ -54,11 +54,6 @@ class Correlation:
         t = self.dense if self.dense is not None else self.fmap
         return int(t.shape[0]), int(t.shape[1])
 
-    @property
-    def nbytes(self) -> int:
-        parts = (self.dense, self.fmap, self.scale, self.sq)
-        return sum(t.numel() * t.element_size() for t in parts if t is not None)
-
     def sq_norm(self) -> torch.Tensor:
         """||G^||_F^2 per sample (B,)."""
         return self.dense.pow(2).sum(dim=(1, 2)) if self.dense is not None else self.sq
@@ -82,17 +77,6 @@ class Correlation:
         if self.dense is not None and other.dense is not None:
             return (self.dense - other.dense).pow(2).sum(dim=(1, 2))
         return self.sq_norm() + other.sq_norm() - 2.0 * self.inner(other)
-
-    @staticmethod
-    def cat(items: Sequence[Correlation]) -> Correlation:
-        """One batch of the samples of ``items`` (all in the same form)."""
-        fields = zip(*((c.dense, c.fmap, c.scale, c.sq) for c in items), strict=True)
-        return Correlation(*(None if parts[0] is None else torch.cat(parts) for parts in fields))
-
-    def index(self, rows: torch.Tensor) -> Correlation:
-        """The samples ``rows`` (a batch of cached correlations)."""
-        parts = (self.dense, self.fmap, self.scale, self.sq)
-        return Correlation(*(None if t is None else t.index_select(0, rows) for t in parts))
 
 
 def correlation(fmap: torch.Tensor, *, factored: bool | None = None) -> Correlation:
