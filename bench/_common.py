@@ -149,13 +149,37 @@ def pct(v: Sequence[float], q: float) -> float:
     return s[i]
 
 
-def rss_mb() -> float:
-    """Current resident set size of this process (MiB)."""
+def rss_mb(pid: int | None = None) -> float:
+    """Current resident set size (MiB) of this process, or of process ``pid`` (NaN when it is gone)."""
     with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
+    if pid is not None:
+        return float("nan")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def ros_env() -> None:
+    """Environment of the ROS benchmark processes: localhost discovery, logs and caches in the repo."""
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    os.environ.setdefault("VPR_ROS_CACHE", str(REPO / ".cache"))  # ONNX exports: .cache/onnx
+    os.environ.setdefault("ROS_LOG_DIR", str(REPO / ".cache" / "ros_log"))
+    os.environ.setdefault("HOME", str(REPO / ".cache" / "home"))
+
+
+def camera_frames(size: tuple[int, int], n: int, seq: str = "05") -> list[Any]:
+    """``n`` real RGB camera frames resized to ``size`` (H, W): KITTI ``seq`` and the RTAB-Map corridor
+    interleaved."""
+    import cv2
+
+    from vpr_ros.core.images import load_image
+
+    kitti = sorted((SHARED / "data" / "kitti_first300" / seq / "image_0").glob("*.jpg"))
+    rtab = sorted((SHARED / "data" / "rtabmap_loop" / "images").glob("*.jpg"))
+    paths = [p for pair in zip(kitti, rtab * 4, strict=False) for p in pair][:n]
+    h, w = size
+    return [cv2.resize(load_image(p), (w, h), interpolation=cv2.INTER_AREA) for p in paths]
 
 
 def peak_rss_mb() -> float:

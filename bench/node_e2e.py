@@ -52,30 +52,11 @@ NAME = "node_e2e"
 WEIGHTS = "imagenet"  # the packaged student when built: pass --weights default
 
 
-def _frames(size: tuple[int, int], n: int, seq: str = "05") -> list[np.ndarray]:
-    import cv2
-
-    from vpr_ros.core.images import load_image
-
-    kitti = sorted((C.SHARED / "data" / "kitti_first300" / seq / "image_0").glob("*.jpg"))
-    rtab = sorted((C.SHARED / "data" / "rtabmap_loop" / "images").glob("*.jpg"))
-    paths = [p for pair in zip(kitti, rtab + rtab + rtab + rtab, strict=False) for p in pair][:n]
-    h, w = size
-    return [cv2.resize(load_image(p), (w, h), interpolation=cv2.INTER_AREA) for p in paths]
-
-
-def _ros_env() -> None:
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ.setdefault("VPR_ROS_CACHE", str(C.REPO / ".cache"))  # ONNX exports: .cache/onnx
-    os.environ.setdefault("ROS_LOG_DIR", str(C.REPO / ".cache" / "ros_log"))
-    os.environ.setdefault("HOME", str(C.REPO / ".cache" / "home"))
-
-
 # --------------------------------------------------------------------------- node process
 
 
 def role_node(args: argparse.Namespace) -> int:
-    _ros_env()
+    C.ros_env()
     import rclpy
     from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.parameter import Parameter
@@ -122,18 +103,8 @@ def _cpu_s(pid: int) -> float:
         return float("nan")
 
 
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def role_pub(args: argparse.Namespace) -> int:
-    _ros_env()
+    C.ros_env()
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, qos_profile_sensor_data
@@ -144,7 +115,7 @@ def role_pub(args: argparse.Namespace) -> int:
     from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
 
     size = tuple(int(v) for v in args.input_size.split("x"))
-    frames = _frames(size, args.frames)
+    frames = C.camera_frames(size, args.frames)
     rclpy.init()
     node = rclpy.create_node(f"bench_pub_{uuid.uuid4().hex[:6]}")
     received: dict[int, float] = {}  # seq -> receive time
@@ -189,12 +160,12 @@ def role_pub(args: argparse.Namespace) -> int:
             stamps[seq] = now
             seq += 1
             if i % max(1, int(rate)) == 0:
-                rss.append(_rss_mb(args.node_pid))
+                rss.append(C.rss_mb(args.node_pid))
         send_s = time.perf_counter() - t0
         cpu_pub = time.process_time() - cpu_pub0
         time.sleep(args.drain)
         cpu_node = _cpu_s(args.node_pid) - cpu_node0
-        rss.append(_rss_mb(args.node_pid))
+        rss.append(C.rss_mb(args.node_pid))
         with lock:
             got = {s: received[s] for s in stamps if s in received}
         lat = sorted((got[s] - stamps[s]) * 1000.0 for s in got)
@@ -272,7 +243,7 @@ def read_json_lines(proc: subprocess.Popen, until: str, timeout: float) -> list[
 
 
 def orchestrate(args: argparse.Namespace) -> int:
-    _ros_env()
+    C.ros_env()
     import torch
 
     from vpr_ros.core.datasets import load_kitti
@@ -290,7 +261,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     pmap, _, _ = map_from_records(ext, records, model=label, progress=False)
     map_dir = pmap.save(tmp / "kitti00")
     print(f"map {map_dir}: {len(pmap)} places ({label})", file=sys.stderr)
-    frames = _frames(size, args.frames)
+    frames = C.camera_frames(size, args.frames)
     results = []
     with C.LoadSampler() as load:
         default_threads = torch.get_num_threads()

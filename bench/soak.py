@@ -46,34 +46,6 @@ NAME = "soak"
 BAD_KINDS = ("wrong_encoding", "step_mismatch", "empty", "nan_float", "huge_header")
 
 
-def _ros_env() -> None:
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    os.environ.setdefault("ROS_LOG_DIR", str(C.REPO / ".cache" / "ros_log"))
-    os.environ.setdefault("HOME", str(C.REPO / ".cache" / "home"))
-
-
-def _frames(size: tuple[int, int], n: int) -> list[np.ndarray]:
-    import cv2
-
-    from vpr_ros.core.images import load_image
-
-    kitti = sorted((C.SHARED / "data" / "kitti_first300" / "05" / "image_0").glob("*.jpg"))
-    rtab = sorted((C.SHARED / "data" / "rtabmap_loop" / "images").glob("*.jpg"))
-    paths = [p for pair in zip(kitti, rtab * 4, strict=False) for p in pair][:n]
-    h, w = size
-    return [cv2.resize(load_image(p), (w, h), interpolation=cv2.INTER_AREA) for p in paths]
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def bad_frame(kind: str, header: Any) -> Any:
     """A raw ``sensor_msgs/Image`` the node must reject (kinds as in test/test_robustness.py)."""
     from sensor_msgs.msg import Image
@@ -97,7 +69,7 @@ def bad_frame(kind: str, header: Any) -> Any:
 
 def role_pub(args: argparse.Namespace) -> int:
     """Publish the frames at the rate, collect PlaceMatch and /diagnostics; print one JSON result line."""
-    _ros_env()
+    C.ros_env()
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
@@ -109,7 +81,7 @@ def role_pub(args: argparse.Namespace) -> int:
     from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
 
     size = tuple(int(v) for v in args.input_size.split("x"))
-    msgs = [rgb_to_image_msg(f, "rgb8") for f in _frames(size, 120)]
+    msgs = [rgb_to_image_msg(f, "rgb8") for f in C.camera_frames(size, 120)]
     rclpy.init()
     node = rclpy.create_node(f"soak_camera_{uuid.uuid4().hex[:6]}")
     lock = threading.Lock()
@@ -231,7 +203,7 @@ def read_json(proc: subprocess.Popen, until: str, timeout: float, on_line=None) 
 
 
 def orchestrate(args: argparse.Namespace) -> int:
-    _ros_env()
+    C.ros_env()
     os.environ.setdefault("VPR_ROS_CACHE", str(C.REPO / ".cache"))
     from vpr_ros.core.datasets import load_kitti
     from vpr_ros.core.experiment import map_from_records
@@ -248,7 +220,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     )
     map_dir = pmap.save(tmp / "kitti00")
     del ext
-    frames = _frames(size, 40)
+    frames = C.camera_frames(size, 40)
     bare = bare_rate(args, frames)
     rate = min(25.0, max(5.0, 0.4 * bare)) if args.rate == "auto" else float(args.rate)
     print(
@@ -313,7 +285,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     def sample() -> None:
         while not stop.wait(1.0):
             if started:
-                samples.append((time.time() - started[0], _rss_mb(node.pid)))
+                samples.append((time.time() - started[0], C.rss_mb(node.pid)))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -324,11 +296,11 @@ def orchestrate(args: argparse.Namespace) -> int:
             def on_line(item: dict) -> None:
                 if "started" in item:
                     started.append(item["started"])
-                    samples.append((0.0, _rss_mb(node.pid)))
+                    samples.append((0.0, C.rss_mb(node.pid)))
                 elif "progress" in item:
                     print(
                         f"  {item['progress']:6d} frames sent, {item['t']:.0f} s, node RSS "
-                        f"{_rss_mb(node.pid):.0f} MiB",
+                        f"{C.rss_mb(node.pid):.0f} MiB",
                         flush=True,
                     )
 
