@@ -35,6 +35,7 @@ from .datasets import GroundTruth, ImageRecord, load_ie_tower, load_kitti, load_
 from .errors import DatasetError
 from .evaluation import RECALL_NS, EvalResult, PRCurve, loop_closure_pr, recall_at_n
 from .fileio import atomic_write_text
+from .loop_closure import json_default
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _packaged(key: str, label: str, weights: Path | str | None, trained_on: str, missing: str) -> StudyModel:
+    """A model with a checkpoint: available when the file exists, else ``missing`` says why."""
+    ok = bool(weights) and Path(weights).is_file()
+    return StudyModel(key, label, weights, trained_on, available=ok, reason="" if ok else missing)
+
+
 def build_models(cfg: StudyConfig) -> list[StudyModel]:
     """The models named in ``cfg.models``; those without weights are kept with ``available=False``."""
     out = []
@@ -169,46 +176,22 @@ def build_models(cfg: StudyConfig) -> list[StudyModel]:
         if key == "imagenet":
             m = StudyModel(key, "ImageNet-initialised student (no VPR training)", None, "ImageNet only")
         elif key == "finetuned":
-            w = cfg.finetuned
-            m = StudyModel(
-                key,
-                "fine-tuned, no distillation (LoQI recipe, triplet only)",
-                w,
-                "Nordland (other places), JPEG q10 queries",
-                available=bool(w and Path(w).is_file()),
-                reason="" if w and Path(w).is_file() else "not trained (pass StudyConfig.finetuned)",
-            )
+            m = _packaged(key, "fine-tuned, no distillation (LoQI recipe, triplet only)", cfg.finetuned,
+                          "Nordland (other places), JPEG q10 queries",
+                          "not trained (pass StudyConfig.finetuned)")
         elif key == "loqi":
-            m = StudyModel(
-                key,
-                "LoQI-VPR distilled (packaged default student)",
-                LOQI_WEIGHTS,
-                "Nordland (other places), JPEG q10 queries",
-                available=LOQI_WEIGHTS.is_file(),
-                reason="" if LOQI_WEIGHTS.is_file() else f"{LOQI_WEIGHTS} missing",
-            )
+            m = _packaged(key, "LoQI-VPR distilled (packaged default student)", LOQI_WEIGHTS,
+                          "Nordland (other places), JPEG q10 queries", f"{LOQI_WEIGHTS} missing")
         elif key == "structvpr":
-            m = StudyModel(
-                key,
-                "StructVPR distilled (KITTI 05)",
-                STRUCTVPR_WEIGHTS,
-                "KITTI 05",
-                available=STRUCTVPR_WEIGHTS.is_file(),
-                reason="" if STRUCTVPR_WEIGHTS.is_file() else f"{STRUCTVPR_WEIGHTS} missing",
-            )
+            m = _packaged(key, "StructVPR distilled (KITTI 05)", STRUCTVPR_WEIGHTS, "KITTI 05",
+                          f"{STRUCTVPR_WEIGHTS} missing")
         elif key == "scicevpr":
-            ok = SCICEVPR_WEIGHTS.is_file()
-            m = StudyModel(
-                key,
-                "SciceVPR (DINOv2 student)",
-                SCICEVPR_WEIGHTS if ok else None,
-                "-",
-                available=ok,
-                reason=""
-                if ok
-                else "no weights: SciceVPR needs a DINOv2 ViT backbone and none can "
-                "be had on this machine (no DINOv2 or published VPR checkpoints, no network), so no "
-                f"SciceVPR student was trained; {SCICEVPR_WEIGHTS.name} is absent (docs/scicevpr.md)",
+            m = _packaged(
+                key, "SciceVPR (DINOv2 student)",
+                SCICEVPR_WEIGHTS if SCICEVPR_WEIGHTS.is_file() else None, "-",
+                "no weights: SciceVPR needs a DINOv2 ViT backbone and none can be had on this machine (no "
+                "DINOv2 or published VPR checkpoints, no network), so no SciceVPR student was trained; "
+                f"{SCICEVPR_WEIGHTS.name} is absent (docs/scicevpr.md)",
             )
         else:
             raise ValueError(f"unknown model {key!r}; expected one of {MODEL_KEYS}")
@@ -454,18 +437,8 @@ class _Cache:
     def put_json(self, set_key: str, link: str, name: str, key: str, value: Any) -> None:
         atomic_write_text(
             self._dir(set_key, link) / f"{name}.json",
-            json.dumps({"key": key, "value": value}, default=_json_default) + "\n",
+            json.dumps({"key": key, "value": value}, default=json_default) + "\n",
         )
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def _load() -> str:
@@ -779,7 +752,7 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
     }
     summary["per_query_first_hit"] = {"/".join(k): v for k, v in hits.items()}
     atomic_write_text(
-        paths["results"], json.dumps(summary, default=_json_default, allow_nan=False, indent=1) + "\n"
+        paths["results"], json.dumps(summary, default=json_default, allow_nan=False, indent=1) + "\n"
     )
     return summary
 
