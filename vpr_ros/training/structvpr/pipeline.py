@@ -409,40 +409,39 @@ class StageTrainer(Trainer):
         return {**super().checkpoint_extra(), "structvpr_config": self.sv.cfg.to_dict()}
 
 
-class RgbBranchStage(StageTrainer):
+class TripletStage(StageTrainer):
+    """A Stage I branch: the triplet loss on one input of the tuples (``input_key``: rgb or slme)."""
+
+    input_key = "rgb"
+
+    def build_dataset(self) -> StructTuples:
+        rgb = self.input_key == "rgb"
+        return self.sv.tuples(self.student, rgb=rgb, slme=not rgb)
+
+    def build_objective(self) -> nn.Module:
+        return TripletObjective(self.student, self.sv.cfg.margin)
+
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.model(batch[self.input_key].to(self.dist.device))
+
+
+class RgbBranchStage(TripletStage):
     """Stage I, rgb-branch: ImageNet MobileNetV2 (the student's architecture) with the triplet loss on
     RGB tuples whose query is degraded like the student's deployment input."""
 
     def build_models(self) -> tuple[VprModel, None]:
         return self.sv.new_rgb(), None
 
-    def build_dataset(self) -> StructTuples:
-        return self.sv.tuples(self.student, rgb=True, slme=False)
 
-    def build_objective(self) -> nn.Module:
-        return TripletObjective(self.student, self.sv.cfg.margin)
-
-    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self.model(batch["rgb"].to(self.dist.device))
-
-
-class SegBranchStage(StageTrainer):
+class SegBranchStage(TripletStage):
     """Stage I, seg-branch: trained from scratch with the triplet loss on the SLME maps of the same
     tuples (maps of the high-quality frames); its hard negatives come from its own descriptors."""
 
     model_name = "structvpr_segbranch"
+    input_key = "slme"
 
     def build_models(self) -> tuple[VprModel, None]:
         return self.sv.new_seg(), None
-
-    def build_dataset(self) -> StructTuples:
-        return self.sv.tuples(self.student, rgb=False, slme=True)
-
-    def build_objective(self) -> nn.Module:
-        return TripletObjective(self.student, self.sv.cfg.margin)
-
-    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self.model(batch["slme"].to(self.dist.device))
 
     def refresh_cache(self) -> None:
         p, bank = self.train_places, self.dataset.bank
