@@ -29,7 +29,7 @@ from .images import load_image
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 #: Ground-truth kinds understood by :class:`GroundTruth`.
-GT_KINDS = ("distance", "frame", "label")
+GT_KINDS = ("distance", "frame", "label", "pairs")
 
 
 @dataclass
@@ -61,11 +61,14 @@ class GroundTruth:
     * ``"distance"``: database images within ``radius_m`` (Euclidean, planar ``position``) of the query.
     * ``"frame"``: database images of the same ``sequence`` with ``|frame_index - query's| <= tolerance``.
     * ``"label"``: database images with the same ``label`` as the query (place classes, e.g. IE tower).
+    * ``"pairs"``: the database images listed for the query in ``pairs`` (query path -> database paths),
+      as in VPR-Bench's ground-truth files.
     """
 
     kind: str
     radius_m: float = 25.0
     tolerance: int = 2
+    pairs: dict[Path, frozenset[Path]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in GT_KINDS:
@@ -74,6 +77,8 @@ class GroundTruth:
             raise ValueError(f"radius_m must be a positive finite number, got {self.radius_m}")
         if self.kind == "frame" and (int(self.tolerance) != self.tolerance or self.tolerance < 0):
             raise ValueError(f"tolerance must be a non-negative integer, got {self.tolerance}")
+        if self.kind == "pairs" and self.pairs is None:
+            raise ValueError("pairs ground truth needs the pairs mapping (query path -> database paths)")
 
     def describe(self) -> str:
         """Short human-readable form, e.g. ``"distance <= 25 m"``."""
@@ -81,6 +86,8 @@ class GroundTruth:
             return f"distance <= {self.radius_m:g} m"
         if self.kind == "frame":
             return f"frame index +/-{self.tolerance}"
+        if self.kind == "pairs":
+            return "listed pairs"
         return "same label"
 
     def positives(self, database: Sequence[ImageRecord], queries: Sequence[ImageRecord]) -> list[np.ndarray]:
@@ -89,6 +96,8 @@ class GroundTruth:
             return _positives_distance(database, queries, float(self.radius_m))
         if self.kind == "frame":
             return _positives_frame(database, queries, int(self.tolerance))
+        if self.kind == "pairs":
+            return _positives_pairs(database, queries, self.pairs or {})
         return _positives_label(database, queries)
 
 
@@ -185,6 +194,13 @@ def _positives_label(database: Sequence[ImageRecord], queries: Sequence[ImageRec
     arrays = {k: np.asarray(v, dtype=np.int64) for k, v in groups.items()}
     empty = np.empty(0, dtype=np.int64)
     return [arrays.get(rec.label, empty) for rec in queries]  # type: ignore[arg-type]
+
+
+def _positives_pairs(database: Sequence[ImageRecord], queries: Sequence[ImageRecord],
+                     pairs: dict[Path, frozenset[Path]]) -> list[np.ndarray]:
+    index = {rec.path: i for i, rec in enumerate(database)}
+    return [np.array(sorted(index[p] for p in pairs.get(rec.path, ()) if p in index), dtype=np.int64)
+            for rec in queries]
 
 
 @dataclass
