@@ -14,8 +14,6 @@ from vpr_ros.training.structvpr.partition import (
     group_of,
     group_shares,
     keep_mask,
-    positive_ranks,
-    rank_pairs,
 )
 from vpr_ros.training.structvpr.seg_branch import SegBranch
 from vpr_ros.training.structvpr.slme import SLMEConfig, SLMEncoder
@@ -24,7 +22,6 @@ from vpr_ros.training.structvpr.weighted_kd import (
     StructVPRDistill,
     WeightingConfig,
     pair_weights,
-    phi,
     weighted_kd_loss,
 )
 
@@ -101,7 +98,7 @@ def test_partition_variants_and_shares():
     y = np.array([1, 20, 2, 4, 30])
     assert keep_mask(x, y, "gp-d").tolist() == [True, True, False, True, True]
     assert keep_mask(x, y, "gp-s").tolist() == [True, True, False, True, True]
-    assert keep_mask(x, y, "gp-r").tolist() == [False, True, False, False, True]
+    assert keep_mask(x, y, "gp-r").tolist() == [True, False, True, True, False]
     assert keep_mask(x, y, "all").all()
     shares = group_shares(Pairs(np.arange(5), np.arange(5), x, y))
     assert shares == {"D1": 0.4, "D2": 0.2, "D3": 0.2, "D4": 0.2}
@@ -109,38 +106,7 @@ def test_partition_variants_and_shares():
         keep_mask(x, y, "gp-x")
 
 
-def test_positive_ranks_skip_excluded_and_other_positives():
-    db = np.eye(6, dtype=np.float32)
-    q = np.array([[0.1, 0.9, 0.5, 0.8, 0.7, 0.3]], dtype=np.float32)  # similarity to db i = q[i]
-    # positives 2 and 4; db 1 (0.9) is excluded (e.g. the query's own frame)
-    qi, p, r = positive_ranks(q, db, [np.array([2, 4])], [np.array([1])])
-    assert qi.tolist() == [0, 0] and p.tolist() == [2, 4]
-    assert r.tolist() == [2, 2]  # only db 3 (0.8) is a wrong place ahead; positive 4 ahead of 2 is no error
-    _, _, r_all = positive_ranks(q, db, [np.array([2, 4])], [np.array([1])], count_other_positives=True)
-    assert r_all.tolist() == [3, 2]  # plain list position: 3 and 4 ahead of 2
-    _, _, r2 = positive_ranks(q, db, [np.array([2])], None)
-    assert r2.tolist() == [4]  # 0.9, 0.8, 0.7 ahead
-    rgb_q = q[:, ::-1].copy()  # [0.3, 0.7, 0.8, 0.5, 0.9, 0.1]: both positives first
-    pairs = rank_pairs((q, db), (rgb_q, db), [np.array([2, 4])])
-    assert pairs.x.tolist() == [3, 3] and pairs.y.tolist() == [1, 1]
-
-
 # --------------------------------------------------------------------------- phi and the weighted loss
-
-
-@pytest.mark.parametrize("x, y, expected", [
-    (1, 1, 1.0),        # D2, x = y: 1 + (1 - 1) / 20
-    (3, 30, 1.85),      # D1: 1 + (min(30, 20) - 3) / 20
-    (1, 500, 1.95),     # D1, y capped at N_m
-    (10, 11, 1.05),     # D1 edge: 1 + (11 - 10) / 20
-    (4, 9, 1.25),       # D2: 1 + 5 / 20
-    (5, 2, 0.85),       # D3: 1 - 3 / 20
-    (10, 1, 0.55),      # D3 extreme
-    (11, 1, 0.0),       # D4
-    (11, 50, 0.0),      # D4
-])
-def test_phi_hand_computed(x, y, expected):
-    assert phi(x, y, n_t=10, n_m=20) == pytest.approx(expected)
 
 
 def test_pair_weights_constant_ones_and_lookup():
@@ -148,13 +114,12 @@ def test_pair_weights_constant_ones_and_lookup():
     pairs = Pairs(q, p, x=np.array([2, 1, 4, 12]), y=np.array([40, 1, 3, 1]))
     # groups: D1, D2, D3, D4
     assert pair_weights(pairs, WeightingConfig("gp-d", "constant")).tolist() == [8.0, 4.0, 1.0, 0.0]
-    phis = pair_weights(pairs, WeightingConfig("gp-d", "phi")).tolist()
-    assert phis == pytest.approx([1.9, 1.0, 0.95, 0.0])
     assert pair_weights(pairs, WeightingConfig("all", "ones")).tolist() == [1.0, 1.0, 1.0, 1.0]
-    assert pair_weights(pairs, WeightingConfig("gp-r", "ones")).tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert pair_weights(pairs, WeightingConfig("gp-r", "ones")).tolist() == [0.0, 1.0, 1.0, 1.0]
     assert pair_weights(pairs, WeightingConfig("gp-s", "ones")).tolist() == [1.0, 1.0, 1.0, 0.0]
     lookup = PairWeights(pairs, pair_weights(pairs, WeightingConfig()))
-    assert lookup(0, 5) == pytest.approx(1.9) and lookup(2, 8) == 0.0 and lookup(9, 9) == 0.0
+    # (0, 5) is D1 (x 2, y 40): 1 + (20 - 2) / (4 ln 3) = 1 + 18 / 4.394449 = 5.096077
+    assert lookup(0, 5) == pytest.approx(5.096077) and lookup(2, 8) == 0.0 and lookup(9, 9) == 0.0
     with pytest.raises(ValueError):
         pair_weights(pairs, WeightingConfig("gp-d", "constant", constant=[1.0, 2.0]))
 

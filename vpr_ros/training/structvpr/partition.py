@@ -1,8 +1,8 @@
-"""Group partition (StructVPR Sec. 3.3): which training pairs carry structural knowledge worth distilling.
+"""Group partition (StructVPR Sec. 3.4): which training pairs carry structural knowledge worth distilling.
 
-For each training pair (q, p) -- a query and one of its positives -- ``x`` is the rank of p in q's
-retrieval list by the Stage-I seg-branch and ``y`` its rank by the Stage-I rgb-branch (1 = first). With
-the threshold N_t (10 in the paper):
+For each training pair (q, p) -- a query and one of its positives -- ``x`` is "the ranking of the
+positive p in the recall list of the query q" by the Stage-I seg-branch and ``y`` the same by the
+Stage-I rgb-branch (1 = first). With the threshold N_t (10 in the paper):
 
 * D1: ``x <= N_t < y`` -- the seg-branch finds p, the rgb-branch does not: high-quality knowledge the
   student lacks;
@@ -10,12 +10,15 @@ the threshold N_t (10 in the paper):
 * D3: ``y < x <= N_t`` -- both find p, the rgb-branch better;
 * D4: ``x > N_t`` -- the seg-branch fails: its knowledge is noise for this pair (weight 0).
 
-GP-S and GP-R (the ablation's one-branch partitions) keep pairs by one rank only: GP-S ``x <= N_t``
-(seg-branch finds p), GP-R ``y > N_t`` (rgb-branch misses p).
+The one-branch partitions of the ablation (Sec. 4.4): GP-S (only the teacher, the seg-branch) keeps
+S1 = ``x <= N_t`` (S2 = D4 is dropped); GP-R (only the student, the rgb-branch) keeps R1 = ``y <= N_t``
+(R2 = ``y > N_t``, which Table 5 shows harms distillation, is dropped).
 
-A rank counts the database images that score above p and are not positives of q (another correct place
-ahead of p is not a mistake); images excluded for q (itself, its own few neighbouring frames) are never
-counted. ``count_other_positives=True`` gives the plain list position instead.
+Ranks (``rank``): ``list`` (the paper's) is p's position in q's recall list over all database images,
+other positives of q included; ``wrong-only`` counts only the non-positives that score above p (another
+correct place ahead of p is then no mistake). Either way the images excluded for q (the query itself and
+its own few neighbouring frames, which a separate query set as in the paper's MSLS never contains) are
+never counted.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 
 GROUPS = ("D1", "D2", "D3", "D4")
 MODES = ("gp-d", "gp-s", "gp-r", "all")
+RANKS = ("list", "wrong-only")
 
 
 @dataclass
@@ -50,9 +54,12 @@ def positive_ranks(
     positives: Sequence[np.ndarray],
     excluded: Sequence[np.ndarray] | None = None,
     *,
-    count_other_positives: bool = False,
+    rank: str = "list",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(q, p, rank) of every (query, positive) pair under cosine similarity of the given descriptors."""
+    """(q, p, rank) of every (query, positive) pair under cosine similarity of the given descriptors;
+    ``rank`` list (p's position among all database images, the paper's) or wrong-only."""
+    if rank not in RANKS:
+        raise ValueError(f"unknown rank {rank!r}; expected one of {RANKS}")
     qs, ps, ranks = [], [], []
     for i, pos in enumerate(positives):
         if len(pos) == 0:
@@ -61,7 +68,7 @@ def positive_ranks(
         competitor = np.ones(len(db_desc), dtype=bool)
         if excluded is not None and len(excluded[i]):
             competitor[excluded[i]] = False
-        if not count_other_positives:
+        if rank == "wrong-only":
             competitor[pos] = False
         others = np.sort(sims[competitor])
         above = len(others) - np.searchsorted(others, sims[pos], side="right")  # strictly better, ties to p
@@ -84,12 +91,12 @@ def rank_pairs(
     positives: Sequence[np.ndarray],
     excluded: Sequence[np.ndarray] | None = None,
     *,
-    count_other_positives: bool = False,
+    rank: str = "list",
 ) -> Pairs:
     """Ranks x (seg-branch) and y (rgb-branch) of every training pair; ``seg`` / ``rgb`` are
     (query descriptors, database descriptors) of the two branches."""
-    q, p, x = positive_ranks(*seg, positives, excluded, count_other_positives=count_other_positives)
-    q2, p2, y = positive_ranks(*rgb, positives, excluded, count_other_positives=count_other_positives)
+    q, p, x = positive_ranks(*seg, positives, excluded, rank=rank)
+    q2, p2, y = positive_ranks(*rgb, positives, excluded, rank=rank)
     assert np.array_equal(q, q2) and np.array_equal(p, p2)
     sim_y = (rgb[0][q] * rgb[1][p]).sum(1) if len(q) else np.empty(0, np.float32)
     return Pairs(q, p, x, y, sim_y)
@@ -102,15 +109,15 @@ def group_of(x: np.ndarray | int, y: np.ndarray | int, n_t: int = 10) -> np.ndar
 
 
 def keep_mask(x: np.ndarray | int, y: np.ndarray | int, mode: str, n_t: int = 10) -> np.ndarray:
-    """Which pairs a partition keeps for distillation: GP-D drops D4, GP-S keeps ``x <= N_t``,
-    GP-R keeps ``y > N_t``, ``all`` keeps every pair (non-selective distillation)."""
+    """Which pairs a partition keeps for distillation: GP-D drops D4, GP-S keeps S1 ``x <= N_t``,
+    GP-R keeps R1 ``y <= N_t``, ``all`` keeps every pair (non-selective distillation)."""
     x, y = np.asarray(x), np.asarray(y)
     if mode == "gp-d":
         return group_of(x, y, n_t) != 3
     if mode == "gp-s":
         return x <= n_t
     if mode == "gp-r":
-        return y > n_t
+        return y <= n_t
     if mode == "all":
         return np.ones(np.broadcast(x, y).shape, dtype=bool)
     raise ValueError(f"unknown partition {mode!r}; expected one of {MODES}")

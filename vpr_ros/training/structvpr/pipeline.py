@@ -43,7 +43,7 @@ from torch import nn
 
 from ...core.datasets import ImageRecord, load_kitti
 from ...core.errors import ConfigError
-from ...core.fileio import atomic_write_text
+from ...core.fileio import atomic_path, atomic_write_text
 from ...core.images import save_image
 from ...core.models import create_model, model_from_checkpoint, read_checkpoint
 from ...core.models.registry import Preprocess, VprModel
@@ -477,7 +477,7 @@ class DistillStage(StageTrainer):
         resume: bool = False,
     ) -> None:
         self.wcfg, self.lam = weighting, kd_weight
-        self.pairs = sv.partition()
+        self.pairs = sv.partition(weighting.rank)
         self.weights = pair_weights(self.pairs, weighting)
         super().__init__(sv, name, stage, resume=resume)
 
@@ -657,12 +657,17 @@ class StructVPR:
 
     # ------------------------------------------------------------------ partition
 
-    def partition(self) -> Pairs:
-        """Ranks x (seg-branch) and y (rgb-branch) of every training pair; cached as ``partition.npz``."""
-        path = self.root / "partition.npz"
+    def partition(self, rank: str | None = None) -> Pairs:
+        """Ranks x (seg-branch) and y (rgb-branch) of every training pair, counted as ``rank`` (default:
+        the recipe's ``stage2.weighting.rank``); cached as ``partition.npz`` (``partition_<rank>.npz``
+        for a rank other than the paper's ``list``), recomputed when the cached file counted otherwise."""
+        rank = rank or self.cfg.stage2.weighting.rank
+        stem = "partition" if rank == "list" else f"partition_{rank}"
+        path = self.root / f"{stem}.npz"
         if path.is_file():
             z = np.load(path)
-            return Pairs(z["q"], z["p"], z["x"], z["y"], z["sim_y"] if "sim_y" in z else None)
+            if "rank" in z and str(z["rank"]) == rank:
+                return Pairs(z["q"], z["p"], z["x"], z["y"], z["sim_y"] if "sim_y" in z else None)
         rgb, seg = load_trained(self.root / "stage1_rgb"), load_trained(self.root / "stage1_seg")
         p = self.train_places
         bank = self.segment_training()
@@ -670,15 +675,16 @@ class StructVPR:
         rgb_db = describe(rgb, [r.load() for r in p.database])
         seg_q = describe_slme(seg, bank, [r.path for r in p.queries])
         seg_db = describe_slme(seg, bank, [r.path for r in p.database])
-        pairs = rank_pairs((seg_q, seg_db), (rgb_q, rgb_db), p.positives, p.excluded)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, q=pairs.q, p=pairs.p, x=pairs.x, y=pairs.y, sim_y=pairs.sim_y)
+        pairs = rank_pairs((seg_q, seg_db), (rgb_q, rgb_db), p.positives, p.excluded, rank=rank)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, q=pairs.q, p=pairs.p, x=pairs.x, y=pairs.y, sim_y=pairs.sim_y, rank=rank)
         shares = group_shares(pairs, self.cfg.stage2.weighting.n_t)
         atomic_write_text(
-            self.root / "partition.json",
+            self.root / f"{stem}.json",
             json.dumps(
                 {
                     "pairs": len(pairs),
+                    "rank": rank,
                     "n_t": self.cfg.stage2.weighting.n_t,
                     "shares": shares,
                     "paper_shares": PAPER_SHARES,
@@ -688,8 +694,9 @@ class StructVPR:
             + "\n",
         )
         log.info(
-            "partition of %d pairs: %s",
+            "partition of %d pairs (rank %s): %s",
             len(pairs),
+            rank,
             "  ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()),
         )
         return pairs

@@ -1,14 +1,18 @@
-"""Weighted knowledge distillation (StructVPR Sec. 3.3-3.4, Stage II).
+"""Weighted knowledge distillation (StructVPR Sec. 3.5, Stage II).
 
-Every training pair (q, p) gets a weight phi(q, p) from its ranks (x: seg-branch, y: rgb-branch):
+Every training pair (q, p) gets a weight phi(q, p) from its ranks (x: seg-branch, y: rgb-branch; 1 =
+first of q's recall list) and its group (:mod:`.partition`), Eq. 4:
 
-    phi(q, p) = 0                                   if (q, p) in D4  (x > N_t)
-    phi(q, p) = 1 + (min(y, N_m) - x) / N_m         otherwise                       (Eq. 4)
+    D1 (x <= N_t < y):  phi = 1 + (min(N_m, y) - x) / (4 ln(1 + x))
+    D2 (x <= y <= N_t): phi = 1 + (y - x) / (5 ln(1 + x))
+    D3 (y < x <= N_t):  phi = 1 + (y - x) / (4 ln(1 + x))
+    D4 (x > N_t):       phi = 0
 
 so a pair weighs more the better the seg-branch ranks p (small x) and the worse the rgb-branch does
-(large y, counted up to N_m = 20): D1 gets (1, 2), D2 [1, 1.45], D3 [0.55, 1) for N_t = 10. The
-ablation's constant weights give each group one number (e.g. 8-4-1-0 for D1..D4); ``all`` weighs
-every pair 1 (non-selective distillation).
+(large y, counted up to N_m = 20 in D1): with N_t = 10 D1 spans (1.10, 7.85], D2 [1, 3.60], D3
+[0.06, 1). The ablation (Sec. 4.4) adds phi' of Eq. 7 for GP-S (``1 + 1 / (4 ln(1 + x))`` on S1), one
+constant weight per group (8-4-1-0 for D1..D4) and weight 1 on the kept pairs (selective KD; ``all``:
+every pair, non-selective).
 
 The Stage II loss of one tuple (q, p, n_1..n_k) is the student's triplet loss plus
 
@@ -28,27 +32,54 @@ import torch
 from torch import nn
 
 from ..losses import triplet_loss
-from .partition import GROUPS, MODES, Pairs, group_of, keep_mask
+from .partition import GROUPS, MODES, RANKS, Pairs, group_of, keep_mask
 
-WEIGHTINGS = ("phi", "constant", "ones")
+WEIGHTINGS = ("phi", "phi-prime", "constant", "ones")
+
+
+def _ranks(x: np.ndarray | int, y: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if (x < 1).any() or (y < 1).any():
+        raise ValueError("ranks x, y count from 1 (the first of the recall list)")
+    return x, y
 
 
 def phi(x: np.ndarray | int, y: np.ndarray | int, n_t: int = 10, n_m: int = 20) -> np.ndarray:
-    """Eq. 4: 0 in D4, else ``1 + (min(y, N_m) - x) / N_m``."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    w = 1.0 + (np.minimum(y, n_m) - x) / n_m
-    return np.where(x > n_t, 0.0, w)
+    """Eq. 4 by group of (x, y) (:func:`~.partition.group_of`)::
+
+    D1: 1 + (min(N_m, y) - x) / (4 ln(1 + x))
+    D2: 1 + (y - x) / (5 ln(1 + x))
+    D3: 1 + (y - x) / (4 ln(1 + x))
+    D4: 0
+    """
+    x, y = _ranks(x, y)
+    g = group_of(x, y, n_t)
+    ln = np.log1p(x)
+    d1 = 1.0 + (np.minimum(n_m, y) - x) / (4.0 * ln)
+    d2 = 1.0 + (y - x) / (5.0 * ln)
+    d3 = 1.0 + (y - x) / (4.0 * ln)
+    return np.select([g == 0, g == 1, g == 2], [d1, d2, d3], default=0.0)
+
+
+def phi_prime(x: np.ndarray | int, n_t: int = 10) -> np.ndarray:
+    """Eq. 7, phi' of the GP-S ablation (only the seg-branch's rank x = RN_s):
+    ``1 + 1 / (4 ln(1 + x))`` in S1 (``x <= N_t``), 0 in S2."""
+    x, _ = _ranks(x, 1)
+    return np.where(x <= n_t, 1.0 + 1.0 / (4.0 * np.log1p(x)), 0.0)
 
 
 @dataclass
 class WeightingConfig:
     """How Stage II weighs each pair: ``partition`` (gp-d | gp-s | gp-r | all) decides which pairs are
-    distilled; ``weighting`` phi (Eq. 4) | constant (``constant`` per group D1..D4) | ones."""
+    distilled; ``weighting`` phi (Eq. 4) | phi-prime (Eq. 7, GP-S's) | constant (``constant`` per group
+    D1..D4) | ones; ``rank`` how
+    x and y are counted (:data:`~.partition.RANKS`: ``list``, the paper's, or ``wrong-only``)."""
 
     partition: str = "gp-d"
     weighting: str = "phi"
     n_t: int = 10
     n_m: int = 20
+    rank: str = "list"
     constant: list[float] = field(default_factory=lambda: [8.0, 4.0, 1.0, 0.0])
 
 
@@ -56,8 +87,12 @@ def pair_weights(pairs: Pairs, cfg: WeightingConfig) -> np.ndarray:
     """The distillation weight of every pair (0 for pairs the partition drops)."""
     if cfg.partition not in MODES:
         raise ValueError(f"unknown partition {cfg.partition!r}; expected one of {MODES}")
+    if cfg.rank not in RANKS:
+        raise ValueError(f"unknown rank {cfg.rank!r}; expected one of {RANKS}")
     if cfg.weighting == "phi":
         w = phi(pairs.x, pairs.y, cfg.n_t, cfg.n_m)
+    elif cfg.weighting == "phi-prime":
+        w = phi_prime(pairs.x, cfg.n_t)
     elif cfg.weighting == "constant":
         if len(cfg.constant) != len(GROUPS):
             raise ValueError(f"constant weights: one per group {GROUPS}, got {cfg.constant}")
@@ -162,6 +197,7 @@ __all__: Sequence[str] = (
     "WeightingConfig",
     "pair_weights",
     "phi",
+    "phi_prime",
     "summarize_weights",
     "weighted_kd_loss",
 )
