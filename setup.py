@@ -44,7 +44,6 @@ setup(
     zip_safe=True,
     maintainer="vpr_ros developers",
     maintainer_email="vpr_ros@example.org",
-    tests_require=["pytest"],
     entry_points={
         "console_scripts": [
             "vpr-ros = vpr_ros.cli:main",
