@@ -16,7 +16,7 @@ export ROS_LOG_DIR ?= $(CURDIR)/.cache/ros_log
 export HOME ?= $(CURDIR)/.cache/home
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test lint msgs weights clean
+.PHONY: setup demo test test-repeat lint msgs weights clean
 
 setup: $(STAMP) msgs weights
 
@@ -42,6 +42,11 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	scripts/confine.sh $(VENV)/bin/python -m pytest -q
+
+# The ROS graph tests N times in a row with every core kept busy (run before submitting).
+N ?= 20
+test-repeat: setup
+	LOAD=1 scripts/confine.sh scripts/repeat_tests.sh $(N) -m ros
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -126,7 +126,7 @@ def role_pub(args: argparse.Namespace) -> int:
         with lock:
             received[int(msg.header.frame_id.rsplit("_", 1)[1])] = now
 
-    node.create_subscription(PlaceMatch, args.match_topic, on_match, QoSProfile(depth=1000))
+    match_sub = node.create_subscription(PlaceMatch, args.match_topic, on_match, QoSProfile(depth=1000))
     pub = node.create_publisher(Image, args.image_topic, qos_profile_sensor_data)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
@@ -134,7 +134,7 @@ def role_pub(args: argparse.Namespace) -> int:
     spin.start()
     msgs = [rgb_to_image_msg(f, "rgb8") for f in frames]
     deadline = time.time() + 30
-    while pub.get_subscription_count() == 0 or node.count_publishers(args.match_topic) == 0:
+    while pub.get_subscription_count() == 0 or match_sub.get_publisher_count() == 0:  # matched both ways
         if time.time() > deadline:
             print(json.dumps({"error": "the node did not connect within 30 s"}), flush=True)
             return 1

@@ -100,7 +100,7 @@ def role_pub(args: argparse.Namespace) -> int:
                     diag.clear()
                     diag.update({kv.key: kv.value for kv in st.values})
 
-    node.create_subscription(PlaceMatch, args.match_topic, on_match, QoSProfile(depth=1000))
+    match_sub = node.create_subscription(PlaceMatch, args.match_topic, on_match, QoSProfile(depth=1000))
     node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, QoSProfile(depth=50))
     pub = node.create_publisher(Image, args.image_topic, qos_profile_sensor_data)
     executor = SingleThreadedExecutor()
@@ -108,7 +108,7 @@ def role_pub(args: argparse.Namespace) -> int:
     spin = threading.Thread(target=executor.spin, daemon=True)
     spin.start()
     deadline = time.time() + 60
-    while pub.get_subscription_count() == 0 or node.count_publishers(args.match_topic) == 0:
+    while pub.get_subscription_count() == 0 or match_sub.get_publisher_count() == 0:  # matched both ways
         if time.time() > deadline:
             print(json.dumps({"error": "the node did not connect within 60 s"}), flush=True)
             return 1

@@ -86,18 +86,16 @@ def run_graph(sequence, **params) -> tuple[LoopClosureNode, list[LoopClosure], d
         probe = graph.add(graph.node(unique("probe")))
         img_pub = probe.create_publisher(Image, tp["image_topic"], qos_profile_sensor_data)
         match_pub = probe.create_publisher(PlaceMatch, tp["match_topic"], QoSProfile(depth=100))
-        probe.create_subscription(LoopClosure, tp["loop_closure_topic"], received.append,
-                                  QoSProfile(depth=200))
+        closures = probe.create_subscription(LoopClosure, tp["loop_closure_topic"], received.append,
+                                             QoSProfile(depth=200))
         verify = params.get("geometric_verification", True)
-        assert graph.wait_for(lambda: match_pub.get_subscription_count() > 0
-                              and (not verify or img_pub.get_subscription_count() > 0)
-                              and probe.count_publishers(tp["loop_closure_topic"]) > 0, 10.0)
+        assert graph.wait_matched([match_pub, img_pub] if verify else [match_pub], [closures], 30.0)
         for k in range(len(idx)):
-            if verify:
+            if verify:  # best effort: resend until the node has it (a repeat only refreshes its cache)
                 msg = rgb_to_image_msg(images[k], "rgb8", Header(stamp=float_to_stamp(stamp(idx[k])),
                                                                  frame_id="camera"))
-                img_pub.publish(msg)
-                assert graph.wait_for(lambda k=k: node.images_in == k + 1, 10.0), f"image {k} not received"
+                assert graph.send_until(lambda m=msg: img_pub.publish(m), lambda k=k: node.images_in > k,
+                                        60.0, resend_every=5.0), f"image {k} not received"
             match_pub.publish(place_match(k, idx, cands[k]))
         assert graph.wait_for(lambda: node.matches_done == len(idx), 60.0), node.diagnostics()
         expected = node.closures_published
@@ -109,7 +107,7 @@ def run_graph(sequence, **params) -> tuple[LoopClosureNode, list[LoopClosure], d
 def test_publishes_verified_loop_closures_for_real_revisits(sequence):
     idx, _, gt, cands = sequence
     node, got, diag = run_graph(sequence)
-    assert diag["images_received"] == len(idx) and diag["queue_drops"] == 0
+    assert diag["images_received"] >= len(idx) and diag["queue_drops"] == 0
     assert len(got) >= 12, diag  # 22 frames revisit; most must close a loop
     for lc in got:
         q, m = idx[lc.query_id], idx[lc.match_id]

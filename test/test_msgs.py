@@ -169,14 +169,16 @@ def test_place_match_publish_subscribe(ros_context):
     pub_node = rclpy.create_node("vpr_test_pub", context=ros_context)
     sub_node = rclpy.create_node("vpr_test_sub", context=ros_context)
     received: list[PlaceMatch] = []
-    sub_node.create_subscription(PlaceMatch, topic, received.append, qos)
+    sub = sub_node.create_subscription(PlaceMatch, topic, received.append, qos)
     pub = pub_node.create_publisher(PlaceMatch, topic, qos)
     executor = SingleThreadedExecutor(context=ros_context)
     executor.add_node(pub_node)
     executor.add_node(sub_node)
     try:
-        discovered = _spin_until(executor, lambda: pub.get_subscription_count() > 0, 10.0)
-        assert discovered, "subscriber not discovered within 10 s"
+        # matched on both sides (each side reports its own match), not only discovered
+        matched = _spin_until(
+            executor, lambda: pub.get_subscription_count() > 0 and sub.get_publisher_count() > 0, 30.0)
+        assert matched, "publisher and subscription not matched within 30 s"
         sent = place_match()
         pub.publish(sent)
         assert _spin_until(executor, lambda: bool(received), 10.0), "no PlaceMatch received within 10 s"

@@ -211,8 +211,9 @@ class Rig:
 
         self.probe.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, QoSProfile(depth=200))
         self.probe.create_subscription(Log, "/rosout", self.logs.append, QoSProfile(depth=1000))
-        ready = graph.wait_for(lambda: all(p.get_subscription_count() >= 3 for p in self.pub.values()), 15.0)
-        assert ready, "nodes not discovered within 15 s"
+        ready = graph.wait_for(lambda: all(p.get_subscription_count() >= 3 for p in self.pub.values())
+                               and graph.all_matched(), 60.0)
+        assert ready, "nodes and probe not matched within 60 s"
         self.stamp_key = stamp_key
         self.tmp = tmp
 
@@ -343,7 +344,7 @@ def test_nan_odometry_is_ignored_and_keyframes_keep_their_poses(rig, frame):
                            params=params)
     odom = rig.probe.create_publisher(Odometry, f"{ns}/odom", QoSProfile(depth=10))
     cam = rig.probe.create_publisher(Image, f"{ns}/camera", qos_profile_sensor_data)
-    assert rig.graph.wait_for(lambda: odom.get_subscription_count() and cam.get_subscription_count(), 10.0)
+    assert rig.graph.wait_matched([odom, cam], timeout=30.0)
     stamps = [next_stamp() for _ in range(2)]
     for s, x in ((stamps[0], float("nan")), (stamps[0] + 0.01, 1.0), (stamps[1] + 0.01, 2.0)):
         msg = Odometry(header=Header(stamp=float_to_stamp(s), frame_id="odom"))

@@ -44,11 +44,13 @@ class Probe:
         self.jpegs: dict[float, CompressedImage] = {}
         self.stats: dict[float, TransmissionStats] = {}
         self.pub = self.node.create_publisher(Image, f"{ns}/camera/image", qos_profile_sensor_data)
-        for typ, topic, into, qos in ((Image, "link/image", self.images, BEST_EFFORT),
-                                      (CompressedImage, "link/image/compressed", self.jpegs, BEST_EFFORT),
-                                      (TransmissionStats, "link/stats", self.stats, QoSProfile(depth=200))):
+        self.subs = [
             self.node.create_subscription(typ, f"{ns}/{topic}", lambda m, into=into: into.__setitem__(
                 stamp_key(m.header.stamp), m), qos)
+            for typ, topic, into, qos in (
+                (Image, "link/image", self.images, BEST_EFFORT),
+                (CompressedImage, "link/image/compressed", self.jpegs, BEST_EFFORT),
+                (TransmissionStats, "link/stats", self.stats, QoSProfile(depth=200)))]
 
     def send(self, graph: InProcessGraph, node: TransmitterNode, frames, first: int = 0) -> list[float]:
         msgs = [rgb_to_image_msg(f, "rgb8", Header(stamp=float_to_stamp(T0 + 0.1 * (first + i)),
@@ -63,8 +65,7 @@ def start(graph: InProcessGraph, **params) -> tuple[TransmitterNode, Probe]:
               "stats_topic": f"{ns}/link/stats", "queue_size": 100, **params}
     node = graph.create(TransmitterNode, unique("transmitter"), params=params)
     probe = Probe(graph, ns)
-    assert graph.wait_for(lambda: probe.pub.get_subscription_count() > 0
-                          and probe.node.count_publishers(f"{ns}/link/stats") > 0, 10.0)
+    assert graph.wait_matched([probe.pub], probe.subs, 30.0), "transmitter and probe not matched"
     return node, probe
 
 
@@ -73,7 +74,6 @@ def test_jpeg_payloads_sizes_and_stamps(frames):
     expected = [core.process(f) for f in frames]
     with InProcessGraph() as graph:
         node, probe = start(graph, mode="jpeg", jpeg_quality=10)
-        assert graph.wait_for(lambda: node._image_pub.get_subscription_count() > 0, 5.0)
         stamps = probe.send(graph, node, frames)
         assert graph.wait_for(lambda: len(probe.stats) == len(frames) and len(probe.jpegs) == len(frames)
                               and len(probe.images) == len(frames), 20.0), node.diagnostics()

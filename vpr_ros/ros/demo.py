@@ -168,9 +168,10 @@ def _graph_runs(ext: DescriptorExtractor, label: str, map_dir: Path, frames: lis
                                   lambda m: stats.__setitem__(m.header.stamp.sec, m.frame_bytes),
                                   QoSProfile(depth=1000))
         pub = probe.create_publisher(Image, f"{ns}/camera/image_raw", qos_profile_sensor_data)
-        if not graph.wait_for(lambda: pub.get_subscription_count() > 0
-                              and probe.count_publishers(f"{ns}/place_match") > 0, 15.0):
-            raise RuntimeError("the demo graph did not connect within 15 s")
+        topics = [f"{ns}/{t}" for t in ("camera/image_raw", "link/image", "link/stats", "place_match")]
+        # matched, not only discovered: a sample sent before DDS matches both ends is lost
+        if not graph.wait_for(lambda: all(graph.topic_matched(t) for t in topics), 60.0):
+            raise RuntimeError("the demo graph did not connect within 60 s")
         period = 1.0 / rate_hz
         for r_i, run in enumerate(runs):
             if r_i:
@@ -182,8 +183,9 @@ def _graph_runs(ext: DescriptorExtractor, label: str, map_dir: Path, frames: lis
             start = tx.frames_in
             t_next = time.monotonic()
             for i, frame in enumerate(frames):
-                while i - (tx.frames_in - start) >= 3:  # flow control: best-effort QoS keeps few samples
-                    time.sleep(0.001)
+                # flow control: best-effort QoS keeps few samples
+                if not graph.wait_for(lambda i=i, s=start: i - (tx.frames_in - s) < 3, 30.0, interval=0.001):
+                    raise RuntimeError(f"the transmitter took {tx.frames_in - start} of {i} frames in 30 s")
                 t_next = max(t_next + period, time.monotonic()) if i else time.monotonic()
                 time.sleep(max(0.0, t_next - time.monotonic()))
                 msg = rgb_to_image_msg(frame, "rgb8", Header(stamp=float_to_stamp(base + i),

@@ -294,11 +294,13 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
             if lc is not None:
                 probe.create_subscription(LoopClosure, f"{ns}{LOOP_TOPIC}", coll.on_closure,
                                           QoSProfile(depth=1000))
-            ready = graph.wait_for(
-                lambda: img_pub.get_subscription_count() >= (2 if lc is not None else 1)
-                and (not publishing or probe.count_publishers(f"{ns}{MATCH_TOPIC}") > 0), 15.0)
+            # matched both ways, not only discovered: a sample sent before that is lost
+            topics = [img_pub.topic_name] + ([pos_pub.topic_name] if pos_type is Odometry else [])
+            topics += [f"{ns}{MATCH_TOPIC}"] if publishing or lc is not None else []
+            topics += [f"{ns}{LOOP_TOPIC}"] if lc is not None else []
+            ready = graph.wait_for(lambda: all(graph.topic_matched(t) for t in topics), 60.0)
             if not ready:
-                raise ConfigError("replay: the nodes were not discovered within 15 s "
+                raise ConfigError("replay: the nodes' topics did not match within 60 s "
                                   "(is DDS discovery confined to loopback?)")
             # Positions are small: read them first and publish each ahead of the images it belongs to, so
             # the localizer has a keyframe's odometry before it describes the frame (also in --fast runs).

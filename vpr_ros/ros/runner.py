@@ -270,6 +270,65 @@ class InProcessGraph:
             time.sleep(interval)
         return True
 
+    def readers_matched(self, topic: str, min_publishers: int = 1) -> bool:
+        """True when every subscription of this graph's nodes on ``topic`` is matched to a writer.
+
+        ``topic`` is a fully qualified name (``publisher.topic_name``). Matching is DDS's
+        reader-writer match, reported by each side separately: a publisher counting a
+        subscription (``get_subscription_count``) does not yet mean that the subscription
+        accepts its samples, and discovery (``count_publishers``) means neither.
+        """
+        subs = [s for n in self.nodes for s in n.subscriptions if s.topic_name == topic]
+        return all(s.get_publisher_count() >= min_publishers for s in subs)
+
+    def topic_matched(self, topic: str) -> bool:
+        """True when ``topic`` has publishers and subscriptions in this graph, all matched both ways."""
+        pubs = [p for n in self.nodes for p in n.publishers if p.topic_name == topic]
+        subs = [s for n in self.nodes for s in n.subscriptions if s.topic_name == topic]
+        return (bool(pubs) and bool(subs) and all(p.get_subscription_count() >= len(subs) for p in pubs)
+                and all(s.get_publisher_count() >= len(pubs) for s in subs))
+
+    def all_matched(self) -> bool:
+        """True when every topic with both a publisher and a subscription in this graph is matched."""
+        pubs = {p.topic_name for n in self.nodes for p in n.publishers}
+        subs = {s.topic_name for n in self.nodes for s in n.subscriptions}
+        return all(self.topic_matched(t) for t in pubs & subs)
+
+    def wait_matched(self, publishers: Iterable[Any] = (), subscriptions: Iterable[Any] = (),
+                     timeout: float = 30.0) -> bool:
+        """Wait until each of ``publishers`` is matched both ways and each of ``subscriptions`` has a writer.
+
+        A publisher is matched when it counts a matched subscription and every subscription on
+        its topic in this graph counts a matched publisher; a subscription (e.g. a probe's
+        reply topic) when it counts a matched publisher. Samples sent before that are lost.
+        """
+        pubs, subs = list(publishers), list(subscriptions)
+
+        def ready() -> bool:
+            return (all(p.get_subscription_count() > 0 and self.readers_matched(p.topic_name) for p in pubs)
+                    and all(s.get_publisher_count() > 0 for s in subs))
+
+        return self.wait_for(ready, timeout)
+
+    @staticmethod
+    def send_until(send: Callable[[], None], done: Callable[[], bool], timeout: float,
+                   resend_every: float = 2.0) -> bool:
+        """Call ``send()`` until ``done()``, again every ``resend_every`` s: delivery over best effort.
+
+        For a peer whose reader side cannot be observed (another process), or QoS that may drop
+        a sample under load. The receiver must tolerate repeats (same stamp). Returns ``done()``.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            send()
+            resend_at = min(time.monotonic() + resend_every, deadline)
+            while time.monotonic() < resend_at:
+                if done():
+                    return True
+                time.sleep(0.005)
+            if time.monotonic() >= deadline:
+                return bool(done())
+
     @staticmethod
     def publish_paced(publisher: Any, messages: Iterable[Any], received: Callable[[], int], *,
                       window: int = 3, interval: float = 0.0, timeout: float = 10.0) -> int:
