@@ -17,7 +17,8 @@ images, frames over ``max_pixels``) is rejected, logged throttled with the reaso
 on ``/diagnostics``. A stamp earlier than the previous frame's is counted as ``out_of_order``
 and the frame is still localised (the result carries its own stamp) but never becomes a
 keyframe, so map stamps stay monotonic (a bag restart keeps localising instead of going
-silent).
+silent). A frame repeating the previous frame's stamp (a resend) is counted as
+``repeated_stamp``, answered again, and never becomes a second keyframe.
 
 Speed: ``backend`` picks the inference backend (``torch`` eager channels_last, or ``onnx``:
 ONNX Runtime, 2-5x faster on CPU), ``precision`` fp32/fp16 (fp16 needs CUDA), ``threads`` the
@@ -238,7 +239,7 @@ class _Frame:
     msg: Image | CompressedImage
     received: float  # time.monotonic() at the callback
     query_id: int
-    out_of_order: bool
+    out_of_order: bool  # stamp not newer than the previous frame's: never a keyframe
 
 
 class LocalizerNode(Node):
@@ -302,6 +303,7 @@ class LocalizerNode(Node):
         self.frames_in = 0
         self.frames_ok = 0
         self.out_of_order = 0
+        self.repeated_stamp = 0
         self.keyframes_added = 0
         self.keyframes_without_pose = 0
         self.odom_rejected = 0
@@ -357,8 +359,10 @@ class LocalizerNode(Node):
         received = time.monotonic()
         self.frames_in += 1
         stamp = stamp_to_float(msg.header.stamp)
-        late = self._last_stamp is not None and stamp < self._last_stamp
-        if late:
+        late = self._last_stamp is not None and stamp <= self._last_stamp
+        if late and stamp == self._last_stamp:
+            self.repeated_stamp += 1
+        elif late:
             self.out_of_order += 1
         else:
             self._last_stamp = stamp
@@ -546,6 +550,7 @@ class LocalizerNode(Node):
             "mean_batch": self.frames_ok / self.batches if self.batches else 0.0,
             "rejected_total": sum(rejects.values()),
             "out_of_order": self.out_of_order,
+            "repeated_stamp": self.repeated_stamp,
             "map_size": len(self.place_map),
             "keyframes_added": self.keyframes_added,
             "keyframes_without_pose": self.keyframes_without_pose,
