@@ -186,6 +186,25 @@ def test_compressed_input(model, summer_map):
         assert got.matches[0].entry_id == int(off.ids[0])
 
 
+def test_repeated_stamp_answered_again_but_never_a_second_place(model, nordland, tmp_path):
+    """A resent frame (same stamp) gets a PlaceMatch again, is counted, and adds no duplicate keyframe."""
+    frames = [r.load() for r in nordland.queries[:2]]
+    tp = topics()
+    with InProcessGraph() as graph:
+        node = localizer(graph, model, map_path=str(tmp_path / "both"), mode="both", keyframe_every=1,
+                         save_on_shutdown=False, **tp)
+        probe = Probe(graph, tp)
+        probe.wait_connected(graph)
+        msgs = [rgb_to_image_msg(frames[0], "rgb8", header(0)), rgb_to_image_msg(frames[0], "rgb8", header(0)),
+                rgb_to_image_msg(frames[1], "rgb8", header(1))]
+        graph.publish_paced(probe.pub, msgs, lambda: node.frames_in, window=1)
+        assert graph.wait_for(lambda: node.frames_ok == 3, 30.0), node.diagnostics()
+        diag = node.diagnostics()
+    assert diag["repeated_stamp"] == 1 and diag["out_of_order"] == 0
+    assert node.keyframes_added == 2 and len(node.place_map) == 2  # frames 0 and 1, not 0 twice
+    assert [e.stamp for e in node.place_map.entries()] == pytest.approx([T0, T0 + 0.1])
+
+
 # --------------------------------------------------------------------------- bounded queue
 
 
