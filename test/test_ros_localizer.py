@@ -195,8 +195,7 @@ def test_repeated_stamp_answered_again_but_never_a_second_place(model, nordland,
                          save_on_shutdown=False, **tp)
         probe = Probe(graph, tp)
         probe.wait_connected(graph)
-        msgs = [rgb_to_image_msg(frames[0], "rgb8", header(0)), rgb_to_image_msg(frames[0], "rgb8", header(0)),
-                rgb_to_image_msg(frames[1], "rgb8", header(1))]
+        msgs = [rgb_to_image_msg(frames[i], "rgb8", header(i)) for i in (0, 0, 1)]
         graph.publish_paced(probe.pub, msgs, lambda: node.frames_in, window=1)
         assert graph.wait_for(lambda: node.frames_ok == 3, 30.0), node.diagnostics()
         diag = node.diagnostics()
