@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from vpr_ros.training.structvpr.partition import Pairs, keep_mask, positive_ranks, rank_pairs
-from vpr_ros.training.structvpr.weighted_kd import WeightingConfig, pair_weights, phi, phi_prime
+from vpr_ros.training.structvpr.weighted_kd import (
+    StructVPRDistill,
+    WeightingConfig,
+    pair_weights,
+    phi,
+    phi_prime,
+    triplet_eq3,
+    weighted_kd_loss,
+)
 
 # --------------------------------------------------------------------------- ranks (Sec. 3.4)
 
@@ -126,3 +135,55 @@ def test_pair_weights_of_the_ablation_rows():
     assert pair_weights(pairs, WeightingConfig("gp-s", "ones")).tolist() == [1.0, 1.0, 1.0, 0.0]
     assert pair_weights(pairs, WeightingConfig("gp-r", "ones")).tolist() == [0.0, 1.0, 1.0, 1.0]
     assert pair_weights(pairs, WeightingConfig("all", "ones")).tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+# ------------------------------------------------- L_kd and the Stage II loss, Eq. 3, 5, 6
+
+
+def test_triplet_eq3_hand_computed():
+    q, p = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    n = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])  # two negatives
+    # d(q, p) = sqrt(1 + 1) = 1.414214; d(q, n1) = 0; d(q, n2) = 2
+    # n1: max(1.414214 - 0 + 0.1, 0) = 1.514214; n2: max(1.414214 - 2 + 0.1, 0) = max(-0.485786, 0) = 0
+    assert triplet_eq3(q, p, n, 0.1)[0].tolist() == pytest.approx([1.514214, 0.0], abs=1e-6)
+
+
+def test_weighted_kd_loss_sums_over_q_p_n():
+    # T(x^D) of q, p, n (already mapped into the seg-branch's space) and the seg-branch's x^S
+    t_xd = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]])
+    x_s = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]])
+    # ||.||^2: q (0, 0, 0) -> 0; p (0, -1, 1) -> 2; n (-1, 1, 0) -> 2
+    # phi = 1.5: 1.5 * (0 + 2 + 2) = 6.0 (a sum over {q, p, n}, not a mean)
+    assert float(weighted_kd_loss(x_s, t_xd, torch.tensor([1.5]))) == pytest.approx(6.0)
+    # two negatives (two triplets): n2 equal to its target -> 0; Eq. 6 per triplet: 1.5 * (0 + 2 + 2) = 6
+    # and 1.5 * (0 + 2 + 0) = 3, mean over the tuple's triplets (6 + 3) / 2 = 4.5
+    t2 = torch.cat([t_xd, torch.tensor([[[0.0, 0.0, 1.0]]])], 1)
+    s2 = torch.cat([x_s, torch.tensor([[[0.0, 0.0, 1.0]]])], 1)
+    assert float(weighted_kd_loss(s2, t2, torch.tensor([1.5]))) == pytest.approx(4.5)
+    # batch of the two tuples with phi 1.5 and 0 (D4): (6.0 + 0) / 2 = 3.0
+    both = torch.cat([x_s, x_s]), torch.cat([t_xd, t_xd])
+    assert float(weighted_kd_loss(*both, torch.tensor([1.5, 0.0]))) == pytest.approx(3.0)
+    with pytest.raises(ValueError):
+        weighted_kd_loss(x_s, t_xd, torch.ones(2))
+
+
+def test_stage2_T_maps_the_student_into_the_seg_branch_space():
+    """T embeds the student's x^D (448) in the seg-branch's space (480); the loss is Eq. 6:
+    L_vpr(x^D) + phi * sum_I ||x^S_I - T(x^D_I)||^2, with T and the student trained, the seg-branch not."""
+    from vpr_ros.core.models import create_model
+    from vpr_ros.training.structvpr.seg_branch import SegBranch
+
+    torch.manual_seed(0)
+    student, seg = create_model("structvpr_mobilenetv2"), SegBranch()
+    kd = StructVPRDistill(student, seg, kd_weight=1.0, margin=0.1)
+    assert (kd.proj.in_features, kd.proj.out_features) == (448, 480)
+    kd.eval()  # BatchNorm on running statistics: the recomputation below sees the same descriptors
+    rgb, slme, w = torch.rand(2, 3, 3, 64, 64), torch.rand(2, 3, 6, 64, 64), torch.tensor([1.5, 0.0])
+    out = kd(rgb, slme, w)
+    with torch.no_grad():
+        x_d = student(rgb.flatten(0, 1)).view(2, 3, -1)
+        x_s = seg(slme.flatten(0, 1)).view(2, 3, -1)
+        sq = ((x_s - kd.proj(x_d)) ** 2).sum(-1)  # (2 tuples, q p n)
+        expected_kd = (1.5 * sq[0].sum() + 0.0 * sq[1].sum()) / 2  # phi-weighted sums, batch mean
+    assert out["kd"].item() == pytest.approx(float(expected_kd), rel=1e-4)
+    assert out["loss"].item() == pytest.approx((out["triplet"] + out["kd"]).item(), rel=1e-6)

@@ -72,17 +72,18 @@ from ..data import Degrader, PlaceSet, Relation, TupleDataset, build_places, deg
 from ..engine import Trainer, run_trainer
 from ..evaluate import describe, recall_on_places
 from ..export import export_deployed
-from ..losses import triplet_loss
-from .partition import GROUPS, Pairs, group_shares, rank_pairs
+from .partition import GROUPS, MODES, RANKS, Pairs, group_shares, rank_pairs
 from .seg_branch import SegBranch  # noqa: F401  (registers structvpr_segbranch)
 from .slme import SLMEConfig, SLMEncoder
 from .weighted_kd import (
+    WEIGHTINGS,
     PairWeights,
     StructVPRDistill,
     WeightingConfig,
     init_projection,
     pair_weights,
     summarize_weights,
+    triplet_eq3,
 )
 
 log = logging.getLogger("vpr_ros.training.structvpr")
@@ -141,9 +142,19 @@ class StageConfig:
     scheduler: str = "cosine"
 
 
+STUDENT_INITS = ("imagenet", "rgb-branch")
+T_INITS = ("random", "ridge")
+
+
 @dataclass
 class Stage2Config(StageConfig):
-    kd_weight: float = 1.0  # lambda of L = L_triplet + lambda * L_kd
+    """Stage II: ``init`` of the student (``imagenet``, the paper's, or ``rgb-branch``: the Stage-I
+    rgb-branch), ``t_init`` of T (``random``, the paper's, or ``ridge``: least squares from the starting
+    student onto the seg-branch), ``kd_weight`` lambda of ``L = L_vpr + lambda * sum L_kd`` (1: Eq. 6)."""
+
+    kd_weight: float = 1.0
+    init: str = "imagenet"
+    t_init: str = "random"
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
 
@@ -181,7 +192,7 @@ def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ())
     """Build and check a :class:`StructVPRConfig` (unknown keys, types and ranges raise ConfigError)."""
     raw = apply_overrides(copy.deepcopy(data or {}), list(overrides))
     cfg: StructVPRConfig = build_config(StructVPRConfig, raw)
-    p, s = cfg.places, cfg.segmentation
+    p, s, w = cfg.places, cfg.segmentation, cfg.stage2.weighting
     checks = [
         (p.kind in ("kitti", "engine"), "places.kind", f"{p.kind!r} is not kitti or engine"),
         (
@@ -216,6 +227,19 @@ def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ())
             "stage2.weighting",
             "n_t, n_m >= 1",
         ),
+        (
+            cfg.stage2.init in STUDENT_INITS,
+            "stage2.init",
+            f"{cfg.stage2.init!r} is not one of {STUDENT_INITS}",
+        ),
+        (cfg.stage2.t_init in T_INITS, "stage2.t_init", f"{cfg.stage2.t_init!r} is not one of {T_INITS}"),
+        (w.partition in MODES, "stage2.weighting.partition", f"{w.partition!r} is not one of {MODES}"),
+        (
+            w.weighting in WEIGHTINGS,
+            "stage2.weighting.weighting",
+            f"{w.weighting!r} is not one of {WEIGHTINGS}",
+        ),
+        (w.rank in RANKS, "stage2.weighting.rank", f"{w.rank!r} is not one of {RANKS}"),
         (cfg.threads >= 1, "threads", "must be >= 1"),
     ]
     for stage in ("rgb_stage1", "seg_stage1", "stage2"):
@@ -327,9 +351,8 @@ def received_files(records: Sequence[ImageRecord], spec: str, folder: Path) -> l
     out = []
     for r in records:
         target = folder / cfg.label / f"{Path(r.path).parent.parent.name}_{Path(r.path).stem}.png"
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            save_image(target, degrade_image(r.load(), cfg).image)
+        if not target.is_file() or target.stat().st_size == 0:  # empty: left by a failed write elsewhere
+            save_image(target, degrade_image(r.load(), cfg).image)  # atomic and checked (OutputError)
         out.append(target)
     return out
 
@@ -378,7 +401,7 @@ class TripletObjective(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         d = self.model(x.flatten(0, 1)).view(*x.shape[:2], -1)
-        loss = triplet_loss(d[:, 0], d[:, 1], d[:, 2:], self.margin)
+        loss = triplet_eq3(d[:, 0], d[:, 1], d[:, 2:], self.margin).mean()
         return {"loss": loss, "triplet": loss}
 
 
@@ -459,10 +482,10 @@ class SegBranchStage(TripletStage):
 
 
 class DistillStage(StageTrainer):
-    """Stage II: the student starts from the Stage-I rgb-branch and minimises
-    ``L_triplet + lambda * phi-weighted ||x_S - T(x_D)||^2`` against the frozen seg-branch
-    (:class:`~.weighted_kd.StructVPRDistill`); T starts at the least-squares map
-    (:func:`~.weighted_kd.init_projection`)."""
+    """Stage II: the student (ImageNet, or the Stage-I rgb-branch with ``stage2.init: rgb-branch``)
+    minimises Eq. 6, ``L_vpr + sum over {q, p, n} of phi * ||x^S - T(x^D)||^2``, against the frozen
+    seg-branch (:class:`~.weighted_kd.StructVPRDistill`); T is learnt with the student from PyTorch's
+    initialisation (``stage2.t_init: ridge``: from :func:`~.weighted_kd.init_projection`)."""
 
     loss_terms = ("loss", "triplet", "kd")
 
@@ -483,7 +506,9 @@ class DistillStage(StageTrainer):
 
     def build_models(self) -> tuple[VprModel, VprModel]:
         root = self.sv.root
-        return load_trained(root / "stage1_rgb"), load_trained(root / "stage1_seg")
+        init = self.sv.cfg.stage2.init
+        student = load_trained(root / "stage1_rgb").train() if init == "rgb-branch" else self.sv.new_rgb()
+        return student, load_trained(root / "stage1_seg")
 
     def build_dataset(self) -> StructTuples:
         weights = PairWeights(self.pairs, self.weights)
@@ -491,13 +516,14 @@ class DistillStage(StageTrainer):
 
     def build_objective(self) -> StructVPRDistill:
         distill = StructVPRDistill(self.student, self.teacher, kd_weight=self.lam, margin=self.sv.cfg.margin)
-        if self.lam > 0 and not self.resuming:
+        if self.lam > 0 and self.sv.cfg.stage2.t_init == "ridge" and not self.resuming:
             db = self.train_places.database
             fit_mse = init_projection(
                 distill.proj,
-                describe_slme(self.teacher, self.dataset.bank, [r.path for r in db]),
                 describe(self.student, [self.dataset.cache.get(r) for r in db]),
+                describe_slme(self.teacher, self.dataset.bank, [r.path for r in db]),
             )
+            self.student.train()
             log.info("%s: T initialised by least squares (residual %.3f)", self.name, fit_mse)
         return distill
 
@@ -512,11 +538,19 @@ class DistillStage(StageTrainer):
 
     def checkpoint_meta(self) -> dict[str, Any]:
         if self.lam == 0:  # the no-distillation control
-            return {**super().checkpoint_meta(), "weighting": None, "kd_weight": 0.0, "distilled_share": 0.0}
+            return {
+                **super().checkpoint_meta(),
+                "weighting": None,
+                "kd_weight": 0.0,
+                "distilled_share": 0.0,
+                "init": self.sv.cfg.stage2.init,
+            }
         return {
             **super().checkpoint_meta(),
             "weighting": dataclasses.asdict(self.wcfg),
             "kd_weight": self.lam,
+            "init": self.sv.cfg.stage2.init,
+            "t_init": self.sv.cfg.stage2.t_init,
             "segmenter": self.sv.segmenter.id,
             **summarize_weights(self.pairs, self.weights, self.wcfg.n_t),
         }

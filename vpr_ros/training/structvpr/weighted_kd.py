@@ -14,12 +14,17 @@ so a pair weighs more the better the seg-branch ranks p (small x) and the worse 
 constant weight per group (8-4-1-0 for D1..D4) and weight 1 on the kept pairs (selective KD; ``all``:
 every pair, non-selective).
 
-The Stage II loss of one tuple (q, p, n_1..n_k) is the student's triplet loss plus
+Stage II (Eq. 5-6) trains the RGB student on triplets (q, p, n) with
 
-    L_kd = phi(q, p) * mean over the tuple's images i of || x^S_i - T(x^D_i) ||^2
+    L(q, p, n) = L_vpr(x^D) + sum over I in {q, p, n} of phi(q, p) * || x^S_I - T(x^D_I) ||^2
 
-with x^S the RGB student's descriptor, x^D the frozen seg-branch's descriptor of the image's SLME map,
-and T a learnt linear map (480 -> 448). Only the student is exported.
+in the paper's letters: x^D the student's descriptor (448-d), x^S the frozen Stage-I seg-branch's
+descriptor of the image's SLME map (480-d), T a linear map learnt with the student that embeds x^D in
+the seg-branch's space (448 -> 480), L_vpr the triplet margin loss of Eq. 3 (L2 distances). A tuple
+(q, p, n_1..n_k) holds k triplets; its loss is the mean of Eq. 6 over them (k = 1: Eq. 6 itself).
+T starts at PyTorch's default initialisation; ``t_init: ridge`` (not in the paper) starts it at the
+ridge least-squares map of the starting student's descriptors onto the seg-branch's. Only the student
+is exported.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..losses import triplet_loss
 from .partition import GROUPS, MODES, RANKS, Pairs, group_of, keep_mask
 
 WEIGHTINGS = ("phi", "phi-prime", "constant", "ones")
@@ -115,24 +119,36 @@ class PairWeights:
         return self.table.get((int(q), int(p)), self.default)
 
 
-def weighted_kd_loss(
-    student: torch.Tensor, teacher_proj: torch.Tensor, weights: torch.Tensor
+def triplet_eq3(
+    query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, margin: float
 ) -> torch.Tensor:
-    """phi-weighted squared L2 distance: student / projected teacher (B, T, D), weights (B,)."""
-    if student.shape != teacher_proj.shape or weights.shape != student.shape[:1]:
+    """Eq. 3 of each triplet (q, p, n_j): ``max(d(q, p) - d(q, n_j) + m, 0)`` with d the L2 distance;
+    query / positive (B, D), negatives (B, k, D) -> (B, k)."""
+    d_pos = (query - positive).norm(dim=-1, keepdim=True)
+    d_neg = (query[:, None, :] - negatives).norm(dim=-1)
+    return torch.relu(d_pos - d_neg + margin)
+
+
+def weighted_kd_loss(seg: torch.Tensor, student_t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The distillation part of Eq. 6 per tuple, ``phi * sum over I in {q, p, n} of ||x^S_I - T(x^D_I)||^2``
+    (with k negatives: the mean of that sum over the k triplets), averaged over the batch. ``seg``: the
+    seg-branch's descriptors x^S, ``student_t``: T(x^D), both (B, 2 + k, D); ``weights``: phi, (B,)."""
+    if seg.shape != student_t.shape or weights.shape != seg.shape[:1] or seg.shape[1] < 3:
         raise ValueError(
-            f"expected (B, T, D) descriptors and (B,) weights, got {tuple(student.shape)}, "
-            f"{tuple(teacher_proj.shape)}, {tuple(weights.shape)}"
+            f"expected (B, 2 + k, D) descriptors and (B,) weights, got {tuple(seg.shape)}, "
+            f"{tuple(student_t.shape)}, {tuple(weights.shape)}"
         )
-    per_tuple = (student - teacher_proj).pow(2).sum(-1).mean(1)  # (B,)
+    sq = (seg - student_t).pow(2).sum(-1)  # (B, 2 + k): ||x^S_I - T(x^D_I)||^2 per image
+    per_tuple = sq[:, 0] + sq[:, 1] + sq[:, 2:].mean(1)
     return (weights * per_tuple).mean()
 
 
 class StructVPRDistill(nn.Module):
     """Stage II: RGB student (trained), seg-branch (frozen), T (trained); ``forward`` gives the loss terms.
 
-    ``rgb``: (B, T, 3, H, W) student input; ``slme``: (B, T, C, h, w) SLME maps of the same images;
-    ``weight``: (B,) phi of each tuple's (q, p). Returns ``{"loss", "triplet", "kd"}``.
+    ``rgb``: (B, 2 + k, 3, H, W) student input; ``slme``: (B, 2 + k, C, h, w) SLME maps of the same
+    images; ``weight``: (B,) phi of each tuple's (q, p). Returns ``{"loss", "triplet", "kd"}`` with
+    ``loss = triplet + kd_weight * kd`` (``kd_weight`` 1: Eq. 6; 0: no distillation).
     """
 
     def __init__(
@@ -143,7 +159,7 @@ class StructVPRDistill(nn.Module):
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.proj = nn.Linear(int(teacher.descriptor_dim), int(student.descriptor_dim))
+        self.proj = nn.Linear(int(student.descriptor_dim), int(teacher.descriptor_dim))  # T: x^D -> x^S
         self.kd_weight = float(kd_weight)
         self.margin = float(margin)
 
@@ -155,29 +171,27 @@ class StructVPRDistill(nn.Module):
     def forward(self, rgb: torch.Tensor, slme: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         b, t = rgb.shape[:2]
         s = self.student(rgb.flatten(0, 1)).view(b, t, -1)
-        parts = {"triplet": triplet_loss(s[:, 0], s[:, 1], s[:, 2:], self.margin)}
+        parts = {"triplet": triplet_eq3(s[:, 0], s[:, 1], s[:, 2:], self.margin).mean()}
         if self.kd_weight > 0:
             with torch.no_grad():
-                d = self.teacher(slme.flatten(0, 1)).view(b, t, -1)
-            parts["kd"] = weighted_kd_loss(s, self.proj(d), weight.to(s.dtype))
+                x_seg = self.teacher(slme.flatten(0, 1)).view(b, t, -1)
+            parts["kd"] = weighted_kd_loss(x_seg, self.proj(s), weight.to(s.dtype))
         total = parts["triplet"] + self.kd_weight * parts.get("kd", 0.0)
         return {"loss": total, **parts}
 
 
 @torch.no_grad()
-def init_projection(
-    proj: nn.Linear, teacher_desc: np.ndarray, student_desc: np.ndarray, ridge: float = 1e-2
-) -> float:
-    """Start T at the ridge least-squares map teacher -> student descriptors of the training images (so
-    that Stage II begins from what structure already predicts, not from a random target); returns the
-    remaining mean squared error."""
-    d = np.hstack([teacher_desc, np.ones((len(teacher_desc), 1), teacher_desc.dtype)]).astype(np.float64)
+def init_projection(proj: nn.Linear, source: np.ndarray, target: np.ndarray, ridge: float = 1e-2) -> float:
+    """Set T (``proj``) to the ridge least-squares map ``source -> target`` (rows: the same images);
+    returns the remaining mean squared error. The ``t_init: ridge`` option: source the starting
+    student's descriptors, target the seg-branch's."""
+    d = np.hstack([source, np.ones((len(source), 1), source.dtype)]).astype(np.float64)
     reg = ridge * np.eye(d.shape[1])
     reg[-1, -1] = 0.0  # the bias is not shrunk
-    w = np.linalg.solve(d.T @ d + reg, d.T @ student_desc.astype(np.float64))
+    w = np.linalg.solve(d.T @ d + reg, d.T @ target.astype(np.float64))
     proj.weight.copy_(torch.from_numpy(w[:-1].T).to(proj.weight.dtype))
     proj.bias.copy_(torch.from_numpy(w[-1]).to(proj.bias.dtype))
-    return float(((d @ w - student_desc) ** 2).sum(1).mean())
+    return float(((d @ w - target) ** 2).sum(1).mean())
 
 
 def summarize_weights(pairs: Pairs, weights: np.ndarray, n_t: int = 10) -> dict[str, float]:
@@ -199,5 +213,6 @@ __all__: Sequence[str] = (
     "phi",
     "phi_prime",
     "summarize_weights",
+    "triplet_eq3",
     "weighted_kd_loss",
 )
