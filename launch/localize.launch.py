@@ -1,13 +1,16 @@
 """Launch the vpr_ros graph: camera -> [transmitter] -> localizer -> [loop closure].
 
     ros2 launch vpr_ros localize.launch.py map_path:=/data/maps/route.vprmap
-    ros2 launch vpr_ros localize.launch.py camera_topic:=/camera/image_raw mode:=map \
-        odom_topic:=/odom map_path:=~/maps/new.vprmap
+    ros2 launch vpr_ros localize.launch.py camera_topic:=front/image_raw mode:=map \
+        odom_topic:=odom map_path:=~/maps/new.vprmap
+    ros2 launch vpr_ros localize.launch.py namespace:=robot1 map_path:=~/maps/site.vprmap
     ros2 launch vpr_ros localize.launch.py use_transmitter:=true tx_mode:=jpeg jpeg_quality:=10 \
         use_loop_closure:=true
 
 Every node reads its section of ``params_file`` (default: ``config/localize.yaml`` of the
-installed package); a launch argument left empty keeps the file's value. With the transmitter,
+installed package); a launch argument left empty keeps the file's value. Topic names are
+relative: with ``namespace:=robot1`` the graph reads /robot1/camera/image_raw and publishes
+/robot1/vpr/place_match. With the transmitter,
 the localizer reads the transmitter's output instead of the camera and labels its matches
 with the transmitter's mode (as ``vpr-ros localize --transmitter`` does in one process).
 """
@@ -28,7 +31,7 @@ PACKAGE = "vpr_ros"
 #: (launch argument, node, parameter, type, description); "" keeps the params file's value.
 OVERRIDES: tuple[tuple[str, str, str, type, str], ...] = (
     ("camera_topic", "localizer", "image_topic", str,
-     "camera image topic (base name, e.g. /camera/image_raw)"),
+     "camera image topic (base name, e.g. camera/image_raw; relative names follow namespace)"),
     ("image_transport", "localizer", "image_transport", str,
      "raw (sensor_msgs/Image) or compressed (<camera_topic>/compressed)"),
     ("weights", "localizer", "weights", str,
@@ -94,14 +97,14 @@ def _graph(context: LaunchContext) -> list:
             params[node][param] = _typed(value, typ, name)
     loc, tx = params["localizer"], params["transmitter"]
     if use_tx:  # camera -> transmitter -> localizer (the same wiring as vpr_ros.ros.runner.wire_graph)
-        tx.setdefault("image_topic", loc.get("image_topic", "/camera/image_raw"))
+        tx.setdefault("image_topic", loc.get("image_topic", "camera/image_raw"))
         tx.setdefault("image_transport", loc.get("image_transport", "raw"))
-        loc["image_topic"] = tx.get("output_topic", "/vpr/transmitted/image")
+        loc["image_topic"] = tx.get("output_topic", "vpr/transmitted/image")
         loc["image_transport"] = "raw"
         if not loc.get("transmission_stats_topic"):
-            loc["transmission_stats_topic"] = tx.get("stats_topic", "/vpr/transmission_stats")
+            loc["transmission_stats_topic"] = tx.get("stats_topic", "vpr/transmission_stats")
     lc = params["loop_closure"]  # the localizer's matches and the images it reads
-    for key, default in (("match_topic", "/vpr/place_match"), ("image_topic", "/camera/image_raw"),
+    for key, default in (("match_topic", "vpr/place_match"), ("image_topic", "camera/image_raw"),
                          ("image_transport", "raw")):
         lc.setdefault(key, loc.get(key, default))
     common = {"package": PACKAGE, "namespace": arg("namespace"), "output": "screen", "emulate_tty": True,

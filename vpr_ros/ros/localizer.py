@@ -79,10 +79,10 @@ NODE_NAME = "localizer"
 MODES = ("localize", "map", "both")
 
 PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("image_topic", "/camera/image_raw", "camera topic (base name)", read_only=True),
+    ParamSpec("image_topic", "camera/image_raw", "camera topic (base name)", read_only=True),
     ParamSpec("image_transport", "raw", "raw: sensor_msgs/Image on image_topic; compressed: "
               "CompressedImage on <image_topic>/compressed", choices=("raw", "compressed"), read_only=True),
-    ParamSpec("match_topic", "/vpr/place_match", "vpr_ros_msgs/PlaceMatch output topic", read_only=True),
+    ParamSpec("match_topic", "vpr/place_match", "vpr_ros_msgs/PlaceMatch output topic", read_only=True),
     ParamSpec("odom_topic", "", "nav_msgs/Odometry giving keyframe poses in map modes (empty: no poses)",
               read_only=True),
     ParamSpec("transmission_stats_topic", "", "TransmissionStats topic; its mode labels matches of the same "

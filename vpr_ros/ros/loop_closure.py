@@ -73,14 +73,14 @@ NODE_NAME = "loop_closure"
 
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("enabled", True, "detect loop closures (false: inputs are ignored, nothing is published)"),
-    ParamSpec("match_topic", "/vpr/place_match",
+    ParamSpec("match_topic", "vpr/place_match",
               "vpr_ros_msgs/PlaceMatch input (the localizer's match_topic)", read_only=True),
-    ParamSpec("image_topic", "/camera/image_raw",
+    ParamSpec("image_topic", "camera/image_raw",
               "images for geometric verification: the topic the localizer describes (base name)",
               read_only=True),
     ParamSpec("image_transport", "raw", "raw: sensor_msgs/Image on image_topic; compressed: CompressedImage "
               "on <image_topic>/compressed", choices=("raw", "compressed"), read_only=True),
-    ParamSpec("loop_closure_topic", "/vpr/loop_closure", "vpr_ros_msgs/LoopClosure output", read_only=True),
+    ParamSpec("loop_closure_topic", "vpr/loop_closure", "vpr_ros_msgs/LoopClosure output", read_only=True),
     ParamSpec("exclusion_window_s", DEFAULT_EXCLUSION_WINDOW_S, "candidates must be more than this many "
               "seconds older than the query (recent frames always look alike)", low=0.0, high=1e6),
     ParamSpec("score_threshold", DEFAULT_SCORE_THRESHOLD, "minimum descriptor similarity of a candidate "

@@ -64,12 +64,12 @@ TX_PARAMS: tuple[ParamSpec, ...] = (
 )
 
 PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("image_topic", "/camera/image_raw", "input camera topic (base name)", read_only=True),
+    ParamSpec("image_topic", "camera/image_raw", "input camera topic (base name)", read_only=True),
     ParamSpec("image_transport", "raw", "input transport: raw (Image on image_topic) or compressed "
               "(CompressedImage on <image_topic>/compressed)", choices=("raw", "compressed"), read_only=True),
-    ParamSpec("output_topic", "/vpr/transmitted/image", "degraded frames: Image here, JPEG payloads on "
+    ParamSpec("output_topic", "vpr/transmitted/image", "degraded frames: Image here, JPEG payloads on "
               "<output_topic>/compressed", read_only=True),
-    ParamSpec("stats_topic", "/vpr/transmission_stats", "vpr_ros_msgs/TransmissionStats topic",
+    ParamSpec("stats_topic", "vpr/transmission_stats", "vpr_ros_msgs/TransmissionStats topic",
               read_only=True),
     *TX_PARAMS,
     ParamSpec("queue_size", 5, "frames waiting for the encoder; the oldest is dropped when full",
