@@ -28,6 +28,8 @@ DEMO_DEGRADATIONS = ("none", "jpeg:10", "resize:0.25", "h264:40")
 #: ``vpr_ros.core.backends.BACKENDS`` / ``PRECISIONS`` (spelled out: parsing must not import torch).
 BACKEND_CHOICES = ("torch", "onnx")
 PRECISION_CHOICES = ("fp32", "fp16")
+#: ``vpr_ros.core.formats.FORMATS`` (spelled out for the same reason).
+FORMAT_CHOICES = ("vprbench", "aligned", "positions", "msls")
 
 
 def default_shared() -> Path:
@@ -69,6 +71,20 @@ def _add_dataset_args(p: argparse.ArgumentParser, *, default_name: str | None = 
     g.add_argument("--dataset", default=default_name, choices=["nordland", "ie_tower", "folder"],
                    help="dataset reader")
     g.add_argument("--root", type=Path, help="dataset folder (for nordland/ie_tower: the shared data folder)")
+    g.add_argument("--format", choices=FORMAT_CHOICES, default=None,
+                   help="read --root in a standard layout instead of --dataset (docs/evaluation.md): "
+                        "vprbench (ref/, query/, ground_truth_new.npy), aligned (two folders, i-th files "
+                        "match), positions (two folders + positions.csv or @utm_e@utm_n@ names), msls "
+                        "(one Mapillary SLS city)")
+    g.add_argument("--tolerance", type=int, default=None,
+                   help="--format aligned: correct within +/-N frames (default 2)")
+    g.add_argument("--radius", type=float, default=None,
+                   help="--format positions/msls: correct within this many metres (default 25)")
+    g.add_argument("--ground-truth", type=Path, default=None,
+                   help="--format vprbench: ground-truth file (.npy/.json/.csv) instead of the one in --root")
+    g.add_argument("--positions", type=Path, default=None,
+                   help="--format positions: positions CSV (name,x,y or name,lat,lon) instead of "
+                        "--root/positions.csv")
     g.add_argument("--every", type=int, default=1, help="use every N-th image (quick runs)")
     g.add_argument("--limit", type=int, default=None, help="at most this many database/query images")
 
@@ -99,6 +115,20 @@ def _dataset(args: argparse.Namespace):
 
     if args.root is None:
         raise VprError("--root is required (the dataset folder)")
+    if getattr(args, "format", None):
+        from .core.formats import load_format
+
+        ds = load_format(args.format, args.root, tolerance=args.tolerance, radius_m=args.radius,
+                         ground_truth=args.ground_truth, positions=args.positions)
+        if args.every != 1 or args.limit is not None:
+            try:
+                ds = ds.subset(args.every, args.limit)
+            except ValueError as exc:
+                raise VprError(f"--every/--limit: {exc}") from None
+        log.info("%s", ds.summary())
+        return ds
+    if any(getattr(args, k, None) is not None for k in ("tolerance", "radius", "ground_truth", "positions")):
+        raise VprError("--tolerance, --radius, --ground-truth and --positions need --format")
     kw = {}
     if args.dataset in ("nordland", "ie_tower"):
         kw = {"every": args.every, "limit": args.limit}

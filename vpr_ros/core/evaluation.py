@@ -294,11 +294,16 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def save_results_json(results: Sequence[EvalResult | dict[str, Any]], path: str | os.PathLike) -> None:
-    """Write ``{"results": [...]}`` atomically (temporary file beside ``path``, then os.replace).
+def save_results_json(results: Sequence[EvalResult | dict[str, Any]], path: str | os.PathLike, *,
+                      sections: dict[str, Any] | None = None) -> None:
+    """Write ``{"results": [...], **sections}`` atomically (temporary file beside ``path``, then os.replace).
 
-    NumPy values become plain numbers, non-finite floats become null; parent folders are created."""
-    payload = {"results": [_jsonable(r) for r in results]}
+    ``sections``: further top-level keys (e.g. per-query matches); :func:`load_results_json` reads only
+    ``results``. NumPy values become plain numbers, non-finite floats become null; parent folders are
+    created."""
+    if sections and "results" in sections:
+        raise ValueError("sections must not replace the 'results' key")
+    payload = {"results": [_jsonable(r) for r in results], **_jsonable(dict(sections or {}))}
     atomic_write_text(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
 
 

@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -119,6 +120,38 @@ def evaluate_dataset(
     return runs
 
 
+def per_query_sections(runs: Sequence[DegradationRun], dataset: PlaceDataset) -> dict[str, Any]:
+    """The per-query part of ``results.json``, for tools that score matches themselves.
+
+    ``dataset``: its name, ground truth, database and query image names (list positions are the
+    indices used below) and each query's correct database indices. ``per_query``: for each
+    degradation label, one entry per described query: ``query`` index, ``top_k`` database indices
+    best first, their ``scores`` (higher = more similar), and ``first_correct``, the rank of the first
+    correct match (-1: none in the top K; null: the query has no positive)."""
+    positives = dataset.positives()
+    per_query: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        rows = []
+        for row, q in enumerate(run.query_indices.tolist()):
+            top = [int(p) for p in run.predictions[row] if p >= 0]
+            scores = [round(float(s), 6) for s, p in zip(run.scores[row], run.predictions[row], strict=True)
+                      if p >= 0]
+            pos = set(positives[q].tolist())
+            first = next((rank for rank, p in enumerate(top) if p in pos), -1) if pos else None
+            rows.append({"query": int(q), "top_k": top, "scores": scores, "first_correct": first})
+        per_query[run.result.degradation] = rows
+    return {
+        "dataset": {
+            "name": dataset.name,
+            "ground_truth": dataset.ground_truth.describe(),
+            "database": [r.name for r in dataset.database],
+            "queries": [r.name for r in dataset.queries],
+            "positives": [p.tolist() for p in positives],
+        },
+        "per_query": per_query,
+    }
+
+
 def write_report(
     runs: Sequence[DegradationRun], dataset: PlaceDataset, out_dir: str | os.PathLike, *, top_k: int = 4
 ) -> dict[str, Path]:
@@ -129,7 +162,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     results = [r.result for r in runs]
     paths = {"results": out / "results.json"}
-    save_results_json(results, paths["results"])
+    save_results_json(results, paths["results"], sections=per_query_sections(runs, dataset))
     paths["recall_curves"] = plot_recall_curves(results, out / "recall_at_n.png")
     try:
         paths["recall_vs_bytes"] = plot_recall_vs_bytes(results, out / "recall_vs_bytes.png")
