@@ -174,6 +174,14 @@ def test_recipe_loads_and_rejects_bad_keys():
     cfg = load_config(Path(__file__).resolve().parents[1] / "training" / "structvpr_kitti.yaml")
     assert cfg.stage2.weighting.n_t == 10 and cfg.stage2.weighting.n_m == 20
     assert list(cfg.slme.groups) == ["vegetation", "dynamic", "sky", "ground", "buildings", "objects"]
+    with pytest.raises(ConfigError, match="stage2.init"):
+        config_from_dict({"stage2": {"init": "random"}})
+    with pytest.raises(ConfigError, match="stage2.weighting.rank"):
+        config_from_dict({"stage2": {"weighting": {"rank": "top"}}})
+    with pytest.raises(ConfigError, match="stage2.sampling"):
+        config_from_dict({"stage2": {"sampling": "random"}})
+    with pytest.raises(ConfigError, match="stage2.weighting.weighting"):
+        config_from_dict({"stage2": {"weighting": {"weighting": "phi2"}}})
     with pytest.raises(ConfigError, match="unknown config key 'stage2.nt'"):
         config_from_dict({"stage2": {"nt": 3}})
     with pytest.raises(ConfigError, match="places.kind"):
@@ -206,3 +214,53 @@ def test_best_positive_pairs_pick_the_rgb_branchs_first_positive():
     pairs.sim_y = np.array([0.9, 0.8, 0.7, 0.1, 0.5])  # the trainer's choice: the most similar positive
     best = best_positive_pairs(pairs)
     assert best.p.tolist() == [3, 7] and best.sim_y.tolist() == [0.9, 0.5]
+
+
+def test_paper_defaults_and_the_cpu_budget_recipe():
+    """The defaults are the paper's (Sec. 4.2, 4.3, 3.5); the CPU recipe differs from the paper's KITTI
+    recipe only in the input size (and its run directory)."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from vpr_ros.training.structvpr.pipeline import config_from_dict, load_config
+
+    cfg = config_from_dict({})
+    assert cfg.input_size == [480, 640] and cfg.slme.size is None  # 640x480; SLME as large as the input
+    assert cfg.slme.weights == [0.5, 0.5, 1.0, 1.0, 2.0, 2.0] and len(cfg.slme.groups) == 6  # C = 6
+    w = cfg.stage2.weighting
+    assert (w.partition, w.weighting, w.n_t, w.n_m, w.rank) == ("gp-d", "phi", 10, 20, "list")
+    assert (cfg.stage2.init, cfg.stage2.t_init, cfg.stage2.sampling) == ("imagenet", "random", "pairs")
+    assert cfg.stage2.kd_weight == 1.0 and cfg.degradation.specs == ["none"]  # Eq. 6; clean training
+    root = Path(__file__).resolve().parents[1] / "training"
+    paper, cpu = load_config(root / "structvpr_kitti.yaml"), load_config(root / "structvpr_kitti_cpu.yaml")
+    assert paper.input_size == [480, 640] and paper.slme.size is None and paper.degradation.specs == ["none"]
+    assert cpu.input_size == [96, 320]
+    a, b = asdict(paper), asdict(cpu)
+    assert {k for k in a if a[k] != b[k]} == {"input_size", "dir"}
+
+
+def test_pair_sampling_covers_every_group(kitti_dir):
+    """Stage II draws every (q, p) pair of the partition once per epoch, so D1-D4 appear in their shares;
+    the hardest-positive option is the engine's one tuple per query."""
+    from vpr_ros.core.models.registry import Preprocess
+    from vpr_ros.training.data import Degrader
+    from vpr_ros.training.structvpr.pipeline import PlacesConfig, StructTuples, kitti_train_places
+
+    places = kitti_train_places(PlacesConfig(root=str(kitti_dir), every=3))
+    q = np.concatenate([np.full(len(p), i) for i, p in enumerate(places.positives)])
+    p = np.concatenate([np.asarray(p) for p in places.positives])
+    n = len(q)
+    x, y = np.tile([1, 2, 5, 30], n)[:n], np.tile([20, 1, 9, 2], n)[:n]  # D1, D3, D2, D4 in turn
+    pairs = Pairs(q, p, x, y)
+    common = dict(preprocess=Preprocess(input_size=(32, 32)), degrader=Degrader(["none"]), negatives=2)
+    ds = StructTuples(places, None, rgb=False, pairs=pairs, **common)
+    assert len(ds) == n
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        drawn = [ds.tuple_ids(k)[:2] for k in range(len(ds))]
+        assert sorted(drawn) == sorted(zip(q.tolist(), p.tolist(), strict=True)), "every pair once"
+    groups = [ds[k]["group"] for k in range(len(ds))]
+    expect = np.bincount(group_of(x, y), minlength=4).tolist()
+    assert np.bincount(groups, minlength=4).tolist() == expect and min(expect) > 0
+    best = StructTuples(places, None, rgb=False, pairs=pairs, sampling="hardest-positive", **common)
+    assert len(best) == len(places.queries) - sum(len(pp) == 0 for pp in places.positives)

@@ -83,6 +83,32 @@ def test_structvpr_end_to_end(kitti_dir, shared_dir, torch_home, tmp_path):
     # checkpointed: restored, not re-initialised
     assert resumed["step"] == 5 and torch.equal(resumed["kd_proj"]["weight"], s2["kd_proj"]["weight"])
 
+    # Stage II logs the groups of the tuples it drew (pairs sampling: every (q, p) pair is an item)
+    summary = json.loads((run / "stage2" / "summary.json").read_text())
+    assert summary["sampling"] == "pairs" and summary["init"] == "imagenet" and summary["t_init"] == "random"
+    hist = summary["group_histogram"]
+    assert sum(sum(h.values()) for h in hist.values()) == 5 * 2  # 5 steps of 2 tuples
+    assert all(h["none"] == 0 for h in hist.values()), "every drawn pair belongs to a group"
+
+
+def test_stage2_initialisation(kitti_dir, shared_dir, torch_home, tmp_path):
+    """The Stage II student starts from ImageNet (the paper); ``stage2.init: rgb-branch`` from the Stage-I
+    rgb-branch. One step at a vanishing learning rate leaves the starting weights in the checkpoint."""
+    from vpr_ros.core.models import create_model
+    from vpr_ros.training.structvpr.pipeline import StructVPR, config_from_dict, load_trained
+
+    cfg = tiny_config(kitti_dir, shared_dir, tmp_path)
+    sv = StructVPR(config_from_dict(cfg))
+    sv.stage1_seg(), sv.stage1_rgb()
+    imagenet = dict(create_model("structvpr_mobilenetv2", pretrained=True).named_parameters())
+    rgb_branch = dict(load_trained(tmp_path / "run" / "stage1_rgb").named_parameters())
+    for init, start, other in (("imagenet", imagenet, rgb_branch), ("rgb-branch", rgb_branch, imagenet)):
+        cfg["stage2"] = {"steps": 1, "lr": 1e-12, "batch_size": 2, "init": init}
+        run = StructVPR(config_from_dict(cfg)).stage2(f"stage2_{init}")
+        got = dict(load_trained(run).named_parameters())
+        assert all(torch.allclose(got[k], start[k], atol=1e-6) for k in start), init
+        assert not all(torch.allclose(got[k], other[k], atol=1e-6) for k in other), init
+
 
 def test_deployed_student_needs_no_training_code(tmp_path):
     """A fresh interpreter loads and runs the exported student without importing vpr_ros.training."""

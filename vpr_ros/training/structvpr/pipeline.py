@@ -9,8 +9,9 @@
    (``structvpr_segbranch``, random init) on the SLME maps of the same tuples, each with the triplet loss.
 4. **Partition**: ranks x (seg) and y (rgb) of every training pair's positive; groups D1-D4 and the pair
    weights of the chosen weighting (:mod:`.partition`, :mod:`.weighted_kd`).
-5. **Stage II**: the student starts from the Stage-I rgb-branch and learns from triplet + phi-weighted
-   distillation of the frozen seg-branch through a linear T (:class:`.weighted_kd.StructVPRDistill`).
+5. **Stage II**: the student starts from ImageNet and learns from triplet + phi-weighted distillation of
+   the frozen seg-branch through a linear T (Eq. 6, :class:`.weighted_kd.StructVPRDistill`), on tuples
+   drawn pair by pair so that every group D1-D4 is trained on (:class:`StructTuples`).
 6. **Export**: the student alone as deployed weights (a plain ``structvpr_mobilenetv2``).
 
 Data, tuples, degradation, the triplet loss, optimiser, learning-rate schedule, the training loop,
@@ -68,11 +69,20 @@ from ..config import (
     apply_overrides,
     build_config,
 )
-from ..data import Degrader, PlaceSet, Relation, TupleDataset, build_places, degrade_queries, split_places
+from ..data import (
+    Degrader,
+    PlaceSet,
+    Relation,
+    TupleDataset,
+    build_places,
+    degrade_queries,
+    sample_rng,
+    split_places,
+)
 from ..engine import Trainer, run_trainer
 from ..evaluate import describe, recall_on_places
 from ..export import export_deployed
-from .partition import GROUPS, MODES, RANKS, Pairs, group_shares, rank_pairs
+from .partition import GROUPS, MODES, RANKS, Pairs, group_of, group_shares, rank_pairs
 from .seg_branch import SegBranch  # noqa: F401  (registers structvpr_segbranch)
 from .slme import SLMEConfig, SLMEncoder
 from .weighted_kd import (
@@ -144,17 +154,21 @@ class StageConfig:
 
 STUDENT_INITS = ("imagenet", "rgb-branch")
 T_INITS = ("random", "ridge")
+SAMPLINGS = ("pairs", "hardest-positive")
 
 
 @dataclass
 class Stage2Config(StageConfig):
     """Stage II: ``init`` of the student (``imagenet``, the paper's, or ``rgb-branch``: the Stage-I
     rgb-branch), ``t_init`` of T (``random``, the paper's, or ``ridge``: least squares from the starting
-    student onto the seg-branch), ``kd_weight`` lambda of ``L = L_vpr + lambda * sum L_kd`` (1: Eq. 6)."""
+    student onto the seg-branch), ``kd_weight`` lambda of ``L = L_vpr + lambda * sum L_kd`` (1: Eq. 6),
+    ``sampling`` of the tuples (:data:`SAMPLINGS`: ``pairs``, every (q, p) pair of the partition once per
+    epoch, or ``hardest-positive``, the engine's one tuple per query)."""
 
     kd_weight: float = 1.0
     init: str = "imagenet"
     t_init: str = "random"
+    sampling: str = "pairs"
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
 
@@ -164,10 +178,10 @@ class StructVPRConfig:
     data: DataConfig = field(
         default_factory=lambda: DataConfig(root="-", negatives=4, mining="hard", mining_pool=32)
     )
-    degradation: DegradationConfig = field(
-        default_factory=lambda: DegradationConfig(["none", "jpeg:10"], "query")
-    )
-    input_size: list[int] = field(default_factory=lambda: [96, 320])
+    # StructVPR trains on clean images; ["none", "jpeg:10"] (query as received through JPEG q10 half the
+    # time) is the jpeg-train option
+    degradation: DegradationConfig = field(default_factory=lambda: DegradationConfig(["none"], "query"))
+    input_size: list[int] = field(default_factory=lambda: [480, 640])  # the paper's 640x480 (H, W)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     slme: SLMEConfig = field(default_factory=SLMEConfig)
     seg_branch: SegBranchConfig = field(default_factory=SegBranchConfig)
@@ -233,6 +247,11 @@ def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ())
             f"{cfg.stage2.init!r} is not one of {STUDENT_INITS}",
         ),
         (cfg.stage2.t_init in T_INITS, "stage2.t_init", f"{cfg.stage2.t_init!r} is not one of {T_INITS}"),
+        (
+            cfg.stage2.sampling in SAMPLINGS,
+            "stage2.sampling",
+            f"{cfg.stage2.sampling!r} is not one of {SAMPLINGS}",
+        ),
         (w.partition in MODES, "stage2.weighting.partition", f"{w.partition!r} is not one of {MODES}"),
         (
             w.weighting in WEIGHTINGS,
@@ -362,7 +381,14 @@ def received_files(records: Sequence[ImageRecord], spec: str, folder: Path) -> l
 
 class StructTuples(TupleDataset):
     """The engine's tuples plus what StructVPR needs: ``rgb`` (student input, degraded as configured),
-    ``slme`` (SLME maps of the same images, from the high-quality frames) and ``weight`` (phi of (q, p))."""
+    ``slme`` (SLME maps of the same images, from the high-quality frames), ``weight`` (phi of (q, p)) and
+    ``group`` (0..3 for D1..D4 of (q, p); -1 for a pair not in ``pairs`` or without a partition).
+
+    With ``pairs`` and ``sampling="pairs"`` (Stage II's default) an item is one (query, positive) pair of
+    the partition, every pair once per epoch, so that the tuples cover D1-D4 in the partition's shares
+    (the paper's "sample" is a pair); ``hardest-positive`` keeps the engine's items (one per query, its
+    most similar positive by the current model), which leaves out the pairs the student ranks badly (D1).
+    Negatives are the engine's either way (hardest of ``pool`` random candidates)."""
 
     def __init__(
         self,
@@ -371,14 +397,43 @@ class StructTuples(TupleDataset):
         *,
         rgb: bool = True,
         weights: Callable[[int, int], float] | None = None,
+        pairs: Pairs | None = None,
+        sampling: str = "pairs",
+        n_t: int = 10,
         **tuple_args: Any,
     ) -> None:
         super().__init__(places, **tuple_args)
+        if sampling not in SAMPLINGS:
+            raise ConfigError(f"stage2.sampling: {sampling!r} is not one of {SAMPLINGS}")
         self.bank, self.rgb, self.weights = bank, rgb, weights
+        self.pairs: Pairs | None = None
+        self.group_table: dict[tuple[int, int], int] = {}
+        if pairs is not None:
+            usable = np.isin(pairs.q, self.index)  # queries with a positive and enough negatives
+            groups = group_of(pairs.x, pairs.y, n_t)
+            self.group_table = {
+                (int(q), int(p)): int(g) for q, p, g in zip(pairs.q, pairs.p, groups, strict=True)
+            }
+            if sampling == "pairs":
+                self.pairs = Pairs(pairs.q[usable], pairs.p[usable], pairs.x[usable], pairs.y[usable])
+
+    def __len__(self) -> int:
+        return len(self.pairs) if self.pairs is not None else super().__len__()
+
+    def tuple_ids(self, k: int) -> tuple[int, int, np.ndarray, np.random.Generator]:
+        if self.pairs is None:
+            return super().tuple_ids(k)
+        rng = sample_rng(self.seed, self.epoch, k)
+        qi = int(self.pairs.q[k])
+        return qi, int(self.pairs.p[k]), self._negatives(qi, rng), rng
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         qi, p, negs, _ = self.tuple_ids(k)
-        out: dict[str, Any] = {"index": k, "weight": float(self.weights(qi, p)) if self.weights else 1.0}
+        out: dict[str, Any] = {
+            "index": k,
+            "weight": float(self.weights(qi, p)) if self.weights else 1.0,
+            "group": self.group_table.get((qi, p), -1),
+        }
         if self.rgb:
             out["rgb"] = super().__getitem__(k)["lq"]
         if self.bank is not None:
@@ -512,7 +567,8 @@ class DistillStage(StageTrainer):
 
     def build_dataset(self) -> StructTuples:
         weights = PairWeights(self.pairs, self.weights)
-        return self.sv.tuples(self.student, rgb=True, slme=self.lam > 0, weights=weights)
+        self.group_hist: dict[int, list[int]] = {}  # epoch -> tuples drawn from D1..D4 (and outside: 5th)
+        return self.sv.tuples(self.student, rgb=True, slme=self.lam > 0, weights=weights, pairs=self.pairs)
 
     def build_objective(self) -> StructVPRDistill:
         distill = StructVPRDistill(self.student, self.teacher, kd_weight=self.lam, margin=self.sv.cfg.margin)
@@ -531,6 +587,18 @@ class DistillStage(StageTrainer):
         return [p for p in [*self.student.parameters(), *self.objective.proj.parameters()] if p.requires_grad]
 
     def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        epoch = self.step // self.steps_per_epoch
+        counts = np.bincount(np.asarray(batch["group"]) % 5, minlength=5)  # -1 (no group) -> 4
+        hist = self.group_hist.setdefault(epoch, [0] * 5)
+        self.group_hist[epoch] = [a + int(b) for a, b in zip(hist, counts, strict=True)]
+        if (self.step + 1) % self.steps_per_epoch == 0 or self.step + 1 == self.total_steps:
+            h = self.group_hist[epoch]
+            log.info(
+                "%s epoch %d: tuples per group %s",
+                self.name,
+                epoch,
+                "  ".join(f"{g} {c}" for g, c in zip([*GROUPS, "none"], h, strict=True)),
+            )
         dev = self.dist.device
         rgb = batch["rgb"].to(dev)
         slme = batch["slme"].to(dev) if "slme" in batch else rgb[:, :, :1]  # no KD: never read
@@ -544,6 +612,7 @@ class DistillStage(StageTrainer):
                 "kd_weight": 0.0,
                 "distilled_share": 0.0,
                 "init": self.sv.cfg.stage2.init,
+                **self._group_meta(),
             }
         return {
             **super().checkpoint_meta(),
@@ -551,17 +620,29 @@ class DistillStage(StageTrainer):
             "kd_weight": self.lam,
             "init": self.sv.cfg.stage2.init,
             "t_init": self.sv.cfg.stage2.t_init,
+            **self._group_meta(),
             "segmenter": self.sv.segmenter.id,
             **summarize_weights(self.pairs, self.weights, self.wcfg.n_t),
         }
 
     def checkpoint_extra(self) -> dict[str, Any]:
         proj = {k: v.detach().cpu() for k, v in self.objective.proj.state_dict().items()}
-        return {**super().checkpoint_extra(), "kd_proj": proj}
+        return {**super().checkpoint_extra(), "kd_proj": proj, "group_hist": dict(self.group_hist)}
 
     def load_extra(self, ckpt: dict[str, Any]) -> None:
         super().load_extra(ckpt)
         self.objective.proj.load_state_dict(ckpt["kd_proj"])
+        self.group_hist = {int(e): list(h) for e, h in ckpt.get("group_hist", {}).items()}
+
+    def _group_meta(self) -> dict[str, Any]:
+        """Tuples drawn per epoch and group, as ``{epoch: {D1: n, ..., D4: n, none: n}}``."""
+        names = [*GROUPS, "none"]
+        return {
+            "sampling": self.sv.cfg.stage2.sampling,
+            "group_histogram": {
+                str(e): dict(zip(names, h, strict=True)) for e, h in sorted(self.group_hist.items())
+            },
+        }
 
 
 def _finished(run_dir: Path) -> dict[str, Any] | None:
@@ -632,7 +713,13 @@ class StructVPR:
         return m
 
     def tuples(
-        self, student: VprModel, *, rgb: bool, slme: bool, weights: Callable[[int, int], float] | None = None
+        self,
+        student: VprModel,
+        *,
+        rgb: bool,
+        slme: bool,
+        weights: Callable[[int, int], float] | None = None,
+        pairs: Pairs | None = None,
     ) -> StructTuples:
         d = self.cfg.data
         return StructTuples(
@@ -640,6 +727,9 @@ class StructVPR:
             self.segment_training() if slme else None,
             rgb=rgb,
             weights=weights,
+            pairs=pairs,
+            sampling=self.cfg.stage2.sampling,
+            n_t=self.cfg.stage2.weighting.n_t,
             preprocess=student.preprocess if rgb else Preprocess(input_size=self.size),
             degrader=self.degrader,
             negatives=d.negatives,

@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--out", default="results/structvpr")
     ap.add_argument(
-        "--config", default=str(Path(__file__).resolve().parents[3] / "training" / "structvpr_kitti.yaml")
+        "--config", default=str(Path(__file__).resolve().parents[3] / "training" / "structvpr_kitti_cpu.yaml")
     )
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
