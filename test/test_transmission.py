@@ -346,8 +346,9 @@ def test_degrade_sequence_and_image(frames: list[np.ndarray]) -> None:
     outs = run(frames[:4], "h264:40")[0]
     assert sizes == [o.nbytes for o in outs]
     assert all(np.array_equal(a, o.image) for a, o in zip(images, outs, strict=True))
-    single = degrade_image(frames[0], cfg)
-    assert single.keyframe and single.nbytes == sizes[0]
+    single = degrade_image(frames[0], TransmissionConfig.parse("h264:40+gop:1"))  # intra-only
+    assert single.keyframe and np.array_equal(single.image, images[0])  # the stream's first frame
+    assert not degrade_image(frames[1], cfg).keyframe  # gop 30: inter-coded (test_video_training_frames.py)
 
 
 def test_accepts_grey_and_float_frames(frames: list[np.ndarray]) -> None:

@@ -644,6 +644,33 @@ def degrade_sequence(
     return images, sizes
 
 
-def degrade_image(frame: np.ndarray, config: TransmissionConfig) -> TransmittedFrame:
-    """Send one frame as a stream of its own (video modes: a single keyframe)."""
-    return Transmitter(config).process(frame)
+#: Scale of the synthetic predecessor of a lone frame (:func:`predecessor_frame`): the view 3 % wider,
+#: as a forward-moving camera saw it a moment before.
+PREDECESSOR_SCALE = 0.97
+
+
+def predecessor_frame(frame: np.ndarray) -> np.ndarray:
+    """A stand-in for the frame a forward-moving camera sent just before ``frame``: the same view zoomed
+    out by :data:`PREDECESSOR_SCALE` about its centre (borders replicated)."""
+    image = as_rgb8(frame, name="frame")
+    h, w = image.shape[:2]
+    m = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), 0.0, PREDECESSOR_SCALE)
+    return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def degrade_image(
+    frame: np.ndarray, config: TransmissionConfig, *, previous: Iterable[np.ndarray] | None = None
+) -> TransmittedFrame:
+    """Send one frame and return what arrives.
+
+    Constant-QP video modes (``h264``/``h265``) code the frame as a live link codes most frames: inter-coded
+    (a P-frame, predicted from the frame before it), unless the keyframe interval is 1 (``gop:1``: intra-only,
+    every frame a keyframe). The frames before it are ``previous`` (the last ``gop - 1`` of them are sent
+    first, so the stream's keyframe falls before ``frame``), else one synthetic predecessor
+    (:func:`predecessor_frame`). Other modes, and ``gop:1``, send the frame as a stream of its own."""
+    tx = Transmitter(config)
+    if config.mode in ("h264", "h265") and config.gop > 1:
+        before = list(previous) if previous is not None else [predecessor_frame(frame)]
+        for image in before[-(config.gop - 1) :]:
+            tx.process(image)
+    return tx.process(frame)
