@@ -75,7 +75,11 @@ GEO_COLUMNS = (("lat", "lon"), ("latitude", "longitude"), ("lat", "lng"))
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(_list_images(folder), key=lambda p: _natural_key(p.name))
+    try:
+        files = _list_images(folder)
+    except OSError as exc:  # unreadable folder
+        raise DatasetError(f"{folder}: cannot list images ({exc.strerror or exc})") from None
+    return sorted(files, key=lambda p: _natural_key(p.name))
 
 
 def find_folders(root: Path) -> tuple[Path, Path]:
