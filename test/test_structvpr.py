@@ -204,21 +204,9 @@ def test_projection_starts_at_the_least_squares_map():
     assert np.allclose(proj(torch.from_numpy(t)).detach().numpy(), s, atol=1e-3)
 
 
-def test_best_positive_pairs_pick_the_rgb_branchs_first_positive():
-    from vpr_ros.training.structvpr.partition import best_positive_pairs
-
-    pairs = Pairs(np.array([0, 0, 0, 1, 1]), np.array([3, 4, 5, 6, 7]), x=np.array([9, 2, 1, 4, 4]),
-                  y=np.array([2, 1, 1, 12, 30]))
-    best = best_positive_pairs(pairs)
-    assert best.q.tolist() == [0, 1] and best.p.tolist() == [5, 6]  # y tie at 1: the better x wins
-    pairs.sim_y = np.array([0.9, 0.8, 0.7, 0.1, 0.5])  # the trainer's choice: the most similar positive
-    best = best_positive_pairs(pairs)
-    assert best.p.tolist() == [3, 7] and best.sim_y.tolist() == [0.9, 0.5]
-
-
 def test_paper_defaults_and_the_cpu_budget_recipe():
     """The defaults are the paper's (Sec. 4.2, 4.3, 3.5); the CPU recipe differs from the paper's KITTI
-    recipe only in the input size (and its run directory)."""
+    recipe only in the input and SLME sizes (and its run directory)."""
     from dataclasses import asdict
     from pathlib import Path
 
@@ -234,9 +222,10 @@ def test_paper_defaults_and_the_cpu_budget_recipe():
     root = Path(__file__).resolve().parents[1] / "training"
     paper, cpu = load_config(root / "structvpr_kitti.yaml"), load_config(root / "structvpr_kitti_cpu.yaml")
     assert paper.input_size == [480, 640] and paper.slme.size is None and paper.degradation.specs == ["none"]
-    assert cpu.input_size == [96, 320]
+    assert cpu.input_size == [96, 320] and cpu.slme.size == [48, 160]
     a, b = asdict(paper), asdict(cpu)
-    assert {k for k in a if a[k] != b[k]} == {"input_size", "dir"}
+    assert {k for k in a if a[k] != b[k]} == {"input_size", "slme", "dir"}
+    assert {k for k in a["slme"] if a["slme"][k] != b["slme"][k]} == {"size"}
 
 
 def test_pair_sampling_covers_every_group(kitti_dir):

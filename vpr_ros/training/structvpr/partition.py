@@ -35,14 +35,12 @@ RANKS = ("list", "wrong-only")
 
 @dataclass
 class Pairs:
-    """All training pairs with their ranks: ``q`` query index, ``p`` database index, ``x`` / ``y`` ranks;
-    ``sim_y`` the rgb-branch's similarity of q and p (optional)."""
+    """All training pairs with their ranks: ``q`` query index, ``p`` database index, ``x`` / ``y`` ranks."""
 
     q: np.ndarray
     p: np.ndarray
     x: np.ndarray
     y: np.ndarray
-    sim_y: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.q)
@@ -98,8 +96,7 @@ def rank_pairs(
     q, p, x = positive_ranks(*seg, positives, excluded, rank=rank)
     q2, p2, y = positive_ranks(*rgb, positives, excluded, rank=rank)
     assert np.array_equal(q, q2) and np.array_equal(p, p2)
-    sim_y = (rgb[0][q] * rgb[1][p]).sum(1) if len(q) else np.empty(0, np.float32)
-    return Pairs(q, p, x, y, sim_y)
+    return Pairs(q, p, x, y)
 
 
 def group_of(x: np.ndarray | int, y: np.ndarray | int, n_t: int = 10) -> np.ndarray:
@@ -121,16 +118,6 @@ def keep_mask(x: np.ndarray | int, y: np.ndarray | int, mode: str, n_t: int = 10
     if mode == "all":
         return np.ones(np.broadcast(x, y).shape, dtype=bool)
     raise ValueError(f"unknown partition {mode!r}; expected one of {MODES}")
-
-
-def best_positive_pairs(pairs: Pairs) -> Pairs:
-    """Per query the one pair a trainer with hard positive mining draws: the positive most similar to q
-    by the rgb-branch (``sim_y``; without it, the best rank y, ties to the better x)."""
-    keys = (-pairs.sim_y,) if pairs.sim_y is not None else (pairs.x, pairs.y)
-    order = np.lexsort((*keys, pairs.q))
-    first = order[np.r_[True, pairs.q[order][1:] != pairs.q[order][:-1]]] if len(order) else order
-    sim = pairs.sim_y[first] if pairs.sim_y is not None else None
-    return Pairs(pairs.q[first], pairs.p[first], pairs.x[first], pairs.y[first], sim)
 
 
 def group_shares(pairs: Pairs, n_t: int = 10) -> dict[str, float]:

@@ -791,7 +791,7 @@ class StructVPR:
         if path.is_file():
             z = np.load(path)
             if "rank" in z and str(z["rank"]) == rank:
-                return Pairs(z["q"], z["p"], z["x"], z["y"], z["sim_y"] if "sim_y" in z else None)
+                return Pairs(z["q"], z["p"], z["x"], z["y"])
         rgb, seg = load_trained(self.root / "stage1_rgb"), load_trained(self.root / "stage1_seg")
         p = self.train_places
         bank = self.segment_training()
@@ -801,7 +801,7 @@ class StructVPR:
         seg_db = describe_slme(seg, bank, [r.path for r in p.database])
         pairs = rank_pairs((seg_q, seg_db), (rgb_q, rgb_db), p.positives, p.excluded, rank=rank)
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, q=pairs.q, p=pairs.p, x=pairs.x, y=pairs.y, sim_y=pairs.sim_y, rank=rank)
+            np.savez(fh, q=pairs.q, p=pairs.p, x=pairs.x, y=pairs.y, rank=rank)
         shares = group_shares(pairs, self.cfg.stage2.weighting.n_t)
         atomic_write_text(
             self.root / f"{stem}.json",

@@ -2,16 +2,20 @@
 
     python -m vpr_ros.training.structvpr.study --out results/structvpr [--config RECIPE] [--set k=v]
 
-Rows (all RGB rows are MobileNetV2 students evaluated alone, as deployed):
+Rows (all RGB rows are MobileNetV2 students evaluated alone, as deployed), after the paper's ablation
+(Sec. 4.4, Tables 5 and 6):
 
 * ``imagenet`` -- the untrained ImageNet student (reference);
 * ``rgb-branch`` -- Stage I rgb-branch (triplet);
 * ``seg-branch`` -- Stage I seg-branch on SLME maps (needs segmentation at test time: reference only);
-* ``rgb+triplet`` -- the rgb-branch trained for Stage II's steps without distillation (control: same
-  number of steps as the distilled students);
-* ``kd-all`` -- non-selective distillation (every pair weight 1);
-* ``gp-d-phi`` -- StructVPR: partition GP-D, weights phi (Eq. 4);
-* ``gp-d-8410`` / ``gp-s`` / ``gp-r`` -- the ablation's constant weights and one-branch partitions.
+* ``none`` -- Stage II without distillation (Table 5 "None"; control: same initialisation, tuples and
+  steps as the distilled students);
+* ``gp-d-phi`` -- StructVPR: partition GP-D, weights phi (Eq. 4; Table 5 "Ours", Table 6 GP-D(phi));
+* ``gp-s`` -- selective KD on S1 (x <= N_t; Table 5 S1, Table 6 GP-S(1-0));
+* ``gp-r`` -- selective KD on R1 (y <= N_t; Table 5 R1);
+* ``gp-d-8410`` -- constant weights 8-4-1-0 on D1-D4 (Table 6 GP-D(8-4-1-0));
+* ``gp-s-phi-prime`` -- GP-S with phi' (Eq. 7; Table 6 GP-S(phi'));
+* ``kd-all`` -- non-selective distillation, every pair weight 1 (Table 5 "All").
 
 Queries are evaluated as captured and as received through each ``eval_degradations`` link (JPEG q10),
 against a high-quality database. Training times are the stages' forward/backward/update seconds (the
@@ -35,7 +39,7 @@ import numpy as np
 from ...core.fileio import atomic_write_text
 from ...core.models import create_model
 from ...core.segmentation import CITYSCAPES_PALETTE, colorize
-from .partition import GROUPS, best_positive_pairs, group_shares
+from .partition import GROUPS, group_shares
 from .pipeline import PAPER_SHARES, StructVPR, load_config, load_trained
 from .weighted_kd import WeightingConfig
 
@@ -43,14 +47,26 @@ log = logging.getLogger("vpr_ros.training.structvpr.study")
 
 #: Stage II variants: name -> (kd weight multiplier, weighting)
 VARIANTS: dict[str, tuple[float, WeightingConfig | None]] = {
-    "rgb+triplet": (0.0, None),
-    "kd-all": (1.0, WeightingConfig("all", "ones")),
+    "none": (0.0, None),
     "gp-d-phi": (1.0, WeightingConfig("gp-d", "phi")),
-    "gp-d-8410": (1.0, WeightingConfig("gp-d", "constant", constant=[8.0, 4.0, 1.0, 0.0])),
     "gp-s": (1.0, WeightingConfig("gp-s", "ones")),
     "gp-r": (1.0, WeightingConfig("gp-r", "ones")),
+    "gp-d-8410": (1.0, WeightingConfig("gp-d", "constant", constant=[8.0, 4.0, 1.0, 0.0])),
+    "gp-s-phi-prime": (1.0, WeightingConfig("gp-s", "phi-prime")),
+    "kd-all": (1.0, WeightingConfig("all", "ones")),
 }
 DEFAULT_VARIANTS = tuple(VARIANTS)
+
+#: The paper's numbers for the same rows (MSLS val R@1 / R@5 / R@10; Tables 5 and 6), for context.
+PAPER_MSLS_VAL: dict[str, tuple[str, tuple[float, float, float]]] = {
+    "none": ("Table 5 None", (75.8, 85.3, 87.3)),
+    "gp-d-phi": ("Table 5 Ours = Table 6 GP-D(phi)", (83.0, 91.0, 92.6)),
+    "gp-s": ("Table 5 S1 = Table 6 GP-S(1-0)", (81.6, 88.9, 91.2)),
+    "gp-r": ("Table 5 R1", (79.3, 87.6, 88.9)),
+    "gp-d-8410": ("Table 6 GP-D(8-4-1-0)", (82.2, 88.9, 91.5)),
+    "gp-s-phi-prime": ("Table 6 GP-S(phi')", (79.7, 89.5, 92.0)),
+    "kd-all": ("Table 5 All", (78.4, 87.4, 90.1)),
+}
 
 #: SLME group colours for pictures (vegetation, dynamic, sky, ground, buildings, objects, ...).
 GROUP_COLORS = np.array(
@@ -151,7 +167,7 @@ def run_study(
     pairs = sv.partition()
     part_seconds = time.perf_counter() - t0
     shares = group_shares(pairs, cfg.stage2.weighting.n_t)
-    sampled = group_shares(best_positive_pairs(pairs), cfg.stage2.weighting.n_t)
+    drawn: dict[str, dict[str, int]] = {}
     stage1 = _summary(seg1)["train_seconds"] + _summary(rgb1)["train_seconds"]
     rows: list[dict[str, Any]] = []
 
@@ -192,8 +208,10 @@ def run_study(
         lam, weighting = VARIANTS[name]
         run = sv.stage2(f"stage2_{name}", weighting=weighting, kd_weight=lam * cfg.stage2.kd_weight)
         s = _summary(run)
-        extra = stage1 + part_seconds if lam > 0 else _summary(rgb1)["train_seconds"]
+        extra = stage1 + part_seconds
         note = f"distilled pairs {100 * s.get('distilled_share', 0):.0f}%" if lam > 0 else "no distillation"
+        hist = s.get("group_histogram", {})
+        drawn[name] = {g: sum(h.get(g, 0) for h in hist.values()) for g in (*GROUPS, "none")}
         row(
             name, load_trained(run), train_s=s["train_seconds"], total_s=s["train_seconds"] + extra, note=note
         )
@@ -206,14 +224,18 @@ def run_study(
 
     labels = list(rows[0]["recall"])
     head = (
-        "| model | " + " | ".join(f"R@1 {lb} | R@5 {lb}" for lb in labels) + " | train s | total s | note |"
+        "| model | "
+        + " | ".join(f"R@1 {lb} | R@5 {lb}" for lb in labels)
+        + " | train s | total s | paper, MSLS val R@1 / R@5 / R@10 | note |"
     )
-    lines = [head, "|" + "---|" * (2 * len(labels) + 4)]
+    lines = [head, "|" + "---|" * (2 * len(labels) + 5)]
     for r in rows:
         cells = " | ".join(f"{_fmt(r['recall'][lb][1])} | {_fmt(r['recall'][lb][5])}" for lb in labels)
         ts = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
         tt = "-" if r["total_seconds"] is None else f"{r['total_seconds']:.0f}"
-        lines.append(f"| {r['name']} | {cells} | {ts} | {tt} | {r['note']} |")
+        paper = PAPER_MSLS_VAL.get(r["name"])
+        pc = f"{' / '.join(f'{v:.1f}' for v in paper[1])} ({paper[0]})" if paper else "-"
+        lines.append(f"| {r['name']} | {cells} | {ts} | {tt} | {pc} | {r['note']} |")
     share_line = (
         "| group | "
         + " | ".join(GROUPS)
@@ -221,9 +243,13 @@ def run_study(
         + "| this run, all (q, p) pairs | "
         + " | ".join(f"{100 * shares[g]:.1f}%" for g in GROUPS)
         + " |\n"
-        + "| this run, per query the rgb-branch's best positive (what hard mining samples) | "
-        + " | ".join(f"{100 * sampled[g]:.1f}%" for g in GROUPS)
-        + " |\n"
+        + "".join(
+            f"| this run, tuples drawn in Stage II ({name}) | "
+            + " | ".join(str(h[g]) for g in GROUPS)
+            + " |\n"
+            for name, h in drawn.items()
+            if name == "gp-d-phi"
+        )
         + "| paper (MSLS) | "
         + " | ".join(f"{100 * PAPER_SHARES[g]:.1f}%" for g in GROUPS)
         + " |"
@@ -242,8 +268,8 @@ def run_study(
             "",
             *lines,
             "",
-            f"Group partition of {len(pairs)} training pairs (N_t = {cfg.stage2.weighting.n_t}; partition "
-            f"{part_seconds:.0f} s):",
+            f"Group partition of {len(pairs)} training pairs (N_t = {cfg.stage2.weighting.n_t}, ranks "
+            f"{cfg.stage2.weighting.rank}; partition {part_seconds:.0f} s):",
             "",
             share_line,
             "",
@@ -257,7 +283,7 @@ def run_study(
     result = {
         "rows": rows,
         "shares": shares,
-        "shares_sampled_pairs": sampled,
+        "drawn_groups": drawn,
         "paper_shares": PAPER_SHARES,
         "pairs": len(pairs),
         "segmenter": sv.segmenter.id,
