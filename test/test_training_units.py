@@ -225,7 +225,8 @@ def test_teacher_cache_gives_the_same_losses_and_skips_the_teacher():
 def test_mse_and_triplet_values():
     s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     t = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
-    assert mse_loss(s, t).item() == pytest.approx(1.0)  # (2 + 0) / 2
+    assert mse_loss(s, t).item() == pytest.approx(0.5)  # squared errors 1, 1, 0, 0: mean 2 / 4
+    assert mse_loss(s, t, reduction="sum").item() == pytest.approx(1.0)  # per row 2, 0: mean (2 + 0) / 2
     q = torch.tensor([[1.0, 0.0]])
     p = torch.tensor([[0.8, 0.6]])  # d(q, p) = sqrt(0.4)
     n = torch.tensor([[[0.0, 1.0], [-1.0, 0.0]]])  # d = sqrt(2), 2

@@ -26,6 +26,9 @@ from ..core.transmission import TransmissionConfig
 
 DATA_KINDS = ("nordland", "folder", "bags")
 MINING = ("random", "hard")
+TRIPLET_DISTANCES = ("squared", "euclidean")
+TRIPLET_NEGATIVES = ("sum", "mean")
+MSE_REDUCTIONS = ("mean", "sum")
 DEGRADE_TARGETS = ("all", "query")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("constant", "cosine", "step")
@@ -95,16 +98,20 @@ class DegradationConfig:
 
 @dataclass
 class LossConfig:
-    """L = ickd_weight * L_ickd + alpha * L_mse + beta * L_triplet, each term switchable."""
+    """L = ickd_weight * L_ickd + alpha * L_mse + beta * L_triplet, each term switchable (LoQI's
+    L = L_theta1 + alpha L_theta2 + beta L_theta3); the defaults are the paper's forms (docs/training.md)."""
 
     ickd: bool = True
     mse: bool = True
     triplet: bool = True
     ickd_weight: float = 1.0
-    alpha: float = 1.0
-    beta: float = 1.0
-    margin: float = 0.3
-    ickd_maps: list[int] | None = None  # indices into forward_features(); None: all maps
+    alpha: float = 1000.0  # MSE weight: the authors' term balance (docs/training.md, "alpha and beta")
+    beta: float = 5.0  # triplet weight, likewise
+    margin: float = 0.1  # NetVLAD's m, in the units of triplet_distance
+    triplet_distance: str = "squared"  # squared (NetVLAD Eq. 7) | euclidean
+    triplet_negatives: str = "sum"  # sum over a query's negatives (NetVLAD Eq. 7) | mean
+    mse_reduction: str = "mean"  # mean over all elements (MSE) | sum (over dimensions, mean over the batch)
+    ickd_maps: list[int] | None = None  # indices into forward_features(); None: the latent code z (the last)
     # compute the frozen teacher's outputs (ICKD correlations, descriptor) once per training image and
     # reuse them when the image is drawn again: the same loss values, fewer teacher passes (in memory)
     cache_teacher: bool = False
@@ -340,6 +347,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("ickd_weight", "alpha", "beta"):
         _check(getattr(lo, key) >= 0, f"loss.{key}", f"must be >= 0, got {getattr(lo, key)}")
     _check(lo.margin > 0, "loss.margin", f"must be > 0, got {lo.margin}")
+    for key, allowed in (
+        ("triplet_distance", TRIPLET_DISTANCES),
+        ("triplet_negatives", TRIPLET_NEGATIVES),
+        ("mse_reduction", MSE_REDUCTIONS),
+    ):
+        value = getattr(lo, key)
+        _check(value in allowed, f"loss.{key}", f"{value!r} is not one of {', '.join(allowed)}")
     _check(o.name in OPTIMIZERS, "optim.name", f"{o.name!r} is not one of {', '.join(OPTIMIZERS)}")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")

@@ -6,14 +6,18 @@ Images" (arXiv 2310.06906). Two branches of the same architecture:
 * teacher f_t, frozen, sees the high-quality image I^h;
 * student f_s, initialised from the teacher, sees the low-quality image I^l (the transmitted frame);
 
-trained with  L = L_ickd(f_s(I^l), f_t(I^h)) + alpha * L_mse + beta * L_triplet  (paper eq. for
-L_theta1 + alpha L_theta2 + beta L_theta3), where L_ickd compares the inter-channel correlations of every
-latent map, L_mse the global descriptors, and L_triplet ranks the student's low-quality descriptors
-(query, best positive, negatives). Each term is switchable, so every row of the paper's ablation trains.
+trained with  L = L_ickd(z^l, z^h) + alpha * L_mse(v^l, v^h) + beta * L_triplet(v^l)  (the paper's
+L_theta1 + alpha L_theta2 + beta L_theta3), where L_ickd compares the inter-channel correlations of the
+latent codes z (the encoder's output: the last map of ``forward_features``), L_mse is the mean squared
+error of the global descriptors v, and L_triplet is NetVLAD's weakly supervised ranking loss on the
+student's low-quality descriptors (query, best-matching positive, hard negatives: squared distances,
+summed over the negatives). Each term is switchable, so every row of the paper's ablation trains; the
+earlier forms are named options (``loss.ickd_maps``, ``mse_reduction``, ``triplet_distance``,
+``triplet_negatives``, ``margin``; docs/training.md).
 
 Model-agnostic: any registered :class:`~vpr_ros.core.models.VprModel` whose ``forward_features``
-returns its latent maps (StructVPR's three stages, GeM/NetVLAD's last stage). Only the student is
-deployed; the teacher is a training-time device.
+returns its latent maps, the encoder's output last (StructVPR's three stages, GeM/NetVLAD's last stage).
+Only the student is deployed; the teacher is a training-time device.
 """
 
 from __future__ import annotations
@@ -166,9 +170,10 @@ class LoQI(nn.Module):
         return self
 
     def select_maps(self, maps: list) -> list:
-        """The maps ICKD distils (``loss.ickd_maps``; all by default)."""
+        """The maps ICKD distils: the latent code z (the last map, the encoder's output) by default, or
+        the maps ``loss.ickd_maps`` lists by index (``[0, 1, 2]``: every StructVPR stage)."""
         idx = self.cfg.ickd_maps
-        return maps if idx is None else [maps[i] for i in idx]
+        return [maps[-1]] if idx is None else [maps[i] for i in idx]
 
     def make_teacher_cache(self) -> TeacherCache:
         """An empty cache of this objective's teacher outputs (what its enabled losses read)."""
@@ -197,12 +202,19 @@ class LoQI(nn.Module):
             if cfg.ickd:
                 parts["ickd"] = ickd_loss(self.select_maps(s_maps), t_corr)
             if cfg.mse:
-                parts["mse"] = mse_loss(s_desc, t_desc)
+                parts["mse"] = mse_loss(s_desc, t_desc, reduction=cfg.mse_reduction)
         if cfg.triplet:
             if t < 3:
                 raise ValueError(f"the triplet loss needs tuples of query, positive and negatives, got T={t}")
             d = s_desc.view(b, t, -1)
-            parts["triplet"] = triplet_loss(d[:, 0], d[:, 1], d[:, 2:], cfg.margin)
+            parts["triplet"] = triplet_loss(
+                d[:, 0],
+                d[:, 1],
+                d[:, 2:],
+                cfg.margin,
+                squared=cfg.triplet_distance == "squared",
+                negatives_reduction=cfg.triplet_negatives,
+            )
         weights = {"ickd": cfg.ickd_weight, "mse": cfg.alpha, "triplet": cfg.beta}
         total = sum(weights[k] * v for k, v in parts.items())
         return {"loss": total, **parts}

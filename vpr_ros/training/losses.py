@@ -1,17 +1,22 @@
 """The three LoQI losses (Yang et al., "Distillation Improves Visual Place Recognition for Low Quality
 Images", arXiv 2310.06906), as plain functions of tensors.
 
-* :func:`ickd_loss` -- inter-channel correlation knowledge distillation (Liu et al., ICCV 2021) on the
-  latent maps: for a map F (C x HW) the C x C correlation G = F F^T, each row L2-normalised as in the
+* :func:`ickd_loss` -- inter-channel correlation knowledge distillation (Liu et al., ICCV 2021) on
+  latent maps (LoQI: the latent code z, the encoder's output): for a map F (C x HW) the C x C correlation G = F F^T, each row L2-normalised as in the
   ICKD reference implementation; the loss is ||G_t - G_s||_F^2 / C, averaged over the batch and over
   the maps. It is 0 for identical maps and invariant to a positive rescaling of either map and to any
   permutation of the spatial positions (it compares channel relations, not pixels), so student and
   teacher maps may even differ in spatial size. Maps with fewer positions than channels are compared
   through the factors of the C x C matrices (:class:`Correlation`), the same value without building them.
-* :func:`mse_loss` -- squared L2 distance between student and teacher global descriptors (summed over
-  dimensions, averaged over the batch; ``2 - 2 cos`` for L2-normalised descriptors).
-* :func:`triplet_loss` -- the weakly supervised triplet margin ranking loss of NetVLAD on the student's
-  descriptors: mean over negatives of ``max(0, m + d(q, p) - d(q, n))`` with Euclidean d.
+* :func:`mse_loss` -- mean squared error between student and teacher global descriptors: by default the
+  mean over every element (batch x dimensions), as "MSE" reads and ``torch.nn.MSELoss`` computes;
+  ``reduction="sum"`` sums over the dimensions and averages over the batch (``2 - 2 cos`` for
+  L2-normalised descriptors: SciceVPR's L_D as its authors' code computes it).
+* :func:`triplet_loss` -- the triplet margin ranking loss on descriptors; with ``squared=True`` and
+  ``negatives_reduction="sum"`` it is NetVLAD's weakly supervised ranking loss (Arandjelovic et al., CVPR 2016,
+  Eq. 7): ``sum_j max(0, d^2(q, p) + m - d^2(q, n_j))``, p the best-matching potential positive and n_j the
+  (hard) negatives, mean over the batch of queries. The defaults (Euclidean d, mean over negatives) are
+  the plain form the StructVPR stages use.
 """
 
 from __future__ import annotations
@@ -116,24 +121,54 @@ def ickd_loss(
     return torch.stack(losses).mean()
 
 
-def mse_loss(student_desc: torch.Tensor, teacher_desc: torch.Tensor) -> torch.Tensor:
-    """Squared L2 distance of global descriptors, summed over dimensions, mean over the batch."""
+MSE_REDUCTIONS = ("mean", "sum")
+
+
+def mse_loss(
+    student_desc: torch.Tensor, teacher_desc: torch.Tensor, *, reduction: str = "mean"
+) -> torch.Tensor:
+    """Squared error of global descriptors (B, D): ``"mean"`` over all B x D elements (the mean squared
+    error), ``"sum"`` summed over the D dimensions and averaged over the batch (D times the former)."""
     if student_desc.shape != teacher_desc.shape:
         raise ValueError(
             f"descriptor shapes differ: {tuple(student_desc.shape)} vs {tuple(teacher_desc.shape)}"
         )
-    return (student_desc - teacher_desc.detach()).pow(2).sum(dim=-1).mean()
+    if reduction not in MSE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {MSE_REDUCTIONS}, got {reduction!r}")
+    sq = (student_desc - teacher_desc.detach()).pow(2)
+    return sq.mean() if reduction == "mean" else sq.sum(dim=-1).mean()
+
+
+TRIPLET_NEGATIVES = ("sum", "mean")
 
 
 def triplet_loss(
-    query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, margin: float = 0.3
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    margin: float = 0.3,
+    *,
+    squared: bool = False,
+    negatives_reduction: str = "mean",
 ) -> torch.Tensor:
-    """Triplet margin ranking loss: query (B, D), positive (B, D), negatives (B, N, D)."""
+    """Triplet margin ranking loss of query (B, D), positive (B, D) and negatives (B, N, D): per query
+    ``max(0, m + d(q, p) - d(q, n_j))`` summed or averaged over its N negatives (``negatives_reduction``),
+    then averaged over the B queries; d Euclidean, or squared Euclidean with ``squared``."""
     if negatives.ndim != 3 or query.shape != positive.shape or negatives.shape[::2] != query.shape:
         raise ValueError(
             f"expected query/positive (B, D) and negatives (B, N, D), got {tuple(query.shape)}, "
             f"{tuple(positive.shape)}, {tuple(negatives.shape)}"
         )
-    d_pos = (query - positive).norm(dim=-1, keepdim=True)  # (B, 1)
-    d_neg = (query[:, None, :] - negatives).norm(dim=-1)  # (B, N)
-    return F.relu(margin + d_pos - d_neg).mean()
+    if negatives_reduction not in TRIPLET_NEGATIVES:
+        raise ValueError(
+            f"negatives_reduction must be one of {TRIPLET_NEGATIVES}, got {negatives_reduction!r}"
+        )
+    diff_pos, diff_neg = query - positive, query[:, None, :] - negatives
+    if squared:
+        d_pos = diff_pos.pow(2).sum(dim=-1, keepdim=True)  # (B, 1)
+        d_neg = diff_neg.pow(2).sum(dim=-1)  # (B, N)
+    else:  # norm(): a zero distance has a zero (sub)gradient, where sqrt(sum) would give NaN
+        d_pos, d_neg = diff_pos.norm(dim=-1, keepdim=True), diff_neg.norm(dim=-1)
+    hinge = F.relu(margin + d_pos - d_neg)
+    per_query = hinge.sum(dim=1) if negatives_reduction == "sum" else hinge.mean(dim=1)
+    return per_query.mean()
