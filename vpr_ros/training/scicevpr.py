@@ -451,7 +451,8 @@ class SciceObjective(nn.Module):
                     t_desc = self.teacher.head(*tokens)
                 else:
                     t_desc = self.teacher.full_descriptor(hq.flatten(0, 1))
-            out["distill"] = mse_loss(desc, t_desc)
+            # L_D as the authors' code: MSELoss(reduction="sum") / batch, the squared distance per image
+            out["distill"] = mse_loss(desc, t_desc, reduction="sum")
             total = total + cfg.eta * out["distill"]
         stat = {key: torch.tensor(v) for key, v in stats.items()}
         return {"loss": total, **out, **stat}
