@@ -10,8 +10,14 @@
 3. one student per loss combination (``--variants``), each initialised from the teacher and trained by
    the recipe with only its losses switched on: ``triplet`` alone is fine-tuning on low-quality images
    without distillation;
-4. ``table.md``, ``results.json`` and ``recall.png`` in ``--out``; ``--install PATH`` exports the best
+4. with ``--options``, the full loss (ICKD+MSE+triplet) once more per named earlier form of a term
+   (:data:`OPTIONS`: random tuples and the plain triplet, ICKD on every map, the summed MSE's weight), to
+   measure what the paper's form changed;
+5. ``table.md``, ``results.json`` and ``recall.png`` in ``--out``; ``--install PATH`` exports the best
    student (validation R@1) as deployed weights with a JSON sidecar.
+
+``--balance`` only prints the unweighted loss terms of the teacher-initialised student over a few batches
+and the alpha / beta that make the weighted terms equal there (how the recipe's weights were chosen).
 
 Runs live in ``OUT/runs/<name>``; a finished run is reused and an interrupted one resumed, so the
 study can be re-run after a stop and only does what is missing.
@@ -49,6 +55,21 @@ VARIANTS: dict[str, tuple[bool, bool, bool]] = {
     "ickd+triplet": (True, False, True),
     "mse+triplet": (False, True, True),
     "ickd+mse+triplet": (True, True, True),
+}
+
+#: earlier forms of the terms, each a set of recipe overrides applied to the full loss (ickd+mse+triplet)
+OPTIONS: dict[str, dict[str, Any]] = {
+    # random positive and negatives, Euclidean distances, mean over negatives, m = 0.3 (what the authors'
+    # code computes up to its batch sum: TripletMarginLoss with margin sqrt(0.1) = 0.32, mean over pairs)
+    "plain-triplet": {
+        "data.mining": "random",
+        "loss.triplet_distance": "euclidean",
+        "loss.triplet_negatives": "mean",
+        "loss.margin": 0.3,
+    },
+    "ickd-all-maps": {"loss.ickd_maps": [0, 1, 2]},  # every StructVPR stage instead of z
+    # the summed MSE at weight 1 is the per-element mean at weight D = 448 (StructVPR's descriptor)
+    "mse-sum": {"loss.mse_reduction": "sum", "loss.alpha": 1.0},
 }
 
 
@@ -111,6 +132,7 @@ def run_study(
     teacher_recipe: TrainConfig | None = None,
     teacher: str | None = None,
     variants: Sequence[str] = tuple(VARIANTS),
+    options: Sequence[str] = (),
     install: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """Run the study (see the module docstring) and return its rows."""
@@ -196,7 +218,32 @@ def run_study(
                 checkpoint=summary["checkpoint"],
             )
         )
-    # 4. outputs
+    # 4. the full loss with an earlier form of one term
+    for name in options:
+        cfg = load_config_copy(recipe)
+        cfg.loss.ickd = cfg.loss.mse = cfg.loss.triplet = True
+        for key, value in OPTIONS[name].items():
+            section, field_name = key.split(".")
+            setattr(getattr(cfg, section), field_name, value)
+        cfg.model.teacher, cfg.model.init = teacher, "teacher"
+        cfg.run.dir = str(out / "runs" / f"option_{name}")
+        summary = _run(cfg)
+        rows.append(
+            _row(
+                f"student: LoQI ickd+mse+triplet, option {name}",
+                "option",
+                summary["metrics"],
+                ns,
+                losses=f"ickd+mse+triplet ({name})",
+                queries=degrader.label,
+                short=f"LoQI full, {name}",
+                train_seconds=summary["train_seconds"],
+                steps=summary["steps"],
+                variant=f"option:{name}",
+                checkpoint=summary["checkpoint"],
+            )
+        )
+    # 5. outputs
     title = (
         f"LoQI on {val.name} ({len(val.queries)} queries, {len(val.database)} database images; "
         f"{val.relation.describe()}), degradation {degrader.label}, input {size}"
@@ -240,6 +287,79 @@ def run_study(
     return rows
 
 
+def _authors_terms(s_z, t_z, s_desc, t_desc, tuples: int):
+    """The three terms as the LoQI authors' trainer weights and computes them (for :func:`term_balance`):
+    ICKD over the whole batch (channels L2-normalised over space, correlation rows L2-normalised, Frobenius
+    norm of the difference, not squared) / 1000; ``nn.MSELoss`` (per-element mean) x 100; the triplet with
+    Euclidean distances and margin sqrt(0.1), mean over the negatives, summed over the tuples, / 10."""
+    import torch
+    import torch.nn.functional as F
+
+    def corr(f: torch.Tensor) -> torch.Tensor:
+        f = F.normalize(f.flatten(2).float(), dim=2)
+        return F.normalize(torch.bmm(f, f.transpose(1, 2)), dim=2)
+
+    ickd = torch.linalg.norm(corr(s_z) - corr(t_z)) / 1000
+    mse = (s_desc - t_desc).pow(2).mean() * 100
+    d = s_desc.view(tuples, -1, s_desc.shape[-1])
+    d_pos = (d[:, 0] - d[:, 1]).norm(dim=-1, keepdim=True)
+    d_neg = (d[:, :1] - d[:, 2:]).norm(dim=-1)
+    trip = F.relu(0.1**0.5 + d_pos - d_neg).mean(dim=1).sum() / 10
+    return float(ickd), float(mse), float(trip)
+
+
+def term_balance(recipe: TrainConfig, teacher: str, *, batches: int = 10) -> dict[str, Any]:
+    """How ``alpha`` and ``beta`` were chosen. On the first ``batches`` training batches of ``recipe`` (its
+    tuples, mining and degradation) with the teacher-initialised student: the mean unweighted terms in this
+    code's forms, the same batches' terms as the authors' trainer weights and computes them
+    (:func:`_authors_terms`), and the ``alpha`` / ``beta`` that give this code's weighted terms the
+    authors' ratio ICKD : MSE : triplet."""
+    import torch
+
+    from .data import TupleDataset
+    from .evaluate import describe
+    from .loqi import LoQI, build_branches, forward_outputs
+
+    cfg = load_config_copy(recipe)
+    cfg.model.teacher, cfg.model.init = teacher, "teacher"
+    cfg.loss.ickd = cfg.loss.mse = cfg.loss.triplet = True
+    cfg.loss.ickd_weight = cfg.loss.alpha = cfg.loss.beta = 1.0
+    student, teacher_model = build_branches(cfg.model)
+    train_places, _ = split_places(build_places(cfg.data), cfg.data.split)
+    ds = TupleDataset(
+        train_places,
+        preprocess=student.preprocess,
+        degrader=Degrader(cfg.degradation.specs),
+        negatives=cfg.data.negatives,
+        targets=cfg.degradation.targets,
+        seed=cfg.run.seed,
+        pool=cfg.data.mining_pool,
+    )
+    if cfg.data.mining == "hard":
+        q = describe(student, [ds.cache.get(r) for r in train_places.queries])
+        db = describe(student, [ds.cache.get(r) for r in train_places.database])
+        ds.set_cache(q, db)
+    objective = LoQI(student, teacher_model, cfg.loss).eval()
+    bs = cfg.schedule.batch_size
+    ours = {"ickd": 0.0, "mse": 0.0, "triplet": 0.0}
+    authors = dict(ours)
+    with torch.no_grad():
+        for b in range(batches):
+            items = [ds[i] for i in range(b * bs, (b + 1) * bs)]
+            hq = torch.stack([it["hq"] for it in items])
+            lq = torch.stack([it["lq"] for it in items])
+            out = objective(hq, lq)
+            s_maps, s_desc = forward_outputs(student, lq.flatten(0, 1), maps=True, desc=True)
+            t_maps, t_desc = forward_outputs(teacher_model, hq.flatten(0, 1), maps=True, desc=True)
+            theirs = _authors_terms(s_maps[-1], t_maps[-1], s_desc, t_desc, bs)
+            for i, k in enumerate(ours):
+                ours[k] += float(out[k]) / batches
+                authors[k] += theirs[i] / batches
+    alpha = authors["mse"] / authors["ickd"] * ours["ickd"] / ours["mse"]
+    beta = authors["triplet"] / authors["ickd"] * ours["ickd"] / ours["triplet"]
+    return {"terms": ours, "authors_weighted_terms": authors, "alpha": alpha, "beta": beta}
+
+
 def load_config_copy(cfg: TrainConfig) -> TrainConfig:
     """A deep copy of a config (variants change a few keys)."""
     from .config import config_from_dict
@@ -269,7 +389,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a key of the student recipe only",
     )
+    p.add_argument("--options", default="", help=f"comma list of earlier term forms: {', '.join(OPTIONS)}")
     p.add_argument("--install", help="export the best student here (e.g. vpr_ros/weights/..._loqi.pt)")
+    p.add_argument(
+        "--balance",
+        action="store_true",
+        help="only print the start-of-training loss terms and the alpha / beta that balance them (--teacher)",
+    )
     args = p.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -277,7 +403,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    options = [v.strip() for v in args.options.split(",") if v.strip()]
+    unknown = [v for v in options if v not in OPTIONS]
+    if unknown:
+        p.error(f"unknown options {unknown}; choose from {', '.join(OPTIONS)}")
     recipe = load_config(args.recipe, [*args.overrides, *args.set_student])
+    if args.balance:
+        if not args.teacher:
+            p.error("--balance needs --teacher CKPT")
+        print(json.dumps(term_balance(recipe, args.teacher), indent=2))
+        return 0
     teacher_recipe = None if args.teacher else load_config(args.teacher_recipe, args.overrides)
     rows = run_study(
         recipe,
@@ -285,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         teacher_recipe=teacher_recipe,
         teacher=args.teacher,
         variants=variants,
+        options=options,
         install=args.install,
     )
     print((Path(args.out) / "table.md").read_text())
