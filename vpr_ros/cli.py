@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .core.errors import VprError
+from .core.fileio import display_path
 
 log = logging.getLogger("vpr_ros")
 
@@ -156,25 +157,56 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def _image_files(src: Path) -> list[Path]:
+    """The image files under folder ``src`` (searched recursively, sorted); VprError when there are none."""
+    if not src.is_dir():
+        raise VprError(f"{display_path(src)}: not a folder of images")
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise VprError(f"{display_path(src)}: no images ({'/'.join(IMAGE_SUFFIXES)}) found")
+    return files
+
+
+def degrade_targets(files: Sequence[Path], src: Path) -> dict[Path, Path]:
+    """Output name (relative, ``.png``) of each input: ``a/frame.png`` for ``a/frame.jpg``, unless two
+    inputs would share it (``frame.png`` and ``frame.jpg``): then each keeps its suffix,
+    ``frame.jpg.png`` and ``frame.png.png``. VprError if names still collide."""
+    plain = {f: f.relative_to(src).with_suffix(".png") for f in files}
+    counts: dict[Path, int] = {}
+    for t in plain.values():
+        counts[t] = counts.get(t, 0) + 1
+    out = {f: (t if counts[t] == 1 else t.with_name(f.name + ".png")) for f, t in plain.items()}
+    seen: dict[Path, Path] = {}
+    for f, t in out.items():
+        if t in seen:
+            raise VprError(f"{display_path(f)} and {display_path(seen[t])} would both be written to "
+                           f"{display_path(t)}; rename one of them")
+        seen[t] = f
+    return out
+
+
 def cmd_degrade(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .core.errors import OutputError
+    from .core.fileio import check_output_dir
     from .core.images import ImageError, load_image, save_image
-    from .core.transmission import TransmissionConfig, Transmitter
+    from .core.transmission import TransmissionConfig, Transmitter, budget_summary
 
     src = Path(args.images)
-    if not src.is_dir():
-        raise VprError(f"{src}: not a folder of images")
-    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
-    if not files:
-        raise VprError(f"{src}: no images (.jpg/.png/.bmp) found")
+    files = _image_files(src)
     if args.limit:
         files = files[: args.limit]
-    rows = []
-    for spec in args.spec:
-        cfg = TransmissionConfig.parse(spec)
+    configs = [TransmissionConfig.parse(spec) for spec in args.spec]  # every spec checked before any work
+    targets = degrade_targets(files, src)
+    out_root = check_output_dir(args.out)
+    rows, budgets = [], []
+    for cfg in configs:
         tx = Transmitter(cfg)
-        out_dir = Path(args.out) / cfg.label
+        out_dir = out_root / cfg.label
         skipped = 0
         for f in tqdm(files, desc=cfg.label, unit="img"):
             try:
@@ -183,46 +215,64 @@ def cmd_degrade(args: argparse.Namespace) -> int:
                 skipped += 1
                 log.warning("skipped %s", exc)
                 continue
-            target = out_dir / f.relative_to(src).with_suffix(".png")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            save_image(target, received)  # lossless: what arrived, bit for bit
+            try:  # lossless: what arrived, bit for bit
+                save_image(out_dir / targets[f], received)
+            except OutputError as exc:  # disk full, ...: stop, naming what was written
+                raise OutputError(f"{exc}; stopped after {tx.stats['frames'] - 1} of {len(files)} images "
+                                  f"of {cfg.label} (each written image is complete)") from None
         st = tx.stats
+        if st["frames"] == 0:
+            raise VprError(f"{display_path(src)}: none of the {len(files)} images could be read "
+                           f"({cfg.label}); see the warnings above")
         rows.append((cfg.label, st["frames"], st["mean_bytes"], st["kbps"], skipped, out_dir))
+        summary = budget_summary(cfg.label, st)
+        if summary:
+            budgets.append(summary)
+            if st["over_budget"]:
+                log.warning("%s", summary)
     print(f"{'degradation':20s} {'frames':>6s} {'bytes/frame':>12s} {'kbps':>9s} {'skipped':>7s}  folder")
     for label, n, b, kbps, sk, d in rows:
-        print(f"{label:20s} {n:6d} {b:12.1f} {kbps:9.1f} {sk:7d}  {d}")
+        print(f"{label:20s} {n:6d} {b:12.1f} {kbps:9.1f} {sk:7d}  {display_path(d)}")
+    for line in budgets:
+        print(line)
     return 0
 
 
 def cmd_build_map(args: argparse.Namespace) -> int:
     from .core.datasets import ImageRecord
     from .core.experiment import map_from_records
+    from .core.mapdb import map_path
 
     ext = _extractor(args)
     if args.images:
-        src = Path(args.images)
-        files = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp"))
-        if not files:
-            raise VprError(f"{src}: no images (.jpg/.png/.bmp) found")
+        files = _image_files(Path(args.images))
         records = [ImageRecord(path=f, name=f.name, frame_index=i) for i, f in enumerate(files)]
     else:
         records = _dataset(args).database
     t0 = time.perf_counter()
     place_map, _, skipped = map_from_records(ext, records, model=ext.model.name, index=args.index)
-    path = place_map.save(args.out)
-    print(f"map {path}: {len(place_map)} entries ({place_map.dim}-d, {place_map.index_kind}), "
-          f"{len(skipped)} images skipped, {time.perf_counter() - t0:.1f} s")
     for i, reason in skipped[:10]:
-        print(f"  skipped #{i}: {reason}")
+        print(f"  skipped #{i}: {display_path(reason)}")
+    if len(place_map) == 0:  # never replace a map with an empty one
+        target = map_path(args.out)
+        kept = "left unchanged" if target.exists() else "not written"
+        first = f" (first: {display_path(skipped[0][1])})" if skipped else ""
+        raise VprError(f"none of the {len(records)} images could be described{first}; the map "
+                       f"{display_path(target)} was {kept}")
+    path = place_map.save(args.out)
+    print(f"map {display_path(path)}: {len(place_map)} entries ({place_map.dim}-d, {place_map.index_kind}), "
+          f"{len(skipped)} images skipped, {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def run_eval(args: argparse.Namespace, specs: Sequence[str]) -> tuple[list, dict]:
     from .core.evaluation import format_table
     from .core.experiment import evaluate_dataset, write_report
-    from .core.transmission import TransmissionConfig
+    from .core.fileio import check_output_dir
+    from .core.transmission import TransmissionConfig, budget_summary
 
     configs = [TransmissionConfig.parse(s) for s in specs]  # fail on a bad spec before any work
+    check_output_dir(args.out)  # an unwritable --out is found now, not after the whole run
     ds = _dataset(args)
     ext = _extractor(args)
     t0 = time.perf_counter()
@@ -230,7 +280,15 @@ def run_eval(args: argparse.Namespace, specs: Sequence[str]) -> tuple[list, dict
     paths = write_report(runs, ds, args.out)
     print()
     print(format_table([r.result for r in runs]))
-    print(f"\n{ds.summary()}")
+    for r in runs:  # bitrate links: the achieved rate against the budget
+        extra = r.result.extra
+        line = budget_summary(r.config.label, {
+            "kbps": extra["kbps"], "budget_kbps": extra.get("budget_kbps"),
+            "budget_bytes": r.config.budget_bytes, "over_budget": extra.get("frames_over_budget", 0),
+            "frames": extra.get("frames_sent", 0)})
+        if line:
+            print(line)
+    print(f"\n{display_path(ds.summary())}")
     print(f"evaluated in {time.perf_counter() - t0:.0f} s on {ext.device}")
     return runs, paths
 
@@ -239,7 +297,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _, paths = run_eval(args, args.degrade or ["none"])
     print("\nwritten:")
     for name, p in paths.items():
-        print(f"  {name:28s} {p}")
+        print(f"  {name:28s} {display_path(p)}")
     return 0
 
 
@@ -363,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except VprError as exc:
-        print(f"vpr-ros {args.command}: error: {exc}", file=sys.stderr)
+        print(f"vpr-ros {args.command}: error: {display_path(str(exc))}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
         if (exc.name or "").split(".")[0] not in _ROS_MODULES:

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from .errors import DatasetError, ImageError
+from .fileio import display_path
 from .images import as_rgb8, decode_image
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
@@ -233,22 +234,32 @@ def _write_position(
 # --------------------------------------------------------------------------- reading
 
 
-def _open_reader(path: Path):
+def open_reader(path: str | os.PathLike, typestore: Any = None):
+    """An opened rosbags ``AnyReader`` of one bag; :class:`DatasetError` saying why it cannot be read
+    (missing, a rosbag2 folder without its ``metadata.yaml``, truncated, not a bag)."""
     AnyReader = _rosbags("highlevel").AnyReader
+    path = Path(path)
+    name = display_path(path)
     if not path.exists():
-        raise DatasetError(f"{path}: bag not found (expected a rosbag2 folder or a ROS 1 .bag file)")
+        raise DatasetError(f"{name}: bag not found (expected a rosbag2 folder or a ROS 1 .bag file)")
+    if path.is_dir() and not (path / "metadata.yaml").is_file():
+        data = sorted(p.name for p in path.iterdir() if p.suffix in (".db3", ".mcap"))
+        what = f"it holds {', '.join(data[:3])}" if data else "and no .db3 / .mcap file"
+        raise DatasetError(f"{name}: a rosbag2 folder needs metadata.yaml, which is missing ({what}); "
+                           f"`ros2 bag reindex {name}` writes it again")
     try:
-        reader = AnyReader([path], default_typestore=_typestore())
+        reader = AnyReader([path], default_typestore=typestore or _typestore())
         reader.open()
     except Exception as exc:  # rosbags raises several reader/storage error types
-        raise DatasetError(f"{path}: not a readable bag ({type(exc).__name__}: {exc})") from None
+        raise DatasetError(f"{name}: not a readable bag ({type(exc).__name__}: {exc})") from None
     return reader
+
 
 
 def bag_topics(path: str | os.PathLike) -> dict[str, str]:
     """``{topic: message type}`` of a bag."""
     path = Path(path)
-    reader = _open_reader(path)
+    reader = open_reader(path)
     try:
         return {c.topic: c.msgtype for c in reader.connections}
     finally:
@@ -314,7 +325,7 @@ def iter_bag_images(
     path = Path(path)
     if every < 1:
         raise DatasetError(f"every must be >= 1, got {every}")
-    reader = _open_reader(path)
+    reader = open_reader(path)
     try:
         conns = _connections(reader, path, image_topic, (IMAGE_TYPE, COMPRESSED_TYPE), "image")
         i = 0
@@ -404,7 +415,7 @@ def read_image_bag(
         raise DatasetError(f"max_gap_s must be a non-negative number, got {max_gap_s}")
     stamps = xy = None
     if position_topic:
-        reader = _open_reader(path)
+        reader = open_reader(path)
         try:
             stamps, xy = _read_positions(reader, path, position_topic)
         finally:

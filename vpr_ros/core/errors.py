@@ -29,3 +29,10 @@ class DatasetError(VprError):
 
 class ConfigError(VprError, ValueError):
     """A configuration key or value that is invalid."""
+
+
+class OutputError(VprError, OSError):
+    """An output file or folder that could not be written (disk full, not a folder, no permission).
+
+    Raised only after the partial output is removed: whatever was at the path before is left as it was.
+    """

@@ -111,6 +111,9 @@ def evaluate_dataset(
             dataset.name, model_label, cfg.label, recall,
             bytes_per_frame=float(stats["mean_bytes"]) if stats["frames"] else None,
             kbps=float(stats.get("kbps", 0.0)),
+            # bitrate links: the budget and the frames over it (TransmittedFrame.over_budget)
+            **({"budget_kbps": stats["budget_kbps"], "frames_over_budget": int(stats["over_budget"]),
+                "frames_sent": int(stats["frames"])} if stats.get("budget_kbps") is not None else {}),
             queries_skipped=len(ext.skipped),
             database_skipped=len(db_skipped),
             database_size=len(place_map),

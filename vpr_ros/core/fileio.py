@@ -1,4 +1,5 @@
-"""Crash-safe file writing (temporary file beside the target, fsync, rename) and path confinement.
+"""Crash-safe file writing (temporary file beside the target, fsync, rename), path confinement,
+and printable path names.
 
 :func:`confined_path` resolves a path that comes from untrusted input (a ROS service request, a
 file's manifest) inside a configured directory and refuses anything that would land outside it.
@@ -13,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
 
 
 @contextlib.contextmanager
@@ -64,6 +65,65 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_file_checked(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically and check that every byte reached the file.
+
+    Any failure (disk full, file size limit, a parent that is not a folder, no permission) raises
+    :class:`OutputError` naming the path and the reason; the temporary file is removed and whatever
+    was at ``path`` before is left as it was, so a failed write never leaves an empty or partial file.
+    """
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                written = f.write(data)
+                f.flush()
+                size = os.fstat(f.fileno()).st_size
+            if written != len(data) or size != len(data):
+                raise OutputError(f"{display_path(path)}: short write ({size} of {len(data)} bytes)")
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"{display_path(path)}: cannot write ({exc.strerror or exc})") from None
+    return path
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Check that folder ``path`` can be created (if missing) and written, creating nothing.
+
+    Commands call it before any work, so an unwritable ``--out`` is reported at once rather than
+    after a long run: ``path`` (or its nearest existing parent) must be a folder in which a file can
+    be made (a probe file is created and removed). Raises :class:`OutputError`.
+    """
+    path = Path(path)
+    probe_dir = path
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if probe_dir.exists() and not probe_dir.is_dir():
+        why = "not a folder" if probe_dir == path else f"{display_path(probe_dir)} is not a folder"
+        raise OutputError(f"{display_path(path)}: output folder cannot be created ({why})")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise OutputError(f"{display_path(path)}: output folder is not writable ({reason})") from None
+    return path
+
+
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """``path`` as text that is always valid UTF-8: printable on a strict UTF-8 stream, storable in
+    a ROS string field. Bytes of a name that are not UTF-8 (a Latin-1 ``caf\\xe9.png``) appear as
+    ``\\xNN`` escapes; every valid name is returned unchanged."""
+    text = os.fsdecode(path)
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # undecodable bytes back as they were
+    except UnicodeEncodeError:  # surrogates that never were bytes of a file name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -9,14 +9,17 @@ here, with a reason.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from .errors import ImageError
+from .fileio import display_path, write_file_checked
 
-#: Frames larger than this (pixels) are refused rather than risking memory exhaustion.
+#: Frames larger than this (pixels, 67.1 M) are refused rather than risking memory exhaustion:
+#: arrays by :func:`as_rgb8`, encoded PNG/JPEG/BMP data from its header before decoding.
 MAX_PIXELS = 8192 * 8192
 
 
@@ -63,22 +66,109 @@ def _to_uint8(image: np.ndarray, name: str) -> np.ndarray:
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file into an RGB uint8 array, or raise :class:`ImageError` saying why."""
+    """Read an image file into an RGB uint8 array, or raise :class:`ImageError` saying why.
+
+    Only regular files are opened (a FIFO would block, a device never ends), and PNG, JPEG and
+    BMP files larger than :data:`MAX_PIXELS` are refused from their header, before decoding.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such image file")
-    if path.stat().st_size == 0:
-        raise ImageError(f"{path}: empty file")
-    data = np.fromfile(path, dtype=np.uint8)
-    return decode_image(data, name=str(path))
+    name = display_path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such image file") from None
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{name}: not a regular file ({_file_kind(st.st_mode)})")
+    if st.st_size == 0:
+        raise ImageError(f"{name}: empty file")
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise ImageError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    return decode_image(data, name=name)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def encoded_size(data: bytes | np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from the header of PNG (IHDR), JPEG (SOF) or BMP data, without decoding;
+    None when the format is another or the header is incomplete."""
+    arr = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+    view = memoryview(np.ascontiguousarray(arr, dtype=np.uint8).reshape(-1))
+    head = bytes(view[:32])
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24 and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:2] == b"BM" and len(head) >= 26:
+        if int.from_bytes(head[14:18], "little") == 12:  # BITMAPCOREHEADER: 16-bit sides
+            return int.from_bytes(head[18:20], "little"), int.from_bytes(head[20:22], "little")
+        w = int.from_bytes(head[18:22], "little", signed=True)
+        h = int.from_bytes(head[22:26], "little", signed=True)  # negative: rows stored top-down
+        return abs(w), abs(h)
+    if head[:2] != b"\xff\xd8":
+        return None
+    return _jpeg_sof_size(view)
+
+
+def _jpeg_sof_size(data: memoryview) -> tuple[int, int] | None:
+    """Walk the JPEG marker segments up to the first SOFn; (width, height) from it."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > n:
+                return None
+            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+        i += 2 + length
+    return None
+
+
+def check_encoded_size(data: bytes | np.ndarray, *, name: str = "image",
+                       max_pixels: int = MAX_PIXELS) -> None:
+    """Raise :class:`ImageError` when the header of encoded ``data`` claims more than ``max_pixels``
+    pixels or a zero side (PNG, JPEG, BMP; other formats pass and are checked after decoding)."""
+    size = encoded_size(data)
+    if size is None:
+        return
+    w, h = size
+    if w == 0 or h == 0:
+        raise ImageError(f"{name}: zero-size image {w}x{h} in its header")
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: image {w}x{h} exceeds the {max_pixels}-pixel limit "
+                         "(read from its header; not decoded)")
 
 
 def decode_image(data: bytes | np.ndarray, *, name: str = "image") -> np.ndarray:
-    """Decode encoded image bytes (JPEG, PNG, ...) into an RGB uint8 array."""
+    """Decode encoded image bytes (JPEG, PNG, ...) into an RGB uint8 array.
+
+    The header's size is checked against :data:`MAX_PIXELS` first (:func:`check_encoded_size`),
+    so a small file claiming a huge image is refused without allocating it.
+    """
     buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if buf.size == 0:
         raise ImageError(f"{name}: empty image data")
-    decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    check_encoded_size(buf, name=name)
+    try:
+        decoded = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # OpenCV's own limits and decoder failures
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ImageError(f"{name}: not a decodable image ({reason})") from None
     if decoded is None:
         raise ImageError(f"{name}: not a decodable image (corrupt or unsupported format)")
     # OpenCV decodes colour images as BGR(A); grayscale stays 2-D.
@@ -93,10 +183,15 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def save_image(path: str | os.PathLike, image: np.ndarray) -> None:
-    """Write an RGB uint8 image; the format follows the file suffix."""
+def save_image(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Write an RGB uint8 image (the format follows the file suffix) atomically, checking that the
+    whole file was written; :class:`~vpr_ros.core.errors.OutputError` on a full disk or any other
+    write failure, with the previous file (if any) left as it was and no partial file."""
     path = Path(path)
-    ok, buf = cv2.imencode(path.suffix or ".png", np.ascontiguousarray(image[:, :, ::-1]))
+    try:
+        ok, buf = cv2.imencode(path.suffix or ".png", np.ascontiguousarray(image[:, :, ::-1]))
+    except cv2.error as exc:
+        raise ImageError(f"{display_path(path)}: encoding failed ({exc})") from None
     if not ok:
-        raise ImageError(f"{path}: encoding failed")
-    buf.tofile(path)
+        raise ImageError(f"{display_path(path)}: encoding failed")
+    return write_file_checked(path, buf.tobytes())

@@ -627,8 +627,9 @@ class PlaceMap:
                 with open(target / ".lock", "a") as lock:
                     fcntl.flock(lock, fcntl.LOCK_EX)
                     self._save_locked(target)
-            except OSError as exc:
-                raise MapError(f"cannot save map to {target}: {exc}") from exc
+            except OSError as exc:  # disk full, ...: the manifest was not replaced
+                raise MapError(f"cannot save map to {target}: {exc}; the map saved there before (if any) "
+                               "is unchanged") from None
         return target
 
     def _save_locked(self, target: Path) -> None:
@@ -637,7 +638,11 @@ class PlaceMap:
         tmp_entries = target / f"{_TMP_PREFIX}{tag}.npz"
         tmp_manifest = target / f"{_TMP_PREFIX}{tag}.json"
         try:
-            faiss.write_index(self._index, str(tmp_index))
+            try:
+                faiss.write_index(self._index, str(tmp_index))
+            except RuntimeError as exc:  # faiss reports I/O errors (a full disk) as RuntimeError
+                text = str(exc)
+                raise OSError(text[text.rfind("failed: ") + 8 :] if "failed: " in text else text) from None
             _fsync_path(tmp_index)
             with open(tmp_entries, "wb") as f:
                 np.savez(

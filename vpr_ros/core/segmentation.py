@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .errors import DatasetError, ImageError, ModelError
 from .fileio import atomic_path, confined_path
-from .images import as_rgb8, load_image
+from .images import as_rgb8, check_encoded_size, load_image
 from .models.backbones import weights_only_loads
 from .models.registry import IMAGENET_MEAN, IMAGENET_STD, select_device
 
@@ -514,7 +514,12 @@ def read_label_map(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such label map")
-    labels = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    data = np.fromfile(path, dtype=np.uint8)
+    check_encoded_size(data, name=str(path))
+    try:
+        labels = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        labels = None
     if labels is None or labels.ndim != 2 or labels.dtype != np.uint8:
         shape = None if labels is None else (labels.shape, labels.dtype)
         raise ImageError(f"{path}: not a single-channel 8-bit label map ({shape})")

@@ -264,8 +264,8 @@ class _SpecParts:
 
     def number(self, text: str, kind: type, what: str) -> Any:
         try:
-            if kind is int:
-                if not re.fullmatch(r"\d+", text):
+            if kind is int:  # signed: out-of-range values are named with their range by validate()
+                if not re.fullmatch(r"[+-]?\d+", text):
                     raise ValueError(text)
                 return int(text)
             value = float(text)
@@ -373,6 +373,9 @@ class TransmittedFrame:
     keyframe: bool  # decodable on its own (always true for still-image modes)
     quality: float | None = None  # JPEG quality, or the QP the encoder used (x265: mean QP)
     bitstream: bytes | None = None  # video modes: this frame's encoded packets, in order
+    #: bitrate mode: the frame is larger than its budget (kbps * 1000 / 8 / fps bytes) even at the
+    #: lowest quality the link has (JPEG quality 1, video QP 51): the link cannot meet the budget
+    over_budget: bool = False
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -583,13 +586,15 @@ class Transmitter:
             keyframe=keyframe,
             quality=None if quality is None else float(quality),
             bitstream=bits,
+            over_budget=bool(over),
         )
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Totals so far: frames, total_bytes, mean_bytes (per frame), kbps at config.fps, keyframes,
-        restarts (size changes), over_budget (frames that missed the budget at the lowest quality),
-        budget_bytes (per frame, bitrate mode) and mean_quality (JPEG quality or QP)."""
+        """Totals so far: frames, total_bytes, mean_bytes (per frame), kbps at config.fps (the achieved
+        rate), keyframes, restarts (size changes), over_budget (frames flagged
+        :attr:`TransmittedFrame.over_budget`), budget_bytes (per frame) and budget_kbps (bitrate mode,
+        else None) and mean_quality (JPEG quality or QP)."""
         mean = self._bytes / self._frames if self._frames else 0.0
         return {
             "frames": self._frames,
@@ -600,6 +605,7 @@ class Transmitter:
             "restarts": self._restarts,
             "over_budget": self._over_budget,
             "budget_bytes": self._config.budget_bytes,
+            "budget_kbps": self._config.kbps if self._config.mode == "bitrate" else None,
             "mean_quality": float(np.mean(self._qualities)) if self._qualities else None,
         }
 
@@ -628,6 +634,19 @@ def _fit_jpeg(image: np.ndarray, budget: float) -> tuple[int, bytes]:
         else:
             hi = mid - 1
     return best
+
+
+def budget_summary(label: str, stats: dict[str, Any]) -> str | None:
+    """One line comparing the achieved rate with a bitrate budget (None outside bitrate mode), e.g.
+    ``kbps1@10fps: achieved 52.6 kbps for a 1 kbps budget (12.5 B/frame); 5 of 5 frames over budget``."""
+    if stats.get("budget_kbps") is None:
+        return None
+    text = (f"{label}: achieved {stats['kbps']:.1f} kbps for a {stats['budget_kbps']:g} kbps budget "
+            f"({stats['budget_bytes']:.1f} B/frame)")
+    if stats["over_budget"]:
+        text += (f"; {stats['over_budget']} of {stats['frames']} frames over budget even at the lowest "
+                 "quality (the link cannot go lower)")
+    return text
 
 
 def degrade_sequence(

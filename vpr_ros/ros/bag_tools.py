@@ -20,6 +20,7 @@ files, so replays can record ``PlaceMatch`` / ``LoopClosure`` into bags that any
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -37,6 +38,7 @@ from vpr_ros.core.bags import (
     ODOMETRY_TYPE,
     STORAGES,
     latlon_to_local,
+    open_reader,
     write_image_bag,
 )
 from vpr_ros.core.datasets import load_kitti, load_nordland, load_rtabmap_loop
@@ -114,8 +116,8 @@ def dataset_frames(dataset: str, root: str | os.PathLike, *, sequence: str = "00
     elif dataset == "nordland":
         if season not in ("summer", "winter"):
             raise DatasetError(f"Nordland season must be summer or winter, got {season!r}")
-        other = "summer" if season == "winter" else "winter"
-        ds = load_nordland(root, database_season=season, query_season=other, every=every, limit=limit)
+        # the bag holds one season: the other is not needed (its dropped frames must not stop the bag)
+        ds = load_nordland(root, database_season=season, query_season=season, every=every, limit=limit)
         records = ds.database
         idx = [int(r.frame_index) for r in records]
         positions = [(float(i), 0.0) for i in idx]
@@ -195,13 +197,8 @@ def vpr_typestore():
 def read_messages(path: str | os.PathLike,
                   topics: Sequence[str] | None = None) -> dict[str, list[tuple[int, Any]]]:
     """``{topic: [(bag time ns, message), ...]}`` of a bag, vpr_ros_msgs types included."""
-    from rosbags.highlevel import AnyReader
-
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: bag not found")
     out: dict[str, list[tuple[int, Any]]] = {}
-    with AnyReader([path], default_typestore=vpr_typestore()) as reader:
+    with contextlib.closing(open_reader(path, vpr_typestore())) as reader:  # opened: close only
         conns = [c for c in reader.connections if topics is None or c.topic in topics]
         for conn, t_ns, raw in reader.messages(connections=conns):
             out.setdefault(conn.topic, []).append((t_ns, reader.deserialize(raw, conn.msgtype)))
@@ -211,13 +208,11 @@ def read_messages(path: str | os.PathLike,
 def read_positions(path: str | os.PathLike, topic: str) -> tuple[np.ndarray, np.ndarray]:
     """Sorted stamps (s) and planar positions (N, 2) of an Odometry (x, y) or NavSatFix (east/north metres
     about the first fix) topic. Small messages only: the images are never deserialised."""
-    from rosbags.highlevel import AnyReader
-
     path = Path(path)
     stamps: list[float] = []
     xy: list[tuple[float, float]] = []
     fixes: list[tuple[float, float]] = []
-    with AnyReader([path], default_typestore=vpr_typestore()) as reader:
+    with contextlib.closing(open_reader(path, vpr_typestore())) as reader:  # opened: close only
         conns = [c for c in reader.connections if c.topic == topic]
         if not conns:
             present = ", ".join(sorted({c.topic for c in reader.connections}))

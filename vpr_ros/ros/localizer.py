@@ -55,7 +55,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from vpr_ros.core.backends import BACKENDS, PRECISIONS
 from vpr_ros.core.errors import ConfigError, MapError, ModelError, VprError
 from vpr_ros.core.extract import DescriptorExtractor
-from vpr_ros.core.fileio import confined_path
+from vpr_ros.core.fileio import confined_path, display_path
 from vpr_ros.core.mapdb import INDEX_KINDS, MapEntry, PlaceMap, QueryResult, map_path, set_search_threads
 from vpr_ros.core.models import DEFAULT_WEIGHTS, parse_size, resolve_model
 from vpr_ros.core.models.resolve import DEFAULT_MODEL
@@ -302,6 +302,7 @@ class LocalizerNode(Node):
         self._latency = LatencyWindow()
         self.frames_in = 0
         self.frames_ok = 0
+        self.publish_failed = 0  # processed frames whose PlaceMatch could not be published
         self.out_of_order = 0
         self.repeated_stamp = 0
         self.keyframes_added = 0
@@ -448,9 +449,15 @@ class LocalizerNode(Node):
             if not self._publishing:  # map mode: latency = receipt to keyframe decision
                 self._latency.add((time.monotonic() - f.received) * 1000.0)
                 continue
-            msg = self._place_match(f, result)
-            msg.latency_ms = float((time.monotonic() - f.received) * 1000.0)
-            self._match_pub.publish(msg)
+            try:
+                msg = self._place_match(f, result)
+                msg.latency_ms = float((time.monotonic() - f.received) * 1000.0)
+                self._match_pub.publish(msg)
+            except Exception as exc:  # counted per frame: the frame was described, its match is lost
+                self.publish_failed += 1
+                self._rejects.log_throttled("publish", f"PlaceMatch of frame {f.query_id} not published: "
+                                            f"{type(exc).__name__}: {exc}", prefix="failed")
+                continue
             self._latency.add(msg.latency_ms)
 
     def _place_match(self, frame: _Frame, result: QueryResult) -> Any:
@@ -461,7 +468,8 @@ class LocalizerNode(Node):
         for eid, score, entry in zip(result.ids, result.scores, result.entries, strict=True):
             if float(score) < v["min_score"]:
                 continue
-            cand = self._cand_t(entry_id=int(eid), score=float(score), source=entry.source)
+            # string fields must be valid UTF-8: a map built from Latin-1 file names holds surrogates
+            cand = self._cand_t(entry_id=int(eid), score=float(score), source=display_path(entry.source))
             try:
                 cand.stamp = float_to_stamp(entry.stamp)
             except ValueError:
@@ -473,10 +481,10 @@ class LocalizerNode(Node):
                 if entry.orientation is not None:
                     x, y, z, w = (float(c) for c in entry.orientation)
                     cand.pose.orientation = Quaternion(x=x, y=y, z=z, w=w)
-                cand.pose_frame_id = entry.frame_id
+                cand.pose_frame_id = display_path(entry.frame_id)
             cands.append(cand)
-        return self._match_t(header=header, query_id=int(frame.query_id), model=self.label, matches=cands,
-                             degradation=label)
+        return self._match_t(header=header, query_id=int(frame.query_id), model=display_path(self.label),
+                             matches=cands, degradation=display_path(label))
 
     def _maybe_add_keyframe(self, frame: _Frame, descriptor: np.ndarray, result: QueryResult) -> None:
         v = self._values
@@ -541,6 +549,7 @@ class LocalizerNode(Node):
             "backend": f"{self.extractor.backend.kind} {self.extractor.backend.precision}",
             "frames_received": self.frames_in,
             "frames_processed": self.frames_ok,
+            "publish_failed": self.publish_failed,
             "rate_hz": self._latency.rate(),
             "latency_p50_ms": p50,
             "latency_p95_ms": p95,
@@ -562,9 +571,9 @@ class LocalizerNode(Node):
     def _publish_diagnostics(self) -> None:
         values = self.diagnostics()
         warn = None
-        if values["queue_drops"] or values["rejected_total"] or values["out_of_order"]:
+        if values["queue_drops"] or values["rejected_total"] or values["out_of_order"] or self.publish_failed:
             warn = (f"{values['queue_drops']} dropped, {values['rejected_total']} rejected, "
-                    f"{values['out_of_order']} out of order")
+                    f"{values['out_of_order']} out of order, {self.publish_failed} matches not published")
         error = None if self._worker.is_alive() or self._closed else "localizer worker stopped"
         publish_diagnostics(self, self._diag_pub, values, warn=warn, error=error)
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from vpr_ros.core.errors import ConfigError, DatasetError, VprError
+from vpr_ros.core.fileio import atomic_write_text, check_output_dir, display_path
 
 log = logging.getLogger(__name__)
 
@@ -219,20 +220,17 @@ def _node_params(cfg: ReplayConfig) -> dict[str, dict[str, Any]]:
 def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
     """Replay ``cfg.bag`` through the real nodes; write the report (and ``cfg.record``); return the report."""
     from rclpy.qos import QoSProfile, qos_profile_sensor_data
-    from rosbags.highlevel import AnyReader
 
+    from vpr_ros.core.bags import open_reader
     from vpr_ros.ros.bag_tools import vpr_typestore
     from vpr_ros.ros.localizer import LocalizerNode, build_extractor
     from vpr_ros.ros.runner import InProcessGraph, overrides_for
 
     cfg.validate()
+    check_output_dir(cfg.out_dir)  # an unwritable --out is found before the replay, not after it
     params = _node_params(cfg)
     ns = f"/vpr_replay_{uuid.uuid4().hex[:8]}" if cfg.namespace is None else cfg.namespace.rstrip("/")
-    reader = AnyReader([cfg.bag], default_typestore=vpr_typestore())
-    try:
-        reader.open()
-    except Exception as exc:
-        raise DatasetError(f"{cfg.bag}: not a readable bag ({type(exc).__name__}: {exc})") from None
+    reader = open_reader(cfg.bag, vpr_typestore())  # DatasetError naming the bag and why
     try:
         inp = _pick_connections(reader, cfg)
         if cfg.extractor is not None:
@@ -345,6 +343,7 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
         "lost_in_transport": max(0, len(published) - int(loc_diag["frames_received"])),
         "frames_without_result": len(published) - (len(coll.order) if publishing
                                                    else int(loc_diag["frames_processed"])),
+        "publish_failed": int(loc_diag.get("publish_failed", 0)),
         "wall_s": wall, "bag_span_s": bag_span, "realtime_factor": bag_span / wall if wall > 0 else None,
         "setup_s": time.perf_counter() - t_start - wall, "localizer": loc_diag, "loop_closure_node": lc_diag,
     }
@@ -362,10 +361,37 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
         report["record"] = str(cfg.record)
     from vpr_ros.core.loop_closure import json_default
 
-    text = json.dumps(report, indent=2, default=json_default)
-    (out / "report.json").write_text(text + "\n", encoding="utf-8")
+    # strict JSON: a statistic of zero samples (no frames, no latencies) is null, never NaN
+    plain = json.loads(json.dumps(report, default=json_default))
+    text = json.dumps(_finite(plain), indent=2, allow_nan=False)
+    atomic_write_text(out / "report.json", text + "\n")
     report["report"] = str(out / "report.json")
     return report
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN / infinite float replaced by None (recursively)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def replay_failure(report: dict[str, Any]) -> str | None:
+    """Why a finished replay did not do its job (no image frames; frames but no PlaceMatch), or None."""
+    frames = int(report["frames_published"])
+    if frames == 0:
+        return f"{display_path(report['bag'])}: no image message on {report['image_topic']}; nothing replayed"
+    if report["mode"] != "map" and int(report["place_matches"]) == 0:
+        loc = report.get("localizer") or {}
+        return (f"{frames} frames replayed but no PlaceMatch came back (localizer: "
+                f"{loc.get('frames_processed', 0)} processed, {loc.get('rejected_total', 0)} rejected, "
+                f"{loc.get('publish_failed', 0)} not published; lost in transport "
+                f"{report.get('lost_in_transport', 0)})")
+    return None
 
 
 def _wait_frame(graph: Any, loc: Any, coll: _Collector, sent: int, publishing: bool, timeout: float) -> bool:
@@ -373,7 +399,7 @@ def _wait_frame(graph: Any, loc: Any, coll: _Collector, sent: int, publishing: b
     def done() -> bool:
         if _finished(loc) < sent:
             return False
-        return not publishing or len(coll.order) >= loc.frames_ok
+        return not publishing or len(coll.order) >= loc.frames_ok - loc.publish_failed
 
     return graph.wait_for(done, timeout, interval=0.002)
 
@@ -387,7 +413,7 @@ def _drain(graph: Any, loc: Any, lc: Any, coll: _Collector, publishing: bool, ti
     """Wait for the frames in flight, then for the loop-closure node to finish the matches it got."""
     graph.wait_for(lambda: _finished(loc) >= loc.frames_in, timeout)
     if publishing:
-        graph.wait_for(lambda: len(coll.order) >= loc.frames_ok, timeout)
+        graph.wait_for(lambda: len(coll.order) >= loc.frames_ok - loc.publish_failed, timeout)
     if lc is not None:
         graph.wait_for(lambda: lc.matches_done >= lc.matches_in and not lc._pending, timeout)
         graph.wait_for(lambda: len(coll.closures) >= lc.closures_published, 5.0)
@@ -580,7 +606,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         lc = r["loop_closures"]
         prec = "-" if lc["precision"] is None else f"{lc['precision']:.3f}"
         print(f"loop closures: {lc['published']} published, precision {prec}, recall {lc['recall']:.3f}")
-    print(f"report {r['report']}" + (f", recorded {r['record']}" if r.get("record") else ""))
+    print(f"report {display_path(r['report'])}" + (f", recorded {display_path(r['record'])}"
+                                                   if r.get("record") else ""))
+    failure = replay_failure(r)
+    if failure:
+        raise VprError(f"{failure}; report {display_path(r['report'])}")
     return 0
 
 

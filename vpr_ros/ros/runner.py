@@ -135,7 +135,15 @@ def apply_sets(params: dict[str, dict[str, Any]], sets: Iterable[str]) -> dict[s
         node, dot, param = key.strip().partition(".")
         if not eq or not dot or not node or not param:
             raise ConfigError(f"--set {item!r}: expected NODE.PARAM=VALUE, e.g. localizer.top_k=3")
-        out.setdefault(node, {})[param] = _typed(_specs(node).get(param), text.strip())
+        node = "*" if node == "/**" else node
+        if node != "*" and node not in NODES:  # a typo would otherwise be ignored silently
+            raise ConfigError(f"--set {item!r}: unknown node {node!r}; nodes: {', '.join(NODES)} "
+                              "(or * for all)")
+        specs = _specs(node)
+        if specs and param not in specs and param not in _ROS_OWN and not param.startswith("qos_overrides."):
+            raise ConfigError(f"unknown parameter(s) for node {node!r}: {param} (--set {item!r}); known: "
+                              f"{', '.join(sorted(specs))}")
+        out.setdefault(node, {})[param] = _typed(specs.get(param), text.strip())
     return out
 
 

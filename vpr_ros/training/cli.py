@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.errors import VprError
+from ..core.fileio import display_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,9 +79,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bag_dataset(args: argparse.Namespace) -> int:
+    from ..core.fileio import check_output_dir, write_file_checked
     from ..core.images import save_image
     from .data import bag_places
 
+    out = check_output_dir(Path(args.out) / "images").parent if args.out else None  # before reading bags
     places = bag_places(
         args.bags,
         image_topic=args.image_topic,
@@ -91,19 +95,18 @@ def _cmd_bag_dataset(args: argparse.Namespace) -> int:
         every=args.every,
     )
     print(places.summary())
-    if args.out:
-        out = Path(args.out)
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        with open(out / "positions.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["name", "x", "y", "stamp", "sequence"])
-            for i, r in enumerate(places.database):
-                name = f"images/{r.sequence}_{i:06d}.png"
-                save_image(out / name, r.load())
-                w.writerow(
-                    [name, f"{r.position[0]:.3f}", f"{r.position[1]:.3f}", f"{r.stamp:.6f}", r.sequence]
-                )
-        print(f"wrote {len(places.database)} images and {out / 'positions.csv'}")
+    if out is not None:
+        # every image is written and checked (disk full: OutputError, exit 2) before positions.csv,
+        # the file that makes the folder a dataset, is written last
+        table = io.StringIO(newline="")
+        w = csv.writer(table)
+        w.writerow(["name", "x", "y", "stamp", "sequence"])
+        for i, r in enumerate(places.database):
+            name = f"images/{r.sequence}_{i:06d}.png"
+            save_image(out / name, r.load())
+            w.writerow([name, f"{r.position[0]:.3f}", f"{r.position[1]:.3f}", f"{r.stamp:.6f}", r.sequence])
+        write_file_checked(out / "positions.csv", table.getvalue().encode("utf-8"))
+        print(f"wrote {len(places.database)} images and {display_path(out / 'positions.csv')}")
     return 0
 
 

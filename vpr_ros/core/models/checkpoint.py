@@ -78,6 +78,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ModelError(f"{path}: checkpoint lacks its model description")
     if not isinstance(ckpt.get("state_dict"), dict):
         raise ModelError(f"{path}: checkpoint lacks a state_dict")
+    if model.get("preprocess"):  # sizes checked before anything is allocated for them
+        try:
+            Preprocess.from_dict(model["preprocess"])
+        except (ModelError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{path}: {exc}") from None
     return ckpt
 
 
@@ -86,16 +91,59 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, source: str = "checkpoint") -
     desc = ckpt["model"]
     preprocess = Preprocess.from_dict(desc["preprocess"]) if desc.get("preprocess") else None
     model = create_model(desc["name"], pretrained=False, preprocess=preprocess, **desc["config"])
+    mismatch = state_dict_mismatch(model.state_dict(), ckpt["state_dict"])
+    if mismatch:
+        raise ModelError(f"{source}: {mismatch}; expected {desc['name']!r} (as the checkpoint describes it)")
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
-        raise ModelError(f"{source}: weights do not fit model {desc['name']!r}: {exc}") from None
+        text = str(exc).splitlines()[0][:300]
+        raise ModelError(f"{source}: weights do not fit model {desc['name']!r}: {text}") from None
     if model.descriptor_dim != int(desc["descriptor_dim"]):
         raise ModelError(
             f"{source}: descriptor_dim {desc['descriptor_dim']} in the checkpoint but the model gives "
             f"{model.descriptor_dim}"
         )
     return model
+
+
+#: Key prefixes that identify the architecture a state_dict comes from, for error messages.
+_FAMILIES = (
+    (("layer1.", "conv1.", "bn1."), "a ResNet"),
+    (("patch_embed.", "blocks."), "a vision transformer (ViT / DINOv2)"),
+    (("features.",), "a torchvision MobileNet / VGG-style network"),
+    (("backbone.features.",), "a MobileNetV2-backbone vpr_ros model"),
+)
+
+
+def _family(keys: set[str]) -> str | None:
+    best = max(_FAMILIES, key=lambda f: sum(any(k.startswith(p) for k in keys) for p in f[0]))
+    return best[1] if any(k.startswith(p) for k in keys for p in best[0]) else None
+
+
+def state_dict_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str | None:
+    """A short summary of why ``given`` does not fit a model whose ``state_dict()`` is ``expected``
+    (missing and unexpected keys, shape differences, the family ``given`` looks like); None if it fits."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [(k, tuple(given[k].shape), tuple(v.shape)) for k, v in expected.items()
+              if k in given and hasattr(given[k], "shape") and tuple(given[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    if unexpected and len(missing) > len(expected) // 2:  # mostly other layers: another architecture
+        family = _family(set(given))
+        head = f"checkpoint is for {family}" if family else "checkpoint is for another architecture"
+    else:
+        head = "checkpoint weights do not fit"
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of {len(expected)} weights missing (e.g. {missing[0]!r})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]!r})")
+    if shapes:
+        k, got, want = shapes[0]
+        parts.append(f"{len(shapes)} of other shape (e.g. {k!r}: {list(got)}, expected {list(want)})")
+    return f"{head} ({'; '.join(parts)})"
 
 
 def load_model(

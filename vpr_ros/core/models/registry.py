@@ -18,6 +18,16 @@ from ..errors import ModelError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Sides of a model input (pixels) accepted from checkpoints and --input-size: 16 .. 4096. Models here
+#: run at 224-640; a batch of 32 frames at 4096x4096 already needs 6.4 GB as float32 input.
+MIN_INPUT_SIDE, MAX_INPUT_SIDE = 16, 4096
+
+
+def check_input_size(h: int, w: int, what: str = "input size") -> None:
+    """Raise :class:`ModelError` unless both sides lie in MIN_INPUT_SIDE..MAX_INPUT_SIDE."""
+    if not (MIN_INPUT_SIDE <= h <= MAX_INPUT_SIDE and MIN_INPUT_SIDE <= w <= MAX_INPUT_SIDE):
+        raise ModelError(f"{what} {h}x{w} (HxW) is out of range: each side must be in "
+                         f"{MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}")
 
 
 @dataclass(frozen=True)
@@ -42,9 +52,12 @@ class Preprocess:
             raise ModelError(f"unknown preprocessing keys: {sorted(unknown)}")
         size = d.get("input_size")
         if size is not None:
-            if len(size) != 2 or min(int(s) for s in size) < 16:
-                raise ModelError(f"preprocessing input_size must be [H, W] with H, W >= 16, got {size}")
-            size = (int(size[0]), int(size[1]))
+            try:
+                h, w = (int(v) for v in size)
+            except (TypeError, ValueError):
+                raise ModelError(f"preprocessing input_size must be [H, W], got {size!r}") from None
+            check_input_size(h, w, "preprocessing input_size")
+            size = (h, w)
         return cls(
             input_size=size,
             mean=tuple(float(v) for v in d.get("mean", IMAGENET_MEAN)),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ModelError
 from .checkpoint import load_model
-from .registry import VprModel, create_model
+from .registry import VprModel, check_input_size, create_model
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,5 @@ def parse_size(text: str) -> tuple[int, int] | None:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise ModelError(f"bad input size {text!r}; expected HxW such as 240x320, or 'native'") from None
-    if h < 16 or w < 16:
-        raise ModelError(f"input size {text!r} is too small (minimum 16x16)")
+    check_input_size(h, w, "input size")
     return h, w
