@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DatasetError
+from .fileio import display_path
 from .images import load_image
 
 #: File suffixes treated as images by the folder loaders (case-insensitive).
@@ -246,10 +247,19 @@ class PlaceDataset:
 
 
 def _require_nonempty(dataset: PlaceDataset, where: Path) -> PlaceDataset:
-    if not dataset.database:
-        raise DatasetError(f"{where}: dataset {dataset.name!r} has no database images")
-    if not dataset.queries:
-        raise DatasetError(f"{where}: dataset {dataset.name!r} has no query images")
+    for role, records in (("database", dataset.database), ("query", dataset.queries)):
+        if records:
+            continue
+        why = ""
+        if dataset.skipped:  # say what the filters dropped, e.g. Nordland summer's black first frames
+            reasons: dict[str, int] = defaultdict(int)
+            for _, reason in dict(dataset.skipped).items():  # a file listed once even if both roles read it
+                reasons[reason.split(":")[0]] += 1
+            path, reason = dataset.skipped[0]
+            counts = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+            why = (f": every selected frame was dropped ({counts}; the first, {display_path(path)}: "
+                   f"{reason}); select other frames")
+        raise DatasetError(f"{display_path(where)}: dataset {dataset.name!r} has no {role} images{why}")
     return dataset
 
 

@@ -25,7 +25,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,8 @@ class DatasetFrames:
     stamps: list[float]
     positions: list[Any] | None
     rate_hz: float
+    #: (path, reason) of the frames the dataset's filters dropped (Nordland: dark, frozen)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _kitti_poses(seq_dir: Path) -> np.ndarray:
@@ -107,6 +109,7 @@ def dataset_frames(dataset: str, root: str | os.PathLike, *, sequence: str = "00
         raise DatasetError(f"rate must be a positive number of frames per second, got {rate_hz}")
     root = Path(root)
     positions: list[Any] | None
+    skipped: list[tuple[str, str]] = []
     if dataset == "kitti":
         records = load_kitti(root, sequence)[::every][:limit]
         poses = _kitti_poses(root / sequence)
@@ -122,6 +125,7 @@ def dataset_frames(dataset: str, root: str | os.PathLike, *, sequence: str = "00
         idx = [int(r.frame_index) for r in records]
         positions = [(float(i), 0.0) for i in idx]
         name = f"nordland_{season}"
+        skipped = list(dict(ds.skipped).items())  # both roles read the same season: each file once
     else:
         records, _ = load_rtabmap_loop(root)
         records = records[::every][:limit]
@@ -132,7 +136,7 @@ def dataset_frames(dataset: str, root: str | os.PathLike, *, sequence: str = "00
         raise DatasetError(f"{root}: no frames selected from {dataset} (every={every}, limit={limit})")
     # Stamps follow the place index, so frames skipped by `every` or filters leave gaps in time.
     stamps = [start_s + i / hz for i in idx]
-    return DatasetFrames(name, [r.path for r in records], stamps, positions, hz)
+    return DatasetFrames(name, [r.path for r in records], stamps, positions, hz, skipped)
 
 
 def make_dataset_bag(dataset: str, root: str | os.PathLike, out: str | os.PathLike, *,
@@ -162,7 +166,7 @@ def make_dataset_bag(dataset: str, root: str | os.PathLike, out: str | os.PathLi
     return {"bag": str(path), "dataset": frames.name, "frames": len(frames.paths), "image_topic": topic,
             "image_type": COMPRESSED_TYPE if compressed else IMAGE_TYPE, "position_topic": pos_topic,
             "rate_hz": frames.rate_hz, "storage": storage,
-            "duration_s": frames.stamps[-1] - frames.stamps[0]}
+            "duration_s": frames.stamps[-1] - frames.stamps[0], "dropped": frames.skipped}
 
 
 # --------------------------------------------------------------------------- vpr_ros_msgs in rosbags

@@ -579,9 +579,17 @@ def cmd_make_bag(args: argparse.Namespace) -> int:
                             position_topic=args.position_topic, sequence=args.sequence, season=args.season,
                             every=args.every, limit=args.limit, rate_hz=args.rate_hz)
     where = f", positions on {info['position_topic']}" if info["position_topic"] else ", no positions"
-    print(f"bag {info['bag']} ({info['storage']}): {info['frames']} {info['dataset']} frames on "
-          f"{info['image_topic']} ({info['image_type']}) at {info['rate_hz']:g} Hz, "
+    print(f"bag {display_path(info['bag'])} ({info['storage']}): {info['frames']} {info['dataset']} "
+          f"frames on {info['image_topic']} ({info['image_type']}) at {info['rate_hz']:g} Hz, "
           f"{info['duration_s']:.1f} s{where}")
+    if info["dropped"]:  # Nordland's filters: say which frames are not in the bag and why
+        kinds: dict[str, int] = {}
+        for _, reason in info["dropped"]:
+            kinds[reason.split(":")[0]] = kinds.get(reason.split(":")[0], 0) + 1
+        path, reason = info["dropped"][0]
+        print(f"{len(info['dropped'])} selected frames left out ("
+              f"{', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}; the first, {display_path(path)}: "
+              f"{reason})")
     return 0
 
 
