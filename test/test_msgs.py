@@ -67,6 +67,19 @@ def test_place_match_fields_and_roundtrip():
     assert back.latency_ms == pytest.approx(12.5) and back.degradation == "jpeg q=20"
 
 
+def test_place_match_sequence_fields_roundtrip():
+    msg = place_match()
+    msg.sequence_frames = 20
+    msg.sequence_matches = [PlaceCandidate(entry_id=41, score=1.75, source="nordland/summer")]
+    msg.sequence_score, msg.sequence_velocity, msg.sequence_fallback = 1.75, 1.25, False  # exact in float32
+    back = roundtrip(msg)
+    assert back == msg and back.sequence_frames == 20 and [c.entry_id for c in back.sequence_matches] == [41]
+    assert back.sequence_score == pytest.approx(1.75) and back.sequence_velocity == 1.25
+    assert [c.entry_id for c in back.matches] == [42, 7]  # the single-frame result is kept beside it
+    off = PlaceMatch()  # sequence matching off: no frames, no matches
+    assert off.sequence_frames == 0 and list(off.sequence_matches) == [] and not off.sequence_fallback
+
+
 def test_defaults():
     cand = PlaceCandidate()
     assert (cand.entry_id, cand.score, cand.has_pose) == (0, 0.0, False)
