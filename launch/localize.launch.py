@@ -21,7 +21,8 @@ import os
 
 import yaml
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, LogInfo, OpaqueFunction, Shutdown
+from launch.events.process import ProcessExited
 from launch.launch_context import LaunchContext
 from launch.launch_description import LaunchDescription
 from launch_ros.actions import Node
@@ -85,6 +86,24 @@ def _typed(text: str, typ: type, name: str):
         raise ValueError(f"launch argument {name}:={text!r} must be {typ.__name__}") from None
 
 
+class RequiredNodeFailed(RuntimeError):
+    """A node of the graph exited with a non-zero status while the launch was running."""
+
+
+def _required_exit(event: ProcessExited, context: LaunchContext) -> list:
+    """``on_exit`` of every node: the graph is useless without any of them, so shut it down.
+
+    A node that exits while the launch is not shutting down ends the launch; a non-zero status
+    is raised, which LaunchService logs and turns into a non-zero exit of ``ros2 launch``.
+    """
+    if context.is_shutdown:  # stopped by the launch itself (Ctrl-C, another node's exit)
+        return []
+    if event.returncode != 0:
+        raise RequiredNodeFailed(f"required node {event.process_name} exited with status {event.returncode}; "
+                                 "shutting the graph down")
+    return [Shutdown(reason=f"required node {event.process_name} exited")]
+
+
 def _graph(context: LaunchContext) -> list:
     arg = context.launch_configurations.get
     params_file = os.path.expanduser(arg("params_file"))
@@ -108,7 +127,7 @@ def _graph(context: LaunchContext) -> list:
                          ("image_transport", "raw")):
         lc.setdefault(key, loc.get(key, default))
     common = {"package": PACKAGE, "namespace": arg("namespace"), "output": "screen", "emulate_tty": True,
-              "arguments": ["--ros-args", "--log-level", arg("log_level")]}
+              "arguments": ["--ros-args", "--log-level", arg("log_level")], "on_exit": _required_exit}
     actions: list = [LogInfo(msg=f"vpr_ros: params {params_file}; transmitter {'on' if use_tx else 'off'}, "
                                  f"loop closure {'on' if use_lc else 'off'}")]
     if use_tx:
