@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""The accuracy study of issue #8: every model x dataset x link degradation, loop closure, the results page.
+"""The accuracy study of issue #8: every model x dataset x link degradation, loop closure, the results page,
+and the cross-domain part (every packaged checkpoint in and out of its training domain, model cards, the
+default student's gate: :mod:`vpr_ros.core.cross_domain`).
 
     python scripts/accuracy_study.py                 # full study -> results/accuracy/, docs/results.md
     python scripts/accuracy_study.py --quick --out /tmp/acc   # small subset, page in OUT/results.md
+    python scripts/accuracy_study.py --cross-only    # only the cross-domain part (and the model cards)
 
 The library work is :mod:`vpr_ros.core.study`; this script adds the one thing the core may not do (import
 ``vpr_ros.training``): the ``finetuned`` control, trained here when its checkpoint is not cached (LoQI
@@ -23,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from vpr_ros.core import study  # noqa: E402
+from vpr_ros.core import cross_domain, study  # noqa: E402
 
 log = logging.getLogger("accuracy_study")
 
@@ -127,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         help="where the finetuned control is trained and cached",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    part = p.add_mutually_exclusive_group()
+    part.add_argument("--cross-only", action="store_true", help="only the cross-domain part")
+    part.add_argument("--no-cross", action="store_true", help="leave out the cross-domain part")
+    p.add_argument("--no-cards", action="store_true",
+                   help="do not write the cross-domain numbers into the packaged checkpoints' model cards "
+                   "(never written by --quick or a run on a subset of the datasets)")
+    p.add_argument("--cross-backend", default="auto",
+                   help="backend of the cross-domain part (auto: ONNX Runtime on CPU, torch on CUDA)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
@@ -149,18 +160,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.degrade:
         cfg.degradations = tuple(args.degrade)
     t0 = time.perf_counter()
-    if "finetuned" in cfg.models:
-        ckpt, info = ensure_finetuned(args.train_cache, args.teacher)
-        cfg.finetuned = ckpt
-        cfg.finetuned_info = info
-    summary = study.run_study(cfg, train_seconds=time.perf_counter() - t0)
-    print(
-        f"\naccuracy study done in {summary['seconds']['total'] / 60:.1f} min "
-        f"({summary['cache']['described']} descriptor sets computed, {summary['cache']['reused']} reused)"
-    )
-    print(f"  raw results   {summary['paths']['results']}")
-    print(f"  results page  {summary['paths']['page']}")
-    print(f"  figures       {summary['paths']['figures']}")
+    if not args.cross_only:
+        if "finetuned" in cfg.models:
+            ckpt, info = ensure_finetuned(args.train_cache, args.teacher)
+            cfg.finetuned = ckpt
+            cfg.finetuned_info = info
+        summary = study.run_study(cfg, train_seconds=time.perf_counter() - t0)
+        print(
+            f"\naccuracy study done in {summary['seconds']['total'] / 60:.1f} min "
+            f"({summary['cache']['described']} descriptor sets computed, {summary['cache']['reused']} reused)"
+        )
+        print(f"  raw results   {summary['paths']['results']}")
+        print(f"  results page  {summary['paths']['page']}")
+        print(f"  figures       {summary['paths']['figures']}")
+    if not args.no_cross:
+        full = not args.quick and set(cfg.datasets) == set(study.DATASET_KEYS)
+        cx = cross_domain.CrossConfig(backend=args.cross_backend, page=cfg.page,
+                                      write_cards=full and not args.no_cards)
+        data = cross_domain.run_cross_domain(cfg, cx)
+        print(f"\ncross-domain part done in {data['seconds'] / 60:.1f} min ({data['described']} descriptor "
+              f"sets computed); cards written: {', '.join(data['cards_written']) or 'none'}")
+        for key, m in data["models"].items():
+            print(f"  {key:10s} gate on its out-of-domain sets: "
+                  f"{'PASS' if m['gate_out_of_domain_pass'] else 'FAIL'}")
     return 0
 
 

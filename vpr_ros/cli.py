@@ -154,6 +154,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{name:24s} {get_spec(name).description}")
     state = "present" if DEFAULT_WEIGHTS.is_file() else "not built"
     print(f"\npackaged default weights: {DEFAULT_WEIGHTS} ({state})")
+    from .core.models.card import format_card, packaged_checkpoints, read_card
+
+    paths = packaged_checkpoints()
+    if paths:
+        print("\npackaged checkpoints and their model cards (read from each file; --weights PATH):")
+    for path in paths:
+        is_default = DEFAULT_WEIGHTS.is_file() and path.resolve() == DEFAULT_WEIGHTS.resolve()
+        print("\n".join(["", *format_card(read_card(path), default=is_default)]))
     return 0
 
 

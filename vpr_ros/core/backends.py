@@ -44,11 +44,13 @@ from .models.registry import VprModel, select_device
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "AUTO",
     "BACKENDS",
     "PRECISIONS",
     "InferenceBackend",
     "OnnxBackend",
     "TorchBackend",
+    "default_backend",
     "default_cache_dir",
     "make_backend",
     "model_hash",
@@ -56,6 +58,8 @@ __all__ = [
 ]
 
 BACKENDS = ("torch", "onnx")
+#: What ``backend="auto"`` (the default of the nodes, CLI and extractor) chooses: :func:`default_backend`.
+AUTO = "auto"
 PRECISIONS = ("fp32", "fp16")
 #: ONNX opset of exported models (ONNX Runtime >= 1.14 runs it; TensorRT 8.6+ parses it).
 ONNX_OPSET = 17
@@ -68,6 +72,20 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def default_backend(device: str | torch.device = "auto") -> str:
+    """The backend ``"auto"`` means: ``"torch"`` when ``device`` is (or ``auto`` finds) CUDA, else
+    ``"onnx"`` (ONNX Runtime: several times faster than eager torch on CPU) when onnxruntime is
+    installed, else ``"torch"``."""
+    kind = device.type if isinstance(device, torch.device) else str(device or "auto").lower()
+    if kind.startswith("cuda") or (kind == "auto" and torch.cuda.is_available()):
+        return "torch"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "onnx"
 
 
 def default_cache_dir() -> Path:
@@ -417,7 +435,8 @@ def make_backend(
     max_batch: int = 32,
     **options: Any,
 ) -> InferenceBackend:
-    """Build the ``kind`` backend (``"torch"`` or ``"onnx"``) of ``model`` on ``device``.
+    """Build the ``kind`` backend (``"torch"``, ``"onnx"``, or ``"auto"``: :func:`default_backend`) of
+    ``model`` on ``device``.
 
     ``device``: ``auto`` (CUDA when torch — or for onnx, ONNX Runtime — has it), ``cpu``,
     ``cuda[:N]``. ``precision``: ``fp32`` or ``fp16`` (CUDA only). ``options`` go to the
@@ -425,8 +444,10 @@ def make_backend(
     ``threads``, ``spin`` (False), ``providers``. Unknown kinds, precisions or options raise
     :class:`ModelError`.
     """
+    if kind == AUTO:
+        kind = default_backend(device)
     if kind not in BACKENDS:
-        raise ModelError(f"unknown inference backend {kind!r}; expected one of {', '.join(BACKENDS)}")
+        raise ModelError(f"unknown inference backend {kind!r}; expected one of {', '.join(BACKENDS)} or auto")
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     allowed = {"torch": {"channels_last", "compile", "threads"},

@@ -36,6 +36,7 @@ from .errors import DatasetError
 from .evaluation import RECALL_NS, EvalResult, PRCurve, loop_closure_pr, recall_at_n
 from .fileio import atomic_write_text
 from .loop_closure import json_default
+from .models.card import weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +160,6 @@ class StudyModel:
         return load_model(self.weights)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _packaged(key: str, label: str, weights: Path | str | None, trained_on: str, missing: str) -> StudyModel:
     """A model with a checkpoint: available when the file exists, else ``missing`` says why."""
     ok = bool(weights) and Path(weights).is_file()
@@ -196,7 +193,7 @@ def build_models(cfg: StudyConfig) -> list[StudyModel]:
         else:
             raise ValueError(f"unknown model {key!r}; expected one of {MODEL_KEYS}")
         if m.available and m.weights is not None:
-            m.sha256 = _sha256(Path(m.weights))
+            m.sha256 = weights_digest(Path(m.weights))  # the weights, not the bytes: cards may change
         out.append(m)
     return out
 
