@@ -554,25 +554,32 @@ class DistillStage(StageTrainer):
         kd_weight: float,
         resume: bool = False,
     ) -> None:
-        self.wcfg, self.lam = weighting, kd_weight
+        self.wcfg, self.lam, self.s2 = weighting, kd_weight, stage
         self.pairs = sv.partition(weighting.rank)
         self.weights = pair_weights(self.pairs, weighting)
         super().__init__(sv, name, stage, resume=resume)
 
     def build_models(self) -> tuple[VprModel, VprModel]:
         root = self.sv.root
-        init = self.sv.cfg.stage2.init
+        init = self.s2.init
         student = load_trained(root / "stage1_rgb").train() if init == "rgb-branch" else self.sv.new_rgb()
         return student, load_trained(root / "stage1_seg")
 
     def build_dataset(self) -> StructTuples:
         weights = PairWeights(self.pairs, self.weights)
         self.group_hist: dict[int, list[int]] = {}  # epoch -> tuples drawn from D1..D4 (and outside: 5th)
-        return self.sv.tuples(self.student, rgb=True, slme=self.lam > 0, weights=weights, pairs=self.pairs)
+        return self.sv.tuples(
+            self.student,
+            rgb=True,
+            slme=self.lam > 0,
+            weights=weights,
+            pairs=self.pairs,
+            sampling=self.s2.sampling,
+        )
 
     def build_objective(self) -> StructVPRDistill:
         distill = StructVPRDistill(self.student, self.teacher, kd_weight=self.lam, margin=self.sv.cfg.margin)
-        if self.lam > 0 and self.sv.cfg.stage2.t_init == "ridge" and not self.resuming:
+        if self.lam > 0 and self.s2.t_init == "ridge" and not self.resuming:
             db = self.train_places.database
             fit_mse = init_projection(
                 distill.proj,
@@ -611,15 +618,15 @@ class DistillStage(StageTrainer):
                 "weighting": None,
                 "kd_weight": 0.0,
                 "distilled_share": 0.0,
-                "init": self.sv.cfg.stage2.init,
+                "init": self.s2.init,
                 **self._group_meta(),
             }
         return {
             **super().checkpoint_meta(),
             "weighting": dataclasses.asdict(self.wcfg),
             "kd_weight": self.lam,
-            "init": self.sv.cfg.stage2.init,
-            "t_init": self.sv.cfg.stage2.t_init,
+            "init": self.s2.init,
+            "t_init": self.s2.t_init,
             **self._group_meta(),
             "segmenter": self.sv.segmenter.id,
             **summarize_weights(self.pairs, self.weights, self.wcfg.n_t),
@@ -638,7 +645,7 @@ class DistillStage(StageTrainer):
         """Tuples drawn per epoch and group, as ``{epoch: {D1: n, ..., D4: n, none: n}}``."""
         names = [*GROUPS, "none"]
         return {
-            "sampling": self.sv.cfg.stage2.sampling,
+            "sampling": self.s2.sampling,
             "group_histogram": {
                 str(e): dict(zip(names, h, strict=True)) for e, h in sorted(self.group_hist.items())
             },
@@ -720,6 +727,7 @@ class StructVPR:
         slme: bool,
         weights: Callable[[int, int], float] | None = None,
         pairs: Pairs | None = None,
+        sampling: str = "pairs",
     ) -> StructTuples:
         d = self.cfg.data
         return StructTuples(
@@ -728,7 +736,7 @@ class StructVPR:
             rgb=rgb,
             weights=weights,
             pairs=pairs,
-            sampling=self.cfg.stage2.sampling,
+            sampling=sampling,
             n_t=self.cfg.stage2.weighting.n_t,
             preprocess=student.preprocess if rgb else Preprocess(input_size=self.size),
             degrader=self.degrader,
@@ -828,10 +836,16 @@ class StructVPR:
     # ------------------------------------------------------------------ Stage II
 
     def stage2(
-        self, name: str = "stage2", weighting: WeightingConfig | None = None, kd_weight: float | None = None
+        self,
+        name: str = "stage2",
+        weighting: WeightingConfig | None = None,
+        kd_weight: float | None = None,
+        stage: Stage2Config | None = None,
     ) -> Path:
-        """The student: Stage-I rgb-branch + triplet + weighted distillation from the frozen seg-branch."""
-        s2 = self.cfg.stage2
+        """The student: triplet + weighted distillation from the frozen seg-branch; ``stage`` (default: the
+        recipe's ``stage2``) gives steps, initialisation, T and sampling, ``weighting`` / ``kd_weight``
+        override its own."""
+        s2 = stage or self.cfg.stage2
         return self._run_stage(
             DistillStage,
             name,

@@ -15,7 +15,9 @@ Rows (all RGB rows are MobileNetV2 students evaluated alone, as deployed), after
 * ``gp-r`` -- selective KD on R1 (y <= N_t; Table 5 R1);
 * ``gp-d-8410`` -- constant weights 8-4-1-0 on D1-D4 (Table 6 GP-D(8-4-1-0));
 * ``gp-s-phi-prime`` -- GP-S with phi' (Eq. 7; Table 6 GP-S(phi'));
-* ``kd-all`` -- non-selective distillation, every pair weight 1 (Table 5 "All").
+* ``kd-all`` -- non-selective distillation, every pair weight 1 (Table 5 "All");
+* ``gp-d-phi+<option>`` -- StructVPR with one named deviation from the paper (:data:`OPTIONS`): the
+  measured effect of each option.
 
 Queries are evaluated as captured and as received through each ``eval_degradations`` link (JPEG q10),
 against a high-quality database. Training times are the stages' forward/backward/update seconds (the
@@ -26,6 +28,7 @@ live in ``OUT/runs``; finished stages are reused, so the study can be re-run aft
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -40,7 +43,7 @@ from ...core.fileio import atomic_write_text
 from ...core.models import create_model
 from ...core.segmentation import CITYSCAPES_PALETTE, colorize
 from .partition import GROUPS, group_shares
-from .pipeline import PAPER_SHARES, StructVPR, load_config, load_trained
+from .pipeline import PAPER_SHARES, Stage2Config, StructVPR, load_config, load_trained
 from .weighted_kd import WeightingConfig
 
 log = logging.getLogger("vpr_ros.training.structvpr.study")
@@ -55,6 +58,16 @@ VARIANTS: dict[str, tuple[float, WeightingConfig | None]] = {
     "gp-s-phi-prime": (1.0, WeightingConfig("gp-s", "phi-prime")),
     "kd-all": (1.0, WeightingConfig("all", "ones")),
 }
+#: The named deviations (not the paper's form), each measured as ``gp-d-phi+<name>``: stage2 / weighting
+#: settings that replace the recipe's.
+OPTIONS: dict[str, dict[str, str]] = {
+    "rgb-init": {"init": "rgb-branch"},
+    "ridge-T": {"t_init": "ridge"},
+    "hardest-positive": {"sampling": "hardest-positive"},
+    "wrong-only": {"rank": "wrong-only"},
+}
+for _opt in OPTIONS:
+    VARIANTS[f"gp-d-phi+{_opt}"] = VARIANTS["gp-d-phi"]
 DEFAULT_VARIANTS = tuple(VARIANTS)
 
 #: The paper's numbers for the same rows (MSLS val R@1 / R@5 / R@10; Tables 5 and 6), for context.
@@ -145,6 +158,20 @@ def slme_picture(sv: StructVPR, out: Path, frames: int = 4) -> Path:
     return out
 
 
+def _with_option(
+    stage: Stage2Config, weighting: WeightingConfig | None, option: str
+) -> tuple[Stage2Config, WeightingConfig]:
+    """The recipe's Stage II and the variant's weighting with the named option (``""``: none) applied."""
+    weighting = weighting or stage.weighting
+    if not option:
+        return stage, weighting
+    changes = OPTIONS[option]
+    w_keys = {f.name for f in dataclasses.fields(WeightingConfig)}
+    weighting = dataclasses.replace(weighting, **{k: v for k, v in changes.items() if k in w_keys})
+    stage = dataclasses.replace(stage, **{k: v for k, v in changes.items() if k not in w_keys})
+    return stage, weighting
+
+
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
@@ -206,7 +233,10 @@ def run_study(
     )
     for name in variants:
         lam, weighting = VARIANTS[name]
-        run = sv.stage2(f"stage2_{name}", weighting=weighting, kd_weight=lam * cfg.stage2.kd_weight)
+        stage, weighting = _with_option(cfg.stage2, weighting, name.partition("+")[2])
+        run = sv.stage2(
+            f"stage2_{name}", weighting=weighting, kd_weight=lam * cfg.stage2.kd_weight, stage=stage
+        )
         s = _summary(run)
         extra = stage1 + part_seconds
         note = f"distilled pairs {100 * s.get('distilled_share', 0):.0f}%" if lam > 0 else "no distillation"
