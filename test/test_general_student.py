@@ -1,0 +1,119 @@
+"""The general-student recipe (vpr_ros.training.general): link mix, pool, pre-encoded pairs, a short run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vpr_ros.core.errors import ConfigError
+from vpr_ros.core.images import save_image
+from vpr_ros.core.models import create_model, load_model, save_checkpoint
+from vpr_ros.core.models.card import read_card
+from vpr_ros.training.config import SplitConfig, apply_overrides, build_config
+from vpr_ros.training.general import (
+    GeneralConfig,
+    LinkMixConfig,
+    PairStore,
+    _nordland_kept,
+    export_general,
+    load_general_config,
+    pair_rng,
+    source_records,
+    train_general,
+    validate_general,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_link_mix_draws_within_the_ranges_deterministically():
+    mix = LinkMixConfig()
+    specs = [mix.draw(pair_rng(0, i, d)) for i in range(400) for d in range(2)]
+    assert specs == [mix.draw(pair_rng(0, i, d)) for i in range(400) for d in range(2)]
+    kinds = [s.split(":")[0] for s in specs]
+    for kind in ("none", "jpeg", "resize", "h264", "h265"):  # 0.2 each: 160 of 800 expected
+        assert 110 < kinds.count(kind) < 210, (kind, kinds.count(kind))
+    values = {k: [float(s.split(":")[1]) for s in specs if s.startswith(k)]
+              for k in ("jpeg", "resize", "h264")}
+    assert 5 <= min(values["jpeg"]) and max(values["jpeg"]) <= 50
+    assert 0.25 <= min(values["resize"]) and max(values["resize"]) <= 0.5
+    assert 30 <= min(values["h264"]) and max(values["h264"]) <= 50
+    only_jpeg = LinkMixConfig(clean=0, resize=0, h264=0, h265=0, jpeg_quality=[10, 10])
+    assert {only_jpeg.draw(pair_rng(1, i, 0)) for i in range(20)} == {"jpeg:10"}
+
+
+def test_nordland_pool_leaves_out_the_held_out_places_and_a_gap():
+    split = SplitConfig(block=100, val_every=5, val_offset=2, gap=10)  # block 2 = frames 200-299 held out
+    assert not _nordland_kept(250, split)
+    assert _nordland_kept(189, split)  # 189 + 10 = 199: still block 1
+    assert not _nordland_kept(190, split)  # 190 + 10 = 200 reaches block 2
+    assert not _nordland_kept(309, split) and _nordland_kept(310, split)  # 310 - 10 = 300: block 3
+    assert not _nordland_kept(700, split) and _nordland_kept(700, None)  # block 7 = 7 mod 5 = 2
+
+
+def _images(folder: Path, n: int = 12) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        save_image(folder / f"{i:02d}.png", rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    return folder
+
+
+def test_pair_store_is_encoded_once_and_deterministic(tmp_path):
+    from vpr_ros.training.general import SourceConfig
+
+    recs = source_records(SourceConfig(kind="images", root=str(_images(tmp_path / "img", 6))))
+    mix = LinkMixConfig()
+    a = PairStore.build(recs, size=[32, 48], draws=2, seed=3, mix=mix, root=tmp_path / "s", progress=False)
+    b = PairStore.build(recs, size=[32, 48], draws=2, seed=3, mix=mix, root=tmp_path / "s", progress=False)
+    assert a.folder == b.folder
+    assert a.specs == [[mix.draw(pair_rng(3, i, d)) for d in range(2)] for i in range(6)]
+    assert a.hq.shape == (6, 32, 48, 3) and a.lq.shape == (6, 2, 32, 48, 3)
+    for i, row in enumerate(a.specs):
+        for d, spec in enumerate(row):
+            same = np.array_equal(a.lq[i, d], a.hq[i])
+            assert same == (spec == "none"), (spec, same)  # a clean draw is the image itself
+    c = PairStore.build(recs, size=[32, 48], draws=2, seed=4, mix=mix, root=tmp_path / "s", progress=False)
+    assert c.folder != a.folder
+
+
+def test_recipe_file_validates_and_labels_are_refused():
+    cfg = load_general_config(REPO / "training" / "general_student.yaml")
+    assert cfg.model.teacher == "imagenet" and cfg.model.input_size == [240, 320]
+    assert cfg.loss.ickd and cfg.loss.mse and not cfg.loss.triplet
+    with pytest.raises(ConfigError, match="loss.triplet"):
+        load_general_config(REPO / "training" / "general_student.yaml", ["loss.triplet=true"])
+    with pytest.raises(ConfigError, match="model.crop"):
+        load_general_config(REPO / "training" / "general_student.yaml", ["model.crop=[300, 10]"])
+
+
+def test_two_steps_train_a_student_whose_card_names_its_data(tmp_path):
+    torch.manual_seed(0)
+    teacher = create_model("structvpr_mobilenetv2", pretrained=False, preprocess={"input_size": [64, 64]})
+    teacher_path = save_checkpoint(teacher, tmp_path / "teacher.pt")
+    raw = {
+        "data": {"sources": [{"kind": "images", "root": str(_images(tmp_path / "img")), "domain": "lab"}],
+                 "draws": 2, "val_every": 4, "store": str(tmp_path / "store")},
+        "model": {"input_size": [64, 64], "teacher": str(teacher_path), "crop": [32, 48]},
+        "schedule": {"epochs": 1, "max_steps": 2, "batch_size": 4, "val_every": 2, "ckpt_every": 1,
+                     "log_every": 1},
+        "run": {"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False, "device": "cpu"},
+    }
+    cfg = validate_general(build_config(GeneralConfig, apply_overrides(raw, [])))
+    result = train_general(cfg)
+    assert result.steps == 2
+    assert set(result.metrics) >= {"cos_clean", "cos_lq", "self_r1_lq", "teacher_cos_lq"}
+    assert -1.0 <= result.metrics["cos_lq"] <= 1.0
+    out = export_general(result.checkpoint, tmp_path / "student.pt")
+    card = read_card(out)
+    assert card.method == "general" and card.train_domains == ["lab"] and card.input_size == (64, 64)
+    assert "9 images" in card.train_data  # 12 images, 3 of them (i % 4 == 2) held out for validation
+    assert card.domain("kitti00") == "out"
+    student = load_model(out)
+    # BatchNorm statistics stay the teacher's (freeze_bn); the convolutions moved
+    bn = "features.1.conv.0.1.running_mean"
+    assert torch.equal(student.state_dict()[bn], teacher.state_dict()[bn])
+    conv = "features.1.conv.0.0.weight"
+    assert not torch.equal(student.state_dict()[conv], teacher.state_dict()[conv])
