@@ -37,7 +37,8 @@ OVERRIDES: tuple[tuple[str, str, str, type, str], ...] = (
      "raw (sensor_msgs/Image) or compressed (<camera_topic>/compressed)"),
     ("weights", "localizer", "weights", str,
      "model checkpoint (.pt); 'default' = packaged student, 'imagenet' = ImageNet-initialised model"),
-    ("model", "localizer", "model", str, "registered model name (empty: the checkpoint's)"),
+    ("model", "localizer", "model", str,
+     "registered model name; the checkpoint's when the params file has none"),
     ("input_size", "localizer", "input_size", str, "preprocessing size HxW, or 'native'"),
     ("device", "localizer", "device", str, "auto (GPU when present), cpu, cuda or cuda:N"),
     ("backend", "localizer", "backend", str, "inference backend: torch or onnx (ONNX Runtime)"),
@@ -58,6 +59,18 @@ OVERRIDES: tuple[tuple[str, str, str, type, str], ...] = (
     ("bitrate_codec", "transmitter", "bitrate_codec", str,
      "codec adapted in tx_mode bitrate: jpeg, h264, h265"),
 )
+#: Launch arguments with a fixed set of values (the nodes' parameter choices and the registered models;
+#: test/test_launch.py keeps them equal). "" (keep the params file's value) is always allowed too.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "image_transport": ("raw", "compressed"),
+    "model": ("cricavpr_teacher_dinov2", "gem_mobilenetv2", "netvlad_mobilenetv2", "scicevpr_dinov2",
+              "structvpr_mobilenetv2"),
+    "backend": ("torch", "onnx"),
+    "precision": ("fp32", "fp16"),
+    "mode": ("localize", "map", "both"),
+    "tx_mode": ("none", "jpeg", "resize", "h264", "h265", "bitrate"),
+    "bitrate_codec": ("jpeg", "h264", "h265"),
+}
 SWITCHES: tuple[tuple[str, str, str], ...] = (
     ("use_transmitter", "false", "run the transmitter (simulated thin link) between camera and localizer"),
     ("use_loop_closure", "false", "run the loop-closure node on the localizer's matches"),
@@ -144,7 +157,8 @@ def generate_launch_description() -> LaunchDescription:
     args = [DeclareLaunchArgument(
         "params_file", default_value=default_params,
         description="ROS 2 params file with localizer/transmitter/loop_closure sections")]
-    args += [DeclareLaunchArgument(name, default_value="", description=f"{text} (empty: params file)")
+    args += [DeclareLaunchArgument(name, default_value="", description=f"{text} (empty: params file)",
+                                   **({"choices": ["", *CHOICES[name]]} if name in CHOICES else {}))
              for name, _, _, _, text in OVERRIDES]
     args += [DeclareLaunchArgument(name, default_value=default, description=text, choices=["true", "false"])
              for name, default, text in SWITCHES]

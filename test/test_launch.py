@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,68 @@ def _dict_keys(name: str) -> dict[str, ast.expr]:
 def _calls(name: str) -> list[ast.Call]:
     return [n for n in ast.walk(TREE) if isinstance(n, ast.Call)
             and isinstance(n.func, ast.Name) and n.func.id == name]
+
+
+def _module_value(name: str) -> ast.expr:
+    for node in TREE.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == name:
+            return node.value
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return node.value
+    raise AssertionError(f"{LAUNCH} defines no {name}")
+
+
+def _overrides() -> list[tuple[str, str, str, str]]:
+    """(argument, node, parameter, description) of the OVERRIDES table."""
+    rows = []
+    for row in _module_value("OVERRIDES").elts:
+        arg, node, param, _, text = row.elts
+        rows.append((ast.literal_eval(arg), ast.literal_eval(node), ast.literal_eval(param),
+                     ast.literal_eval(text)))
+    return rows
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def test_fixed_value_arguments_declare_choices():
+    pytest.importorskip("rclpy")
+    from vpr_ros.core.models.registry import list_models
+    from vpr_ros.ros import localizer, transmitter
+
+    choices = ast.literal_eval(_module_value("CHOICES"))
+    specs = {"localizer": {s.name: s for s in localizer.PARAMS},
+             "transmitter": {s.name: s for s in transmitter.PARAMS}}
+    fixed = {arg: specs[node][param].choices for arg, node, param, _ in _overrides()
+             if specs[node][param].choices}
+    assert {"backend", "mode", "tx_mode", "bitrate_codec", "image_transport", "precision"} <= set(fixed)
+    for arg, values in fixed.items():
+        assert tuple(choices.get(arg, ())) == tuple(values), f"launch argument {arg}: choices {values}"
+    assert tuple(choices["model"]) == tuple(list_models())
+    assert set(choices) == set(fixed) | {"model"}
+    # and the declaration over OVERRIDES passes them (with "" = keep the params file's value)
+    declares = [c for c in _calls("DeclareLaunchArgument")
+                if any(isinstance(n, ast.Name) and n.id == "CHOICES" for n in ast.walk(c))]
+    assert len(declares) == 1
+
+
+def test_argument_descriptions_say_each_thing_once():
+    for arg, _, _, text in _overrides():
+        full = f"{text} (empty: params file)"  # what --show-args prints
+        assert full.count("empty") == 1, f"{arg}: {full!r}"
+
+
+def test_docs_name_the_place_candidate_fields():
+    fields = [line.split()[1] for line in (REPO / "msgs" / "vpr_ros_msgs" / "msg" / "PlaceCandidate.msg")
+              .read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert "entry_id" in fields
+    doc = (REPO / "docs" / "ros.md").read_text()
+    start = doc.index("`matches` = ")
+    sentence = doc[start: doc.index(";", start)]
+    named = [w for w in re.findall(r"`([a-z_]+)`", sentence) if w != "matches" and w != "top_k"]
+    assert "entry_id" in named and " id," not in sentence, sentence
+    assert set(named) <= set(fields), (named, fields)
 
 
 # --------------------------------------------------------------------------- required nodes
@@ -110,3 +173,16 @@ def test_launch_fails_when_the_localizer_dies(tmp_path, ros_env):
     assert "required node localizer_node" in log and "exited with status 2" in log, log
     # and the rest of the graph was stopped, not left running (before: the launch ran on until Ctrl-C)
     assert "[transmitter_node-1]: process has finished cleanly" in log, log
+
+
+def test_launch_arguments_when_launch_is_installed():
+    _launch_env()
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("localize_launch", LAUNCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    declared = {a.name: a for a in mod.generate_launch_description().get_launch_arguments()}
+    for name, values in mod.CHOICES.items():
+        assert declared[name].choices == ["", *values], name
+    assert declared["model"].description.count("empty") == 1, declared["model"].description
