@@ -92,23 +92,28 @@ def test_fusion_shapes_last_m_layers_and_channel_vs_token_mixing(student):
         assert mixer(a).shape == a.shape
 
 
-def test_regions_are_cls_plus_2x2_and_3x3_gem(student):
+def test_regions_are_multi_level_gem_and_cls_is_an_option(student):
     assert region_edges(16, 3) == [0, 5, 11, 16] and region_edges(16, 2) == [0, 8, 16]  # CricaVPR's 224 px
     assert region_edges(4, 3) == [0, 1, 3, 4]
     fmap, cls = torch.rand(2, 384, 4, 4), torch.rand(2, 384)
+    gem = student.gem
+
+    def unit(t):
+        return F.normalize(t, dim=1)
+
     with torch.no_grad():
-        r = student.regions(fmap, cls)
+        r = student.regions(fmap, cls)  # the default: GeM of the map and of every region, L2-normalised
         assert r.shape == (2, 14, 384)
-        gem = student.gem
-        assert torch.equal(r[:, 0], cls)
-        assert torch.allclose(r[:, 1], gem(fmap[:, :, 0:2, 0:2]))  # 2x2, row-major
-        assert torch.allclose(r[:, 4], gem(fmap[:, :, 2:4, 2:4]))
-        assert torch.allclose(r[:, 5], gem(fmap[:, :, 0:1, 0:1]))  # 3x3 on 4 cells: 0:1, 1:3, 3:4
-        assert torch.allclose(r[:, 9], gem(fmap[:, :, 1:3, 1:3]))
-        assert torch.allclose(r[:, 13], gem(fmap[:, :, 3:4, 3:4]))
-    variant = create_model("scicevpr_dinov2", **SMALL, global_token="gem")
+        assert torch.allclose(r[:, 0], unit(gem(fmap)))
+        assert torch.allclose(r[:, 1], unit(gem(fmap[:, :, 0:2, 0:2])))  # 2x2, row-major
+        assert torch.allclose(r[:, 4], unit(gem(fmap[:, :, 2:4, 2:4])))
+        assert torch.allclose(r[:, 5], unit(gem(fmap[:, :, 0:1, 0:1])))  # 3x3 on 4 cells: 0:1, 1:3, 3:4
+        assert torch.allclose(r[:, 9], unit(gem(fmap[:, :, 1:3, 1:3])))
+        assert torch.allclose(r[:, 13], unit(gem(fmap[:, :, 3:4, 3:4])))
+    variant = create_model("scicevpr_dinov2", **SMALL, global_token="cls")  # CricaVPR-like
     with torch.no_grad():
-        assert torch.allclose(variant.regions(fmap, cls)[:, 0], variant.gem(fmap))
+        rc = variant.regions(fmap, cls)
+        assert torch.equal(rc[:, 0], cls) and torch.allclose(rc[:, 1], variant.gem(fmap[:, :, 0:2, 0:2]))
 
 
 # --------------------------------------------------------------------------- the property that matters

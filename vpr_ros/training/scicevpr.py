@@ -145,7 +145,10 @@ def multi_similarity_loss(
 class SciceModelConfig:
     name: str = "cricavpr_teacher_dinov2"  # the model this stage trains (registry name)
     config: dict[str, Any] = field(default_factory=dict)  # registry config: arch, image_size, reduce_dim...
-    pretrained: bool = False  # DINOv2 weights: config.backbone_weights (file or "hub"), else timm's tag
+    # DINOv2 backbone weights, the one line to change once they can be had: a local file (the official
+    # dinov2_vits14_pretrain.pth / ..._vitb14_... or a timm state dict) or "hub"; it implies pretrained
+    weights: str = ""
+    pretrained: bool = False  # DINOv2 weights: weights / config.backbone_weights, else timm's tag
     teacher: str | None = None  # stage student: the stage-1 checkpoint (training or deployed)
     inherit: list[str] = field(default_factory=lambda: ["backbone", "fusion"])  # copied from the teacher
     freeze: list[str] = field(default_factory=lambda: ["fusion"])  # kept fixed (the backbone always is)
@@ -500,10 +503,13 @@ def _fixed_input(model: RegionalDinoV2) -> RegionalDinoV2:
 def build_models(cfg: SciceConfig) -> tuple[RegionalDinoV2, CricaTeacher | None]:
     """(the model this stage trains, the frozen teacher or None)."""
     m = cfg.model
+    config, pretrained = dict(m.config), m.pretrained
+    if m.weights:
+        config["backbone_weights"], pretrained = m.weights, True
     model = create_model(
         m.name,
-        pretrained=m.pretrained and not (cfg.stage == "student" and "backbone" in m.inherit),
-        **m.config,
+        pretrained=pretrained and not (cfg.stage == "student" and "backbone" in m.inherit),
+        **config,
     )
     want = CricaTeacher if cfg.stage == "teacher" else SciceStudent
     if not isinstance(model, want):

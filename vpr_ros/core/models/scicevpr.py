@@ -10,16 +10,19 @@ Learning for Visual Place Recognition" (CVPR 2024). One image batch (B, 3, H, W)
 2. **Multi-layer feature fusion** (SciceVPR §3.2): the M patch maps concatenated on channels (B, M·C, h, w),
    a 1x1 convolution back to C channels + ReLU (``fusion``), then ``mixer_layers`` token-mixer layers
    (MLP-Mixer token mixing: LayerNorm over channels, an MLP across the h·w tokens, residual).
-3. **Regional features** (CricaVPR §3.2): the fused class token (the M class tokens through the same 1x1
-   fusion) and GeM pooling over the 2x2 and 3x3 regions of the fused map: 1 + 4 + 9 = 14 features (B, 14, C).
+3. **Regional features** (SciceVPR Fig. 4b, multi-level GeM): GeM pooling of the whole fused map and of its
+   2x2 and 3x3 regions, each L2-normalised as the authors' GeM layer does: 1 + 4 + 9 = 14 features
+   (B, 14, C). ``global_token="cls"`` is the CricaVPR-like layout: the fused class token (the M class tokens
+   through the same 1x1 fusion) in place of the whole-map GeM, the region GeMs not normalised.
 4. **Encoder** on the 14 features, the only difference of the two models:
 
    * :class:`CricaTeacher` (Super-CricaVPR): the *cross-image* encoder, ``encoder_layers`` transformer
      layers attending across the images of the batch, separately for each of the 14 feature indices.
      A descriptor depends on the other images of its batch: a training-time device.
-   * :class:`SciceStudent` (SciceVPR): the *self-enhanced* encoder, transformer layers attending only
-     among one image's own 14 features; descriptors do not depend on the batch. Trained to match the
-     teacher's descriptors (``vpr_ros.training.scicevpr``). This is the deployable model.
+   * :class:`SciceStudent` (SciceVPR): the *self-enhanced* encoder, transformer layers (1 in the authors'
+     code) applied to every regional feature of every image on its own (a sequence of one token: no
+     attention across images, nor across an image's regions); descriptors do not depend on the batch.
+     Trained to match the teacher's descriptors (``vpr_ros.training.scicevpr``). The deployable model.
 
 5. **Descriptor**: the 14 encoded features concatenated and L2-normalised (14·C: 10752-d for ViT-B/14),
    optionally projected to ``reduce_dim`` by a PCA fitted after training (:meth:`SciceStudent.fit_reduction`)
@@ -205,7 +208,8 @@ class RegionalDinoV2(VprModel):
         return f, g
 
     def regions(self, fmap: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-        """(B, 14, C): global feature (class token, or GeM of the whole map) + GeM of 2x2 and 3x3 regions."""
+        """(B, 14, C): multi-level GeM of the whole map, its 2x2 and 3x3 regions, each L2-normalised
+        (``global_token="gem"``); or the class token + the region GeMs unnormalised (``"cls"``)."""
         feats = [cls if self.global_token == "cls" else self.gem(fmap)]
         h, w = fmap.shape[-2:]
         for n in REGION_LEVELS:
@@ -213,7 +217,8 @@ class RegionalDinoV2(VprModel):
             for i in range(n):
                 for j in range(n):
                     feats.append(self.gem(fmap[:, :, rows[i]:rows[i + 1], cols[j]:cols[j + 1]]))
-        return torch.stack(feats, dim=1)
+        r = torch.stack(feats, dim=1)
+        return r if self.global_token == "cls" else F.normalize(r, dim=2)
 
     def encode(self, r: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -262,7 +267,9 @@ class SciceStudent(RegionalDinoV2):
             self.descriptor_dim = reduce_dim
 
     def encode(self, r: torch.Tensor) -> torch.Tensor:
-        return self.encoder(r)  # (B, 14, C): sequence = the image's own features
+        # every regional feature of every image alone: (B*14, 1, C), a sequence of one token
+        b, n, c = r.shape
+        return self.encoder(r.reshape(b * n, 1, c)).reshape(b, n, c)
 
     @torch.no_grad()
     def fit_reduction(self, descriptors: torch.Tensor) -> None:
@@ -289,7 +296,7 @@ class SciceStudent(RegionalDinoV2):
 # --------------------------------------------------------------------------- registration
 
 _COMMON: dict[str, Any] = dict(arch="vitb14", layers=4, image_size=[224, 224], mixer_layers=2,
-                               mixer_ratio=1.0, heads=16, ffn=2048, dropout=0.1, global_token="cls",
+                               mixer_ratio=1.0, heads=16, ffn=2048, dropout=0.1, global_token="gem",
                                backbone_weights="")
 _DINOV2_PRE = Preprocess(input_size=(224, 224))  # DINOv2 uses the ImageNet mean/std
 
