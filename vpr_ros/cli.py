@@ -250,6 +250,7 @@ def cmd_build_map(args: argparse.Namespace) -> int:
     from .core.datasets import ImageRecord
     from .core.experiment import map_from_records
     from .core.mapdb import map_path
+    from .core.provenance import describe_source
 
     ext = _extractor(args)
     if args.images:
@@ -270,6 +271,7 @@ def cmd_build_map(args: argparse.Namespace) -> int:
     path = place_map.save(args.out)
     print(f"map {display_path(path)}: {len(place_map)} entries ({place_map.dim}-d, {place_map.index_kind}), "
           f"{len(skipped)} images skipped, {time.perf_counter() - t0:.1f} s")
+    print(f"  descriptors of {describe_source(place_map.descriptor_source)} (recorded in the map)")
     return 0
 
 

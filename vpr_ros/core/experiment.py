@@ -21,6 +21,7 @@ from .errors import DatasetError
 from .evaluation import RECALL_NS, EvalResult, recall_at_n, save_results_json
 from .extract import DescriptorExtractor
 from .mapdb import MapEntry, PlaceMap
+from .provenance import descriptor_source
 from .transmission import TransmissionConfig, Transmitter
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,13 @@ def map_from_records(
     """Describe ``records`` and put them in a new map.
 
     Returns the map, the record index of each map entry (map id -> record position), and
-    the records skipped with their reasons.
+    the records skipped with their reasons. The map records which weights made it
+    (:func:`~vpr_ros.core.provenance.descriptor_source`).
     """
     ext = extractor.extract_stream(
         records, load=ImageRecord.load, total=len(records), desc="map", progress=progress
     )
-    place_map = PlaceMap(extractor.dim, index, model=model)
+    place_map = PlaceMap(extractor.dim, index, model=model, descriptor_source=descriptor_source(extractor))
     entries = []
     for i in ext.indices:
         rec = records[int(i)]

@@ -42,6 +42,10 @@ with their sha256 and size; :meth:`PlaceMap.load` verifies them before faiss see
 commit point) and only then deletes the files the old manifest used, so a crash at any
 moment leaves the previous complete map loadable. One writer per map directory at a time
 (a ``flock`` on ``<dir>/.lock`` serialises concurrent savers).
+
+The manifest's optional ``descriptor_source`` records which weights made the descriptors
+(model, ``weights_id``, input size, dimension; :mod:`vpr_ros.core.provenance`); maps saved
+before it existed load without it (:attr:`PlaceMap.descriptor_source` is None).
 """
 
 from __future__ import annotations
@@ -299,7 +303,8 @@ class PlaceMap:
     """
 
     def __init__(
-        self, dim: int, index: str = "flat", *, model: str = "", metric: str = "ip", **index_params: Any
+        self, dim: int, index: str = "flat", *, model: str = "", metric: str = "ip",
+        descriptor_source: dict[str, Any] | None = None, **index_params: Any
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise MapError(f"descriptor dimension must be a positive integer, got {dim!r}")
@@ -310,6 +315,8 @@ class PlaceMap:
         self.dim = int(dim)
         self.model = model
         self.metric = metric
+        #: Which weights made the descriptors (:func:`~vpr_ros.core.provenance.descriptor_source`), or None.
+        self.descriptor_source = _check_source(descriptor_source, "descriptor_source")
         self.index_kind = index
         self._params = _resolve_params(index, self.dim, dict(index_params))
         self._lock = _RWLock()
@@ -676,6 +683,8 @@ class PlaceMap:
                 "files": files,
                 "faiss_version": getattr(faiss, "__version__", ""),
             }
+            if self.descriptor_source is not None:
+                manifest["descriptor_source"] = self.descriptor_source
             with open(tmp_manifest, "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=2)
                 f.write("\n")
@@ -792,8 +801,33 @@ class PlaceMap:
         pmap._sources = columns["sources"].tolist()
         pmap._next_id = m.next_id
         pmap._created = m.created
+        pmap.descriptor_source = m.descriptor_source
         pmap._read_only = use_mmap
         return pmap
+
+
+_SOURCE_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "weights_id": (str,), "input_size": (list, str), "dim": (int,)}
+
+
+def _check_source(source: Any, what: str) -> dict[str, Any] | None:
+    """A copy of a descriptor source record after checking its keys and types; None stays None."""
+    if source is None:
+        return None
+    if not isinstance(source, dict) or set(source) != set(_SOURCE_TYPES):
+        raise MapError(f"{what} must be a mapping with the keys {', '.join(_SOURCE_TYPES)}, got {source!r}")
+    for key, types in _SOURCE_TYPES.items():
+        value = source[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise MapError(f"{what}: {key!r} has the wrong type ({value!r})")
+    size = source["input_size"]
+    if isinstance(size, list) and (len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size)):
+        raise MapError(f"{what}: input_size must be [height, width] or 'native', got {size!r}")
+    if isinstance(size, str) and size != "native":
+        raise MapError(f"{what}: input_size must be [height, width] or 'native', got {size!r}")
+    return {"model": source["model"], "weights_id": source["weights_id"],
+            "input_size": size if isinstance(size, str) else [int(v) for v in size],
+            "dim": int(source["dim"])}
 
 
 def _active_kinds(kind: str) -> tuple[str, ...]:
@@ -841,6 +875,10 @@ class _Manifest:
         if self.count < 0 or self.next_id < self.count:
             raise bad(f"count {self.count} / next_id {self.next_id} are inconsistent")
         self.created = raw.get("created") if isinstance(raw.get("created"), str) else _now()
+        try:
+            self.descriptor_source = _check_source(raw.get("descriptor_source"), "field 'descriptor_source'")
+        except MapError as exc:
+            raise bad(str(exc)) from None
         files = get("files", dict)
         self.files = {}
         for key, regex in (("index", _INDEX_FILE_RE), ("entries", _ENTRIES_FILE_RE)):

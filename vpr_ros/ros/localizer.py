@@ -27,8 +27,8 @@ default: single-query search gains nothing from more, and OpenMP spin-waits coll
 shared cores). ``main`` spins a ``SingleThreadedExecutor`` (callbacks only queue) with a
 0.5 ms GIL switch interval (see :func:`vpr_ros.ros.params.run_node`).
 
-Bad configuration (missing/corrupt map in localize mode, missing/corrupt weights, a map made
-by another model or of another descriptor dimension, invalid parameters) raises
+Bad configuration (missing/corrupt map in localize mode, missing/corrupt weights, a map whose
+descriptors came from other weights, input size or dimension, invalid parameters) raises
 :class:`~vpr_ros.core.errors.ConfigError` / another ``VprError`` from the constructor:
 ``main`` prints the one-line reason and exits with status 2.
 """
@@ -59,6 +59,7 @@ from vpr_ros.core.fileio import confined_path, display_path
 from vpr_ros.core.mapdb import INDEX_KINDS, MapEntry, PlaceMap, QueryResult, map_path, set_search_threads
 from vpr_ros.core.models import DEFAULT_WEIGHTS, parse_size, resolve_model
 from vpr_ros.core.models.resolve import DEFAULT_MODEL
+from vpr_ros.core.provenance import descriptor_source, source_mismatch
 from vpr_ros.ros.conversions import float_to_stamp, stamp_to_float
 from vpr_ros.ros.params import (
     DropOldestQueue,
@@ -73,7 +74,8 @@ from vpr_ros.ros.params import (
     set_parameters_callback,
 )
 
-__all__ = ["MODES", "PARAMS", "LocalizerNode", "build_extractor", "check_map_model", "main", "model_label"]
+__all__ = ["MODES", "PARAMS", "LocalizerNode", "build_extractor", "check_map_model", "main", "map_warning",
+           "model_label", "open_map"]
 
 NODE_NAME = "localizer"
 MODES = ("localize", "map", "both")
@@ -210,23 +212,38 @@ def _no_map(target: Path) -> str:
             "or run with mode: map)")
 
 
-def open_map(path: str, mode: str, dim: int, label: str, index: str) -> tuple[PlaceMap, bool]:
-    """Load the map at ``path`` (refusing another model/dimension), or start one in map modes.
+def open_map(path: str, mode: str, dim: int, label: str, index: str,
+             source: dict[str, Any] | None = None) -> tuple[PlaceMap, bool]:
+    """Load the map at ``path`` (refusing another model/weights/dimension), or start one in map modes.
 
+    ``source``: this node's :func:`~vpr_ros.core.provenance.descriptor_source`, recorded in a new map
+    and compared with a loaded map's (a map that records none is checked by its model label only).
     Returns the map and whether it was loaded from disk.
     """
     if not path:
         raise ConfigError("parameter 'map_path' is required (the .vprmap directory to query or build)")
     target = map_path(Path(path).expanduser())
     if not target.exists() and mode != "localize":
-        return PlaceMap(dim, index, model=label), False
+        return PlaceMap(dim, index, model=label, descriptor_source=source), False
     if not target.exists():
         raise MapError(_no_map(target))
     pmap = PlaceMap.load(target, expected_dim=dim)
-    reason = check_map_model(pmap.model, label)
+    if pmap.descriptor_source is not None and source is not None:
+        reason = source_mismatch(pmap.descriptor_source, source)
+    else:
+        reason = check_map_model(pmap.model, label)
     if reason:
         raise MapError(f"map {target}: {reason}")
     return pmap, True
+
+
+def map_warning(pmap: PlaceMap, label: str) -> str | None:
+    """What to warn about a loaded map whose weights cannot be checked; None when they were."""
+    if pmap.descriptor_source is not None:
+        return None
+    named = f"names model {pmap.model!r} but" if pmap.model else "names no model and"
+    return (f"{named} does not record which weights made its descriptors (saved by an older vpr_ros); "
+            f"assuming {label}. Rebuild it (vpr-ros build-map) to have the weights checked")
 
 
 # --------------------------------------------------------------------------- node
@@ -288,12 +305,12 @@ class LocalizerNode(Node):
                      f"{time.perf_counter() - t0:.1f} s")
         self.extractor = extractor
         self.label = label or extractor.model.name
-        self.place_map, loaded = open_map(v["map_path"], v["mode"], extractor.dim, self.label, v["index"])
+        self.place_map, loaded = open_map(v["map_path"], v["mode"], extractor.dim, self.label, v["index"],
+                                          descriptor_source(extractor))
         self._map_target = target
-        if loaded and not self.place_map.model:
-            log.warning(f"map {self._map_target} does not name its model; assuming {self.label}")
-        elif loaded and "@" not in self.place_map.model:
-            log.warning(f"map {self._map_target} names model {self.place_map.model!r} but not its weights")
+        warning = map_warning(self.place_map, self.label) if loaded else None
+        if warning:
+            log.warning(f"map {self._map_target} {warning}")
         self._mapping = v["mode"] in ("map", "both")
         self._publishing = v["mode"] in ("localize", "both")
 
