@@ -259,6 +259,11 @@ class SequenceMatcher:
     def __len__(self) -> int:
         return len(self._order)
 
+    @property
+    def position(self) -> float | None:
+        """The position of the last pushed frame (None before the first)."""
+        return self._last_position
+
     def _clear(self, slot: int) -> None:
         k = self.config.candidates
         base = slot * _STRIDE

@@ -27,6 +27,15 @@ default: single-query search gains nothing from more, and OpenMP spin-waits coll
 shared cores). ``main`` spins a ``SingleThreadedExecutor`` (callbacks only queue) with a
 0.5 ms GIL switch interval (see :func:`vpr_ros.ros.params.run_node`).
 
+Sequence matching (``sequence_length`` > 0; :mod:`vpr_ros.core.sequence`, docs/sequence.md): each
+frame's top ``sequence_candidates`` places go into a rolling buffer and a SeqSLAM-style line search
+over the last ``sequence_length`` frames (velocities ``sequence_v_min``..``sequence_v_max`` map
+places per step) gives the sequence match, published beside the single-frame one in the same
+PlaceMatch (``sequence_*`` fields). Steps are frames, or with ``odom_topic`` and
+``sequence_step_m`` > 0 the signed travelled distance divided by ``sequence_step_m`` (a frame
+without odometry in ``odom_tolerance_s`` counts one step). Out-of-order and repeated-stamp frames
+get no sequence result. Changing a ``sequence_*`` parameter at runtime empties the buffer.
+
 Bad configuration (missing/corrupt map in localize mode, missing/corrupt weights, a map whose
 descriptors came from other weights, input size or dimension, invalid parameters) raises
 :class:`~vpr_ros.core.errors.ConfigError` / another ``VprError`` from the constructor:
@@ -60,6 +69,7 @@ from vpr_ros.core.mapdb import INDEX_KINDS, MapEntry, PlaceMap, QueryResult, map
 from vpr_ros.core.models import DEFAULT_WEIGHTS, parse_size, resolve_model
 from vpr_ros.core.models.resolve import DEFAULT_MODEL
 from vpr_ros.core.provenance import descriptor_source, source_mismatch
+from vpr_ros.core.sequence import SequenceConfig, SequenceMatcher, SequenceResult, signed_step
 from vpr_ros.ros.conversions import float_to_stamp, stamp_to_float
 from vpr_ros.ros.params import (
     DropOldestQueue,
@@ -132,10 +142,38 @@ PARAMS: tuple[ParamSpec, ...] = (
               high=3600.0, read_only=True),
     ParamSpec("log_throttle_s", 5.0, "a rejected-frame reason is logged at most once per this many seconds",
               low=0.0, high=3600.0),
+    ParamSpec("sequence_length", 0, "frames pooled by sequence matching (SeqSLAM-style; "
+              "PlaceMatch.sequence_*); 0 = off", low=0, high=1000),
+    ParamSpec("sequence_v_min", 0.8, "slowest sequence velocity, map places per step (0 or negative: stops "
+              "or reversing)", low=-10.0, high=10.0),
+    ParamSpec("sequence_v_max", 1.25, "fastest sequence velocity, map places per step (>= sequence_v_min)",
+              low=-10.0, high=10.0),
+    ParamSpec("sequence_reverse", False, "also search backwards lines (velocities -v_max..-v_min)"),
+    ParamSpec("sequence_candidates", 50, "top-K places of each frame kept for sequence matching",
+              low=1, high=1000),
+    ParamSpec("sequence_min_score", -1000.0, "a best sequence score below this (z-score units) reports the "
+              "single-frame result as the sequence result (-1000: never)", low=-1000.0, high=1000.0),
+    ParamSpec("sequence_step_m", 0.0, "with odom_topic: map place spacing in metres; steps are then signed "
+              "travelled distance / this (0: one step per frame)", low=0.0, high=1e6),
 )
+
+#: Parameters that configure the sequence matcher (a change empties its buffer).
+SEQUENCE_PARAMS = tuple(p.name for p in PARAMS if p.name.startswith("sequence_"))
 
 
 # --------------------------------------------------------------------------- model and map
+
+
+def sequence_matcher(values: dict[str, Any]) -> SequenceMatcher | None:
+    """The sequence matcher the ``sequence_*`` parameters describe (None when off); ConfigError if invalid."""
+    if values["sequence_length"] <= 0:
+        return None
+    config = SequenceConfig(length=int(values["sequence_length"]), v_min=float(values["sequence_v_min"]),
+                            v_max=float(values["sequence_v_max"]),
+                            candidates=int(values["sequence_candidates"]),
+                            min_score=float(values["sequence_min_score"]),
+                            reverse=bool(values["sequence_reverse"]))
+    return SequenceMatcher(config)
 
 
 def model_label(weights: str, name: str) -> str:
@@ -313,6 +351,13 @@ class LocalizerNode(Node):
             log.warning(f"map {self._map_target} {warning}")
         self._mapping = v["mode"] in ("map", "both")
         self._publishing = v["mode"] in ("localize", "both")
+        try:
+            self._sequence = sequence_matcher(v)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.get_name()}: {exc}") from None
+        self._sequence_pose: tuple | None = None  # odometry pose of the last sequence step
+        self.sequence_fallbacks = 0
+        self.sequence_no_pose = 0
 
         self._queue = DropOldestQueue(v["queue_size"])
         self._rejects = ReasonCounter(lambda m: self.get_logger().warning(m), v["log_throttle_s"])
@@ -367,6 +412,9 @@ class LocalizerNode(Node):
                  f"{'loaded' if loaded else 'new'})")
 
     def _apply(self, values: dict[str, Any]) -> str | None:
+        if any(values[k] != self._values[k] for k in SEQUENCE_PARAMS):
+            self._sequence = sequence_matcher(values)  # ConfigError -> rejected with its reason
+            self._sequence_pose = None
         self._rejects._period = float(values["log_throttle_s"])
         self._values = values
         return None
@@ -452,7 +500,11 @@ class LocalizerNode(Node):
         descriptors = self.extractor(images)
         self.batches += 1
         k = v["top_k"]
-        if self._mapping:
+        sequence = self._sequence  # one matcher for the whole batch (a runtime change swaps it)
+        steps: list[SequenceResult | None] = [None] * len(frames)
+        if sequence is not None:
+            results, steps = self._match_sequence(frames, descriptors, k, sequence)
+        elif self._mapping:
             results = []
             for f, d in zip(frames, descriptors, strict=True):
                 result = self.place_map.query(d, k)[0]
@@ -462,12 +514,12 @@ class LocalizerNode(Node):
             results = self.place_map.query(descriptors, k)
         self.frames_ok += len(frames)
         self._batch_accounted += len(frames)
-        for f, result in zip(frames, results, strict=True):
+        for i, (f, result) in enumerate(zip(frames, results, strict=True)):
             if not self._publishing:  # map mode: latency = receipt to keyframe decision
                 self._latency.add((time.monotonic() - f.received) * 1000.0)
                 continue
             try:
-                msg = self._place_match(f, result)
+                msg = self._place_match(f, result, steps[i])
                 msg.latency_ms = float((time.monotonic() - f.received) * 1000.0)
                 self._match_pub.publish(msg)
             except Exception as exc:  # counted per frame: the frame was described, its match is lost
@@ -477,31 +529,83 @@ class LocalizerNode(Node):
                 continue
             self._latency.add(msg.latency_ms)
 
-    def _place_match(self, frame: _Frame, result: QueryResult) -> Any:
+    def _place_match(self, frame: _Frame, result: QueryResult, sequence: SequenceResult | None = None) -> Any:
         v = self._values
         header = frame.msg.header
         label = self._labels.get((header.stamp.sec, header.stamp.nanosec), v["degradation"])
-        cands = []
-        for eid, score, entry in zip(result.ids, result.scores, result.entries, strict=True):
-            if float(score) < v["min_score"]:
-                continue
-            # string fields must be valid UTF-8: a map built from Latin-1 file names holds surrogates
-            cand = self._cand_t(entry_id=int(eid), score=float(score), source=display_path(entry.source))
-            try:
-                cand.stamp = float_to_stamp(entry.stamp)
-            except ValueError:
-                pass
-            if entry.position is not None:
-                cand.has_pose = True
-                cand.pose = Pose(position=Point(x=float(entry.position[0]), y=float(entry.position[1]),
-                                                z=float(entry.position[2])))
-                if entry.orientation is not None:
-                    x, y, z, w = (float(c) for c in entry.orientation)
-                    cand.pose.orientation = Quaternion(x=x, y=y, z=z, w=w)
-                cand.pose_frame_id = display_path(entry.frame_id)
-            cands.append(cand)
-        return self._match_t(header=header, query_id=int(frame.query_id), model=display_path(self.label),
-                             matches=cands, degradation=display_path(label))
+        cands = [self._candidate(eid, score, entry)
+                 for eid, score, entry in zip(result.ids, result.scores, result.entries, strict=True)
+                 if float(score) >= v["min_score"]]
+        msg = self._match_t(header=header, query_id=int(frame.query_id), model=display_path(self.label),
+                            matches=cands, degradation=display_path(label))
+        if sequence is not None:  # min_score is a cosine threshold: it does not apply to sequence scores
+            n = min(v["top_k"], len(sequence.ids))
+            msg.sequence_frames = int(sequence.frames)
+            msg.sequence_matches = [self._candidate(eid, score, self.place_map.entry(int(eid)))
+                                    for eid, score in zip(sequence.ids[:n], sequence.scores[:n], strict=True)]
+            msg.sequence_score = float(sequence.score)
+            msg.sequence_velocity = float(sequence.velocity)
+            msg.sequence_fallback = bool(sequence.fallback)
+        return msg
+
+    def _candidate(self, eid: Any, score: Any, entry: MapEntry) -> Any:
+        """A PlaceCandidate of map entry ``eid`` (plain Python scalars: numpy ones would not serialise)."""
+        # string fields must be valid UTF-8: a map built from Latin-1 file names holds surrogates
+        cand = self._cand_t(entry_id=int(eid), score=float(score), source=display_path(entry.source))
+        try:
+            cand.stamp = float_to_stamp(entry.stamp)
+        except ValueError:
+            pass
+        if entry.position is not None:
+            cand.has_pose = True
+            cand.pose = Pose(position=Point(x=float(entry.position[0]), y=float(entry.position[1]),
+                                            z=float(entry.position[2])))
+            if entry.orientation is not None:
+                x, y, z, w = (float(c) for c in entry.orientation)
+                cand.pose.orientation = Quaternion(x=x, y=y, z=z, w=w)
+            cand.pose_frame_id = display_path(entry.frame_id)
+        return cand
+
+    def _match_sequence(self, frames: list[_Frame], descriptors: np.ndarray, k: int,
+                        sequence: SequenceMatcher) -> tuple[list[QueryResult], list[SequenceResult | None]]:
+        """Single-frame results (top ``k``) and sequence results of a batch, from one top-K search each.
+
+        Map modes search frame by frame (a keyframe added for one frame is a place for the next).
+        """
+        kk = max(k, sequence.config.candidates)
+        results: list[QueryResult] = []
+        steps: list[SequenceResult | None] = []
+        batch = None if self._mapping else self.place_map.search(descriptors, kk)
+        for i, (f, d) in enumerate(zip(frames, descriptors, strict=True)):
+            scores, ids = self.place_map.search(d[None, :], kk) if batch is None else (batch[0][i:i + 1],
+                                                                                     batch[1][i:i + 1])
+            keep = ids[0] >= 0
+            ids, scores = ids[0][keep], scores[0][keep]
+            result = QueryResult(ids[:k].copy(), scores[:k].copy(),
+                                 [self.place_map.entry(int(e)) for e in ids[:k]])
+            step = None
+            if not f.out_of_order:  # a late or resent frame would break the buffer's time order
+                step = sequence.push(ids, scores, self._sequence_position(f, sequence))
+                self.sequence_fallbacks += int(step.fallback and len(step.ids) > 0)
+            results.append(result)
+            steps.append(step)
+            if self._mapping:
+                self._maybe_add_keyframe(f, d, result)
+        return results, steps
+
+    def _sequence_position(self, frame: _Frame, sequence: SequenceMatcher) -> float | None:
+        """The frame's step position: signed travelled distance / sequence_step_m, or None (one step)."""
+        v = self._values
+        if v["sequence_step_m"] <= 0 or not v["odom_topic"]:
+            return None
+        odom = self._odom_at(stamp_to_float(frame.msg.header.stamp), v["odom_tolerance_s"])
+        if odom is None:
+            self.sequence_no_pose += 1
+            return None
+        previous, self._sequence_pose = self._sequence_pose, (odom[1], odom[2])
+        if previous is None or sequence.position is None:
+            return None
+        return sequence.position + signed_step(previous[0], odom[1], odom[2]) / v["sequence_step_m"]
 
     def _maybe_add_keyframe(self, frame: _Frame, descriptor: np.ndarray, result: QueryResult) -> None:
         v = self._values
@@ -581,6 +685,9 @@ class LocalizerNode(Node):
             "keyframes_added": self.keyframes_added,
             "keyframes_without_pose": self.keyframes_without_pose,
             "odom_rejected": self.odom_rejected,
+            "sequence_length": self._values["sequence_length"],
+            "sequence_fallbacks": self.sequence_fallbacks,
+            "sequence_no_pose": self.sequence_no_pose,
         }
         out.update({f"rejected_{k}": n for k, n in sorted(rejects.items())})
         return out

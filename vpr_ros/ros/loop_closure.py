@@ -16,6 +16,12 @@ entry was never seen by this node (a map built in another session) or whose feat
 cannot be verified and is not published: verification is never skipped silently. Rejections are
 counted by reason on ``/diagnostics``.
 
+With ``candidate_source: sequence`` the candidates are the PlaceMatch's sequence result
+(``sequence_matches``, published by a localizer with ``sequence_length`` > 0) and the threshold is
+``sequence_score_threshold`` in the sequence score's z-score units; a PlaceMatch without a sequence
+result (or with ``sequence_fallback``) uses its single-frame ``matches`` and ``score_threshold``.
+The LoopClosure's ``score`` is then the sequence score.
+
 Callbacks only queue; one worker thread extracts features, verifies and publishes, so slow
 verification never blocks the executor. Thresholds can be changed at runtime (validated); bad
 configuration makes the constructor raise :class:`~vpr_ros.core.errors.ConfigError` and ``main``
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import dataclasses
 import sys
 import threading
 import time
@@ -119,6 +126,11 @@ PARAMS: tuple[ParamSpec, ...] = (
               high=3600.0, read_only=True),
     ParamSpec("log_throttle_s", 5.0, "a rejection reason is logged at most once per this many seconds",
               low=0.0, high=3600.0),
+    ParamSpec("candidate_source", "single", "PlaceMatch result giving the candidates: single (matches, "
+              "score_threshold) or sequence (sequence_matches, sequence_score_threshold; single when a "
+              "PlaceMatch has no sequence result)", choices=("single", "sequence")),
+    ParamSpec("sequence_score_threshold", 0.25, "candidate_source sequence: minimum sequence score (z-score "
+              "units of PlaceMatch.sequence_matches)", low=-1000.0, high=1000.0),
 )
 
 
@@ -144,6 +156,12 @@ def config_from_params(v: dict[str, Any]) -> LoopClosureConfig:
                              score_threshold=float(v["score_threshold"]), top_k=int(v["top_k"]),
                              max_closures=int(v["max_closures"]),
                              geometric_verification=bool(v["geometric_verification"]), verification=ver)
+
+
+def _sequence_detector(config: LoopClosureConfig) -> LoopClosureDetector:
+    """The detector of sequence candidates: ``config`` without its cosine threshold (the node applies
+    ``sequence_score_threshold`` to the sequence scores before)."""
+    return LoopClosureDetector(dataclasses.replace(config, score_threshold=-1.0), feature_capacity=1)
 
 
 class StampedFeatures:
@@ -226,6 +244,7 @@ class LoopClosureNode(Node):
         except ConfigError as exc:
             raise ConfigError(f"{self.get_name()}: {exc}") from None
         self.detector = LoopClosureDetector(config, feature_capacity=1)
+        self._sequence_detector = _sequence_detector(config)
         self._orb = OrbExtractor(config.verification)
         self.features = StampedFeatures(v["feature_cache_size"])
         self._queue = DropOldestQueue(v["queue_size"])
@@ -236,6 +255,7 @@ class LoopClosureNode(Node):
         self.images_in = 0
         self.matches_in = 0
         self.matches_done = 0
+        self.sequence_queries = 0  # PlaceMatches whose candidates came from the sequence result
         self.candidates_checked = 0
         self.closures_published = 0
         self.image_rejects = 0
@@ -274,6 +294,7 @@ class LoopClosureNode(Node):
         config = config_from_params(values)  # ConfigError -> rejected with its message
         with self._lock:
             self.detector = LoopClosureDetector(config, feature_capacity=1)
+            self._sequence_detector = _sequence_detector(config)
             self._values = values
         self._rejects._period = float(values["log_throttle_s"])
         return None
@@ -338,9 +359,14 @@ class LoopClosureNode(Node):
     def _process(self, msg: Any, query: Features | None) -> None:
         v = self._values
         tol = int(v["stamp_tolerance_s"] * 1e9)
+        use_sequence = (v["candidate_source"] == "sequence" and msg.sequence_frames > 0
+                        and not msg.sequence_fallback)
         with self._lock:
-            detector = self.detector
-        candidates = [(int(c.entry_id), stamp_to_float(c.stamp), float(c.score)) for c in msg.matches]
+            detector = self._sequence_detector if use_sequence else self.detector
+        self.sequence_queries += int(use_sequence)
+        source = msg.matches if not use_sequence else [  # sequence threshold applied here, in z-score units
+            c for c in msg.sequence_matches if float(c.score) >= v["sequence_score_threshold"]]
+        candidates = [(int(c.entry_id), stamp_to_float(c.stamp), float(c.score)) for c in source]
         t0 = time.perf_counter()
         det = detector.check_candidates(
             int(msg.query_id), stamp_to_float(msg.header.stamp), candidates, query,
@@ -374,6 +400,7 @@ class LoopClosureNode(Node):
             "images_out_of_order": self.images_out_of_order,
             "matches_received": self.matches_in,
             "matches_processed": self.matches_done,
+            "sequence_queries": self.sequence_queries,
             "candidates_checked": self.candidates_checked,
             "loop_closures": self.closures_published,
             "queue_drops": self._queue.dropped,
