@@ -528,6 +528,9 @@ def test_set_of_an_unknown_node_lists_the_valid_ones(capsys):
     with pytest.raises(ConfigError, match="unknown parameter.*top_kk"):
         apply_sets({}, ["localizer.top_kk=1"])
     assert apply_sets({}, ["*.use_sim_time=true"]) == {"*": {"use_sim_time": True}}
+    latin1 = os.fsdecode(b"localizer.map_path=/maps/" + LATIN1)  # from argv: not UTF-8
+    with pytest.raises(ConfigError, match=r"map_path=/maps/caf\\xe9: not valid UTF-8 text"):
+        apply_sets({}, [latin1])
     rc, _, errors = run_cli(["localize", "--params", REPO / "config" / "localize.yaml", "--duration", "1",
                              "--set", "nosuchnode.x=1"], capsys)
     assert rc == 2 and len(errors) == 1 and "unknown node 'nosuchnode'" in errors[0], errors

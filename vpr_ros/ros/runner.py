@@ -33,6 +33,7 @@ from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
 from vpr_ros.core.errors import ConfigError, VprError
+from vpr_ros.core.fileio import display_path
 from vpr_ros.ros.params import SWITCH_INTERVAL_S
 
 __all__ = [
@@ -135,6 +136,11 @@ def apply_sets(params: dict[str, dict[str, Any]], sets: Iterable[str]) -> dict[s
         node, dot, param = key.strip().partition(".")
         if not eq or not dot or not node or not param:
             raise ConfigError(f"--set {item!r}: expected NODE.PARAM=VALUE, e.g. localizer.top_k=3")
+        try:  # ROS strings are UTF-8: a Latin-1 file name from the command line cannot be passed on
+            item.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"--set {display_path(item)}: not valid UTF-8 text (ROS parameters are UTF-8 "
+                              "strings); rename the file or folder") from None
         node = "*" if node == "/**" else node
         if node != "*" and node not in NODES:  # a typo would otherwise be ignored silently
             raise ConfigError(f"--set {item!r}: unknown node {node!r}; nodes: {', '.join(NODES)} "
