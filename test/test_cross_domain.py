@@ -167,3 +167,25 @@ def test_one_cross_domain_number_recomputed_through_the_public_api(tmp_path, tor
     again = cross_domain.run_cross_domain(cfg, cx)
     assert again["described"] == 0 and again["results"]["tiny"] == data["results"]["tiny"]
     assert re.search(r"\| `tiny` \| rtabmap_loop \| out \| JPEG q10 \|", page)
+
+
+def test_int8_export_is_found_by_the_model_hash_and_close_to_fp32(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from vpr_ros.core.backends import find_int8_export, make_backend, quantize_int8
+    from vpr_ros.core.errors import ModelError
+    from vpr_ros.core.models import load_model
+
+    model = load_model(_tiny_checkpoint(tmp_path / "m.pt", {"key": "tiny"}))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(6)]
+    path = quantize_int8(model, images, tmp_path / "q" / "m.int8.onnx", cache_dir=tmp_path / "onnx")
+    assert find_int8_export(model, tmp_path / "q") == path
+    other = create_model("structvpr_mobilenetv2", pretrained=False, preprocess={"input_size": [32, 64]})
+    with pytest.raises(ModelError, match="bench/int8.py"):
+        find_int8_export(other, tmp_path / "q")  # other weights: no calibrated export for them
+    with pytest.raises(ModelError, match="onnx"):
+        make_backend(model, "torch", device="cpu", precision="int8")
+    q = make_backend(model, "onnx", device="cpu", precision="int8", cache_dir=tmp_path / "q", threads=1)
+    f = make_backend(model, "onnx", device="cpu", cache_dir=tmp_path / "onnx", threads=1)
+    cos = (q(images) * f(images)).sum(1)
+    assert q.describe()["onnx"] == str(path) and cos.min() > 0.99

@@ -52,6 +52,8 @@ __all__ = [
     "TorchBackend",
     "default_backend",
     "default_cache_dir",
+    "find_int8_export",
+    "quantize_int8",
     "make_backend",
     "model_hash",
     "usable_cpus",
@@ -60,7 +62,9 @@ __all__ = [
 BACKENDS = ("torch", "onnx")
 #: What ``backend="auto"`` (the default of the nodes, CLI and extractor) chooses: :func:`default_backend`.
 AUTO = "auto"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
+#: ONNX metadata key of a calibrated int8 export: the :func:`model_hash` of the model it was made from.
+INT8_HASH_KEY = "vpr_ros.model_hash"
 #: ONNX opset of exported models (ONNX Runtime >= 1.14 runs it; TensorRT 8.6+ parses it).
 ONNX_OPSET = 17
 _EXPORT_SAMPLE_SIZE = (240, 320)  # H, W used to trace models that keep native sizes
@@ -310,7 +314,10 @@ class OnnxBackend(InferenceBackend):
             raise ModelError("backend 'onnx' with precision fp16: give no explicit providers "
                              "(fp16 runs through TensorRT's trt_fp16_enable)")
         super().__init__(model, device, precision, max_batch)
-        self.path, self.exported = export_onnx(model, cache)
+        if precision == "int8":
+            self.path, self.exported = find_int8_export(model, cache), False
+        else:
+            self.path, self.exported = export_onnx(model, cache)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -344,6 +351,11 @@ class OnnxBackend(InferenceBackend):
     @staticmethod
     def _choose_providers(device: torch.device, precision: str, available: Sequence[str],
                           cache: Path) -> list:
+        if precision == "int8":
+            if device.type != "cpu":
+                raise ModelError("precision int8 (a calibrated int8 ONNX export) runs on CPU; use fp32 or "
+                                 "fp16 on CUDA")
+            return ["CPUExecutionProvider"]
         if device.type == "cpu":
             if precision == "fp16":
                 raise ModelError("precision fp16 needs a CUDA device; use fp32 on CPU")
@@ -372,6 +384,72 @@ class OnnxBackend(InferenceBackend):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "providers": self.providers, "threads": self.threads, "spin": self.spin,
                 "onnx": str(self.path)}
+
+
+def int8_folders(cache_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Where calibrated int8 exports are looked for: the packaged weights folder, then ``cache_dir``."""
+    return [Path(__file__).resolve().parents[1] / "weights", Path(cache_dir or default_cache_dir())]
+
+
+def _int8_hash(path: Path) -> str | None:
+    try:
+        import onnx
+
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not an ONNX file: not a match
+        return None
+    return next((p.value for p in m.metadata_props if p.key == INT8_HASH_KEY), None)
+
+
+def find_int8_export(model: VprModel, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The calibrated int8 export (``*.int8.onnx``) made from exactly ``model`` (weights, description and
+    input size: :func:`model_hash`), from :func:`int8_folders`; ModelError naming how to make one if none."""
+    want = model_hash(model)
+    for folder in int8_folders(cache_dir):
+        for path in sorted(folder.glob("*.int8.onnx")) if folder.is_dir() else []:
+            if _int8_hash(path) == want:
+                return path
+    raise ModelError(f"precision int8: no calibrated int8 export of this {model.name} (model hash "
+                     f"{want[:12]}) in {', '.join(str(f) for f in int8_folders(cache_dir))}; make one with "
+                     "`python bench/int8.py --weights WEIGHTS --export`, or use precision fp32")
+
+
+def quantize_int8(model: VprModel, calibration: Sequence[np.ndarray], out: str | os.PathLike, *,
+                  cache_dir: str | os.PathLike | None = None, per_channel: bool = True) -> Path:
+    """Static int8 quantization (ONNX Runtime, QDQ, int8 weights per channel, uint8 activations with
+    min-max ranges) of ``model``'s fp32 export, calibrated on ``calibration`` (RGB uint8 images,
+    preprocessed as the backend does). Writes ``out`` (atomically) with the model's hash in its metadata,
+    which :func:`find_int8_export` matches."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .extract import to_tensor_batch
+
+    if not calibration:
+        raise ModelError("int8 calibration needs at least one image")
+    src, _ = export_onnx(model, cache_dir or default_cache_dir())
+    name = onnx.load(str(src), load_external_data=False).graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            image = next(self.items, None)
+            return None if image is None else {name: to_tensor_batch([image], model.preprocess).numpy()}
+
+    out = Path(out)
+    with atomic_path(out) as tmp, atomic_path(out.with_suffix(".pre.onnx")) as pre:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        q = onnx.load(str(tmp))
+        onnx.helper.set_model_props(q, {INT8_HASH_KEY: model_hash(model),
+                                        "vpr_ros.calibration_images": str(len(calibration))})
+        onnx.save(q, str(tmp))
+    out.with_suffix(".pre.onnx").unlink(missing_ok=True)
+    return out
 
 
 def onnx_cache_path(model: VprModel, cache_dir: str | os.PathLike) -> Path:
@@ -439,7 +517,8 @@ def make_backend(
     ``model`` on ``device``.
 
     ``device``: ``auto`` (CUDA when torch — or for onnx, ONNX Runtime — has it), ``cpu``,
-    ``cuda[:N]``. ``precision``: ``fp32`` or ``fp16`` (CUDA only). ``options`` go to the
+    ``cuda[:N]``. ``precision``: ``fp32``, ``fp16`` (CUDA only) or ``int8`` (onnx on CPU, from a
+    calibrated export: :func:`find_int8_export`). ``options`` go to the
     backend: torch ``channels_last`` (True), ``compile`` (False), ``threads``; onnx ``cache_dir``,
     ``threads``, ``spin`` (False), ``providers``. Unknown kinds, precisions or options raise
     :class:`ModelError`.
@@ -464,5 +543,7 @@ def make_backend(
     else:
         dev = select_device(device)
     if kind == "torch":
+        if precision == "int8":
+            raise ModelError("precision int8 runs on backend 'onnx' (a calibrated int8 ONNX export)")
         return TorchBackend(model, device=dev, precision=precision, max_batch=max_batch, **options)
     return OnnxBackend(model, device=dev, precision=precision, max_batch=max_batch, **options)

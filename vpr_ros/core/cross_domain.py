@@ -57,6 +57,7 @@ class CrossConfig:
     deploy_size: tuple[int, int] = DEPLOY_SIZE
     checkpoints: list[Path] | None = None
     backend: str = "auto"
+    precision: str = "fp32"  # of the checkpoints (int8: their calibrated int8 export; ImageNet stays fp32)
     default: Path | None = None  # the packaged default (marked in tables); None: resolve's default
     write_cards: bool = True
     page: Path | None = None  # results page whose cross-domain block is written (None: none)
@@ -73,8 +74,9 @@ class Column:
     digest: str = "imagenet"
     card: ModelCard | None = None
 
-    def identity(self, backend: str) -> str:
-        return f"cross:{self.key}:{self.digest}:{self.size}:{backend}"
+    def identity(self, backend: str, precision: str = "fp32") -> str:
+        tail = "" if precision == "fp32" else f":{precision}"
+        return f"cross:{self.key}:{self.digest}:{self.size}:{backend}{tail}"
 
     def load(self) -> Any:
         from .models import create_model, load_model
@@ -132,6 +134,15 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
     link_bytes: dict[str, dict[str, float]] = {}
     extractors: dict[str, Any] = {}
 
+    def prec(c: Column) -> str:
+        return cx.precision if c.card is not None else "fp32"
+
+    def ident(c: Column) -> str:
+        return c.identity(backend, prec(c))
+
+    def fname(c: Column) -> str:  # cache file name: fp32 and int8 descriptors side by side
+        return c.key if prec(c) == "fp32" else f"{c.key}.{prec(c)}"
+
     def describe(c: Column, images: list, desc: str) -> np.ndarray:
         from tqdm import tqdm
 
@@ -139,7 +150,8 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
 
         if c.key not in extractors:
             extractors[c.key] = DescriptorExtractor(c.load(), device=study_cfg.device,
-                                                    batch_size=study_cfg.batch_size, backend=backend)
+                                                    batch_size=study_cfg.batch_size, backend=backend,
+                                                    precision=prec(c))
         ext = extractors[c.key]
         out = np.empty((len(images), ext.dim), dtype=np.float32)
         step = study_cfg.batch_size * 4
@@ -151,11 +163,11 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
     for s in sets:
         db: dict[str, np.ndarray] = {}
         for c in cols:
-            key = _hash(s.identity(), "db", c.identity(backend))
-            arr = cache.get_array(s.key, "_map", c.key, key)
+            key = _hash(s.identity(), "db", ident(c))
+            arr = cache.get_array(s.key, "_map", fname(c), key)
             if arr is None:
                 arr = describe(c, [r.load() for r in s.database], f"{s.key} map {c.key}")
-                cache.put_array(s.key, "_map", c.key, key, arr)
+                cache.put_array(s.key, "_map", fname(c), key, arr)
                 cache.described += 1
             db[c.key] = arr
         hq_stream = None
@@ -166,7 +178,7 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
             stats = cache.get_json(s.key, label, "link", link_key)
             descs = {}
             for c in cols:
-                arr = cache.get_array(s.key, label, c.key, _hash(link_key, c.identity(backend)))
+                arr = cache.get_array(s.key, label, fname(c), _hash(link_key, ident(c)))
                 if arr is not None:
                     descs[c.key] = arr
             if stats is None or len(descs) < len(cols):
@@ -178,8 +190,8 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
                 for c in cols:
                     if c.key not in descs:
                         descs[c.key] = describe(c, link.frames, f"{s.key} {label} {c.key}")
-                        key = _hash(link_key, c.identity(backend))
-                        cache.put_array(s.key, label, c.key, key, descs[c.key])
+                        key = _hash(link_key, ident(c))
+                        cache.put_array(s.key, label, fname(c), key, descs[c.key])
                         cache.described += 1
             link_bytes[s.key][label] = float(stats["bytes_per_frame"])
             for c in cols:
@@ -196,6 +208,7 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
         log.info("cross-domain %s done", s.key)
     return {
         "backend": backend,
+        "precision": cx.precision,
         "links": [TransmissionConfig.parse(sp).label for sp in cx.links],
         "columns": [
             {"key": c.key, "label": c.label, "weights": None if c.weights is None else c.weights.name,
