@@ -271,3 +271,37 @@ def test_stop_and_go_on_nordland_loses_nothing_against_single_frames(nordland_si
     seq = truth[np.arange(len(sim)), match_stream(ids_all, scores_all, SequenceConfig(length=20))[0][:, 0]]
     single_all = truth[np.arange(len(sim)), ids_all[:, 0]]
     assert seq.mean() >= 0.6 and seq.mean() >= 3 * single_all.mean()
+
+
+# ---------------------------------------------------------------- vpr-ros eval --sequence-length
+
+
+def test_eval_sequence_lengths_table_json_and_plot(nordland_dir, torch_home, tmp_path, capsys):
+    import json
+
+    from vpr_ros.cli import main
+
+    out = tmp_path / "eval"
+    rc = main(["eval", "--dataset", "nordland", "--root", str(nordland_dir), "--every", "20",
+               "--limit", "80", "--model", "structvpr_mobilenetv2", "--input-size", "32x64",
+               "--device", "cpu", "--threads", "1", "--degrade", "none", "--degrade", "jpeg:10",
+               "--sequence-length", "1", "5", "--sequence-length", "10", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "R@1 (%) against sequence length" in text and "L=10" in text
+    results = json.loads((out / "results.json").read_text())["results"]
+    for r in results:
+        seq = r["extra"]["sequence"]
+        assert set(seq["recall_at_1"]) == {"1", "5", "10"} and (seq["v_min"], seq["v_max"]) == (0.8, 1.25)
+        # L = 1 is the single frame: the same R@1 as the plain evaluation
+        assert seq["recall_at_1"]["1"] == pytest.approx(r["recalls"]["1"])
+    assert (out / "recall_vs_sequence_length.png").stat().st_size > 1000
+    # bad values: argparse refuses a length of 0 (exit 2); an empty velocity range is one error line
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--sequence-length", "0", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2 and "sequence length in 1..1000" in capsys.readouterr().err
+    rc = main(["eval", "--dataset", "nordland", "--root", str(nordland_dir), "--sequence-length", "5",
+               "--sequence-velocity", "2", "1", "--out", str(tmp_path / "y")])
+    err = capsys.readouterr().err.strip().splitlines()  # refused before any image is read
+    assert rc == 2 and err == ["vpr-ros eval: error: --sequence-velocity: VMIN 2.0 is above VMAX 1.0"]
+    assert not (tmp_path / "y").exists()

@@ -11,12 +11,14 @@ import argparse
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from .core.errors import VprError
 from .core.fileio import display_path
@@ -26,6 +28,8 @@ log = logging.getLogger("vpr_ros")
 _ROS_MODULES = {"rclpy", "vpr_ros_msgs", "sensor_msgs", "std_msgs", "geometry_msgs", "nav_msgs",
                 "diagnostic_msgs", "builtin_interfaces", "rosidl_runtime_py"}
 DEMO_DEGRADATIONS = ("none", "jpeg:10", "resize:0.25", "h264:40")
+#: Top-K candidates per query kept for sequence matching (``SequenceConfig.candidates``).
+SEQUENCE_CANDIDATES = 50
 #: ``vpr_ros.core.backends.BACKENDS`` / ``PRECISIONS`` (spelled out: parsing must not import torch).
 BACKEND_CHOICES = ("torch", "onnx")
 PRECISION_CHOICES = ("fp32", "fp16")
@@ -65,6 +69,26 @@ def _threads(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0 = library default), got {text!r}")
     return value
+
+
+def _sequence_length(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"expected a sequence length in 1..1000 (1 = single frame), "
+                                         f"got {text!r}")
+    return value
+
+
+def _add_sequence_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sequence matching (docs/sequence.md)")
+    g.add_argument("--sequence-length", type=_sequence_length, nargs="+", action="extend", metavar="L",
+                   help="also score sequence matching over L frames (several: --sequence-length 1 5 10 20, "
+                        "or the flag repeated); prints R@1 against L per link and plots it")
+    g.add_argument("--sequence-velocity", type=float, nargs=2, metavar=("VMIN", "VMAX"), default=(0.8, 1.25),
+                   help="velocity range of the sequence lines, map places per query frame (default 0.8 1.25)")
 
 
 def _add_dataset_args(p: argparse.ArgumentParser, *, default_name: str | None = None) -> None:
@@ -259,7 +283,13 @@ def cmd_build_map(args: argparse.Namespace) -> int:
     else:
         records = _dataset(args).database
     t0 = time.perf_counter()
-    place_map, _, skipped = map_from_records(ext, records, model=ext.model.name, index=args.index)
+    orb = None
+    if args.local_features:
+        from .core.geometry import OrbExtractor
+
+        orb = OrbExtractor()  # the loop-closure node's default ORB settings
+    place_map, _, skipped = map_from_records(ext, records, model=ext.model.name, index=args.index,
+                                             local_features=orb)
     for i, reason in skipped[:10]:
         print(f"  skipped #{i}: {display_path(reason)}")
     if len(place_map) == 0:  # never replace a map with an empty one
@@ -272,24 +302,34 @@ def cmd_build_map(args: argparse.Namespace) -> int:
     print(f"map {display_path(path)}: {len(place_map)} entries ({place_map.dim}-d, {place_map.index_kind}), "
           f"{len(skipped)} images skipped, {time.perf_counter() - t0:.1f} s")
     print(f"  descriptors of {describe_source(place_map.descriptor_source)} (recorded in the map)")
+    if orb is not None:
+        kps = [len(place_map.local_features(i)) for i in place_map.ids]
+        print(f"  local features (ORB, for loop-closure verification): {sum(kps)} keypoints, "
+              f"{sum(kps) / max(1, len(kps)):.0f} per place")
     return 0
 
 
 def run_eval(args: argparse.Namespace, specs: Sequence[str]) -> tuple[list, dict]:
-    from .core.evaluation import format_table
+    from .core.evaluation import RECALL_NS, format_table
     from .core.experiment import evaluate_dataset, write_report
     from .core.fileio import check_output_dir
     from .core.transmission import TransmissionConfig, budget_summary
 
     configs = [TransmissionConfig.parse(s) for s in specs]  # fail on a bad spec before any work
+    lengths = sorted(set(getattr(args, "sequence_length", None) or ()))
+    velocity = _sequence_velocity(args) if lengths else (0.0, 0.0)
     check_output_dir(args.out)  # an unwritable --out is found now, not after the whole run
     ds = _dataset(args)
     ext = _extractor(args)
     t0 = time.perf_counter()
-    runs = evaluate_dataset(ds, ext, configs, model_label=_model_label(args, ext))
+    k = max(max(RECALL_NS), SEQUENCE_CANDIDATES) if lengths else max(RECALL_NS)
+    runs = evaluate_dataset(ds, ext, configs, model_label=_model_label(args, ext), k=k)
+    curves = _sequence_eval(runs, ds, lengths, velocity) if lengths else {}
     paths = write_report(runs, ds, args.out)
     print()
     print(format_table([r.result for r in runs]))
+    if curves:
+        paths.update(_sequence_report(curves, lengths, args.out))
     for r in runs:  # bitrate links: the achieved rate against the budget
         extra = r.result.extra
         line = budget_summary(r.config.label, {
@@ -301,6 +341,46 @@ def run_eval(args: argparse.Namespace, specs: Sequence[str]) -> tuple[list, dict
     print(f"\n{display_path(ds.summary())}")
     print(f"evaluated in {time.perf_counter() - t0:.0f} s on {ext.device}")
     return runs, paths
+
+
+def _sequence_velocity(args: argparse.Namespace) -> tuple[float, float]:
+    """``--sequence-velocity`` checked before any work."""
+    v_min, v_max = (float(x) for x in args.sequence_velocity)
+    if not (math.isfinite(v_min) and math.isfinite(v_max)):
+        raise VprError(f"--sequence-velocity: VMIN and VMAX must be finite, got {v_min} {v_max}")
+    if not v_min <= v_max:
+        raise VprError(f"--sequence-velocity: VMIN {v_min} is above VMAX {v_max}")
+    return v_min, v_max
+
+
+def _sequence_eval(runs: list, ds: Any, lengths: list[int],
+                   velocity: tuple[float, float]) -> dict[str, dict[int, float]]:
+    """R@1 of sequence matching per link and length, stored in each run's results (``extra``)."""
+    from .core.sequence import sequence_recall
+
+    v_min, v_max = velocity
+    positives = ds.positives()
+    curves: dict[str, dict[int, float]] = {}
+    for run in runs:  # queries in stream order; database indices in route order
+        rec = sequence_recall(run.predictions, run.scores, [positives[int(i)] for i in run.query_indices],
+                              lengths, v_min=v_min, v_max=v_max)
+        curves[run.config.label] = {n: float(r[1]) for n, r in rec.items()}
+        run.result.extra["sequence"] = {"v_min": v_min, "v_max": v_max, "candidates": SEQUENCE_CANDIDATES,
+                                        "recall_at_1": {str(n): float(r[1]) for n, r in rec.items()},
+                                        "recall_at_5": {str(n): float(r[5]) for n, r in rec.items()}}
+    return curves
+
+
+def _sequence_report(curves: dict[str, dict[int, float]], lengths: list[int],
+                     out: str | Path) -> dict[str, Path]:
+    from .core.plots import plot_recall_vs_sequence_length
+
+    print("\nsequence matching, R@1 (%) against sequence length L (L = 1: single frame):")
+    print(f"{'link':20s}" + "".join(f"{'L=' + str(n):>8s}" for n in lengths))
+    for label, c in curves.items():
+        print(f"{label:20s}" + "".join(f"{100 * c[n]:8.1f}" for n in lengths))
+    return {"recall_vs_sequence_length": plot_recall_vs_sequence_length(
+        curves, Path(out) / "recall_vs_sequence_length.png")}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -393,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_args(p)
     _add_model_args(p)
     p.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq", "auto"])
+    p.add_argument("--local-features", action="store_true",
+                   help="also store each place's ORB features (~40 kB per place), so the loop-closure node "
+                        "can verify loop closures against this map geometrically")
     p.add_argument("--out", required=True, help="map path (a .vprmap folder)")
     p.set_defaults(func=cmd_build_map)
 
@@ -401,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--degrade", action="append", help="query degradation spec, repeatable (default none)")
     p.add_argument("--out", default="results/eval", help="folder for results.json and plots")
+    _add_sequence_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="Nordland winter->summer at high and low quality (+ the ROS graph)")
@@ -413,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--degrade", action="append", help=f"degradation specs (default {DEMO_DEGRADATIONS})")
     p.add_argument("--no-ros", action="store_true", help="skip the ROS graph part")
     _add_model_args(p)
+    _add_sequence_args(p)
     p.set_defaults(func=cmd_demo)
 
     for module in ("vpr_ros.training.cli", "vpr_ros.ros.cli"):

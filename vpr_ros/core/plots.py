@@ -165,3 +165,26 @@ def plot_recall_vs_bytes(
     ax.legend(fontsize="small", loc="lower right")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_recall_vs_sequence_length(
+    curves: Mapping[str, Mapping[int, float]], path: str | os.PathLike, *, title: str | None = None
+) -> Path:
+    """Recall@1 (percent) against the sequence length L, one line per link (``{label: {L: R@1}}``)."""
+    if not curves or not any(curves.values()):
+        raise ValueError("no sequence results to plot")
+    fig = Figure(figsize=(6.0, 4.2), dpi=110)
+    ax = fig.add_subplot()
+    lengths = sorted({int(n) for c in curves.values() for n in c})
+    for label, c in curves.items():
+        ls = sorted(int(n) for n, v in c.items() if v is not None and math.isfinite(v))
+        ax.plot(ls, [100 * c[n] for n in ls], marker="o", label=label)
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xlabel("sequence length L (frames; 1 = single frame)")
+    ax.set_ylabel("recall@1 (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title or "Recall@1 against sequence length")
+    ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
