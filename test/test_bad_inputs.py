@@ -410,8 +410,8 @@ def test_wrong_architecture_checkpoint_is_summarised(tmp_path, capsys):
     rc, _, errors = run_cli(["build-map", "--images", tmp_path, "--weights", path, "--device", "cpu",
                              "--out", tmp_path / "m"], capsys)
     assert rc == 2 and len(errors) == 1, errors
-    assert f"{path}: checkpoint is for a ResNet" in errors[0], errors[0]
-    assert "expected 'gem_mobilenetv2'" in errors[0] and len(errors[0]) < 500, errors[0]
+    assert f"{path}: checkpoint is for a ResNet, expected 'gem_mobilenetv2' (" in errors[0], errors[0]
+    assert "weights missing" in errors[0] and len(errors[0]) < 500, errors[0]
 
 
 # --------------------------------------------------------------------------- bags

@@ -91,9 +91,9 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, source: str = "checkpoint") -
     desc = ckpt["model"]
     preprocess = Preprocess.from_dict(desc["preprocess"]) if desc.get("preprocess") else None
     model = create_model(desc["name"], pretrained=False, preprocess=preprocess, **desc["config"])
-    mismatch = state_dict_mismatch(model.state_dict(), ckpt["state_dict"])
+    mismatch = state_dict_mismatch(model.state_dict(), ckpt["state_dict"], desc["name"])
     if mismatch:
-        raise ModelError(f"{source}: {mismatch}; expected {desc['name']!r} (as the checkpoint describes it)")
+        raise ModelError(f"{source}: {mismatch}")
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
@@ -121,9 +121,10 @@ def _family(keys: set[str]) -> str | None:
     return best[1] if any(k.startswith(p) for k in keys for p in best[0]) else None
 
 
-def state_dict_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str | None:
-    """A short summary of why ``given`` does not fit a model whose ``state_dict()`` is ``expected``
-    (missing and unexpected keys, shape differences, the family ``given`` looks like); None if it fits."""
+def state_dict_mismatch(expected: dict[str, Any], given: dict[str, Any], name: str) -> str | None:
+    """A short summary of why ``given`` does not fit model ``name`` whose ``state_dict()`` is
+    ``expected`` (the architecture ``given`` looks like, counts and one example of missing, unexpected
+    and reshaped weights); None if it fits."""
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     shapes = [(k, tuple(given[k].shape), tuple(v.shape)) for k, v in expected.items()
@@ -132,9 +133,9 @@ def state_dict_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str 
         return None
     if unexpected and len(missing) > len(expected) // 2:  # mostly other layers: another architecture
         family = _family(set(given))
-        head = f"checkpoint is for {family}" if family else "checkpoint is for another architecture"
+        head = f"checkpoint is for {family or 'another architecture'}, expected {name!r}"
     else:
-        head = "checkpoint weights do not fit"
+        head = f"weights do not fit model {name!r}"
     parts = []
     if missing:
         parts.append(f"{len(missing)} of {len(expected)} weights missing (e.g. {missing[0]!r})")
