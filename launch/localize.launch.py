@@ -135,9 +135,9 @@ def _graph(context: LaunchContext) -> list:
         loc["image_transport"] = "raw"
         if not loc.get("transmission_stats_topic"):
             loc["transmission_stats_topic"] = tx.get("stats_topic", "vpr/transmission_stats")
-    lc = params["loop_closure"]  # the localizer's matches and the images it reads
+    lc = params["loop_closure"]  # the localizer's matches, the images it reads, its map's local features
     for key, default in (("match_topic", "vpr/place_match"), ("image_topic", "camera/image_raw"),
-                         ("image_transport", "raw")):
+                         ("image_transport", "raw"), ("map_path", "")):
         lc.setdefault(key, loc.get(key, default))
     common = {"package": PACKAGE, "namespace": arg("namespace"), "output": "screen", "emulate_tty": True,
               "arguments": ["--ros-args", "--log-level", arg("log_level")], "on_exit": _required_exit}

@@ -20,6 +20,7 @@ from .datasets import ImageRecord, PlaceDataset
 from .errors import DatasetError
 from .evaluation import RECALL_NS, EvalResult, recall_at_n, save_results_json
 from .extract import DescriptorExtractor
+from .geometry import Features, OrbExtractor
 from .mapdb import MapEntry, PlaceMap
 from .provenance import descriptor_source
 from .transmission import TransmissionConfig, Transmitter
@@ -34,17 +35,28 @@ def map_from_records(
     model: str,
     index: str = "flat",
     progress: bool = True,
+    local_features: OrbExtractor | None = None,
 ) -> tuple[PlaceMap, np.ndarray, list[tuple[int, str]]]:
     """Describe ``records`` and put them in a new map.
 
     Returns the map, the record index of each map entry (map id -> record position), and
     the records skipped with their reasons. The map records which weights made it
-    (:func:`~vpr_ros.core.provenance.descriptor_source`).
+    (:func:`~vpr_ros.core.provenance.descriptor_source`). With ``local_features`` it also stores
+    each place's ORB features (for geometric verification of loop closures against the map).
     """
+    feats: list[Features] = []
+
+    def orb(image: np.ndarray) -> np.ndarray:  # called once per image that loaded, in order
+        feats.append(local_features(image))
+        return image
+
     ext = extractor.extract_stream(
-        records, load=ImageRecord.load, total=len(records), desc="map", progress=progress
+        records, load=ImageRecord.load, transform=orb if local_features is not None else None,
+        total=len(records), desc="map", progress=progress
     )
     place_map = PlaceMap(extractor.dim, index, model=model, descriptor_source=descriptor_source(extractor))
+    if local_features is not None:
+        place_map.enable_local_features(local_features.settings)
     entries = []
     for i in ext.indices:
         rec = records[int(i)]
@@ -52,7 +64,7 @@ def map_from_records(
         entries.append(MapEntry(stamp=float(rec.stamp or 0.0), frame_id=rec.sequence or "",
                                 source=str(rec.path), position=pos))
     if len(ext.indices):
-        place_map.add(ext.descriptors, entries)
+        place_map.add(ext.descriptors, entries, features=feats if local_features is not None else None)
     return place_map, ext.indices, ext.skipped
 
 

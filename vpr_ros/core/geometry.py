@@ -15,6 +15,8 @@ the rotation stays good but the translation direction is poorly constrained.
 
 Memory: :class:`Features` (keypoint coordinates + 32-byte ORB descriptors, about 40 bytes per keypoint)
 is what a detector keeps per frame, never the image; :class:`FeatureCache` bounds how many it keeps.
+A place map can store them per place (``vpr-ros build-map --local-features``) so that loop closures
+against a map built in another session can be verified too.
 """
 
 from __future__ import annotations
@@ -140,6 +142,12 @@ class OrbExtractor:
     def __init__(self, config: VerificationConfig | None = None) -> None:
         self.config = config or VerificationConfig()
         self._orb = cv2.ORB_create(nfeatures=int(self.config.n_features))
+
+    @property
+    def settings(self) -> dict[str, object]:
+        """What the features are made with, as maps that store them record it."""
+        return {"kind": "orb", "n_features": int(self.config.n_features),
+                "max_image_side": int(self.config.max_image_side)}
 
     def __call__(self, image: np.ndarray) -> Features:
         rgb = as_rgb8(image, name="verification image")

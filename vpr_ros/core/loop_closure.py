@@ -18,7 +18,10 @@ best ``max_closures`` candidates are accepted as they are.
 The detector keeps descriptors and, for verification, each frame's ORB keypoints + descriptors (never
 the images) in a :class:`~vpr_ros.core.geometry.FeatureCache` of bounded size.
 :meth:`LoopClosureDetector.check_candidates` applies the same rules to candidates retrieved elsewhere
-(the ROS node gets them from the localizer's ``PlaceMatch``).
+(the ROS node gets them from the localizer's ``PlaceMatch``). Candidates that are places of a
+prebuilt map are verified with the ORB features the map stores (``vpr-ros build-map
+--local-features``; :func:`map_feature_lookup`); a map without them cannot verify its places and
+says so in the candidate's ``reason`` (:data:`NO_MAP_FEATURES`).
 
 The second half of the module evaluates detection on a sequence with a loop ground truth (RTAB-Map's
 ``rtabmap_loop`` set): precision-recall with and without verification, under transmission degradations,
@@ -174,12 +177,37 @@ class Detection:
         return [c for c in self.candidates if c.accepted]
 
 
-FeatureLookup = Callable[[LoopCandidate], Features | None]
+#: A candidate's ORB features; None when unknown, or a string saying why it cannot be verified.
+FeatureLookup = Callable[[LoopCandidate], Features | str | None]
 
 #: ``LoopCandidate.reason`` of candidates that could not be verified for lack of image features.
 NO_QUERY_FEATURES = "no image features for the query"
 NO_MATCH_FEATURES = "no image features for the match (never seen, or evicted from the feature cache)"
 MAX_CLOSURES_REACHED = "max_closures reached"
+NO_MAP_FEATURES = ("cannot verify geometrically: the map stores no local features for this place (build "
+                   "the map with `vpr-ros build-map --local-features`)")
+
+
+def map_feature_lookup(place_map: Any, *, stamp_tolerance_s: float = 0.001) -> FeatureLookup:
+    """Look candidates up in a prebuilt :class:`~vpr_ros.core.mapdb.PlaceMap` by entry id.
+
+    Returns the place's stored ORB features; :data:`NO_MAP_FEATURES` for a place of the map that has
+    none; None for an id the map does not hold, or whose stamp differs from the candidate's by more
+    than ``stamp_tolerance_s`` (the candidate came from another map).
+    """
+    from .mapdb import UnknownEntryError
+
+    def lookup(cand: LoopCandidate) -> Features | str | None:
+        try:
+            entry = place_map.entry(cand.match_id)
+        except UnknownEntryError:
+            return None
+        if abs(float(entry.stamp) - float(cand.match_stamp)) > stamp_tolerance_s:
+            return None
+        features = place_map.local_features(cand.match_id)
+        return NO_MAP_FEATURES if features is None else features
+
+    return lookup
 
 
 # --------------------------------------------------------------------------- detector
@@ -343,8 +371,8 @@ class LoopClosureDetector:
             cand.reason = NO_QUERY_FEATURES
             return
         match_features = lookup(cand)
-        if match_features is None:
-            cand.reason = NO_MATCH_FEATURES
+        if match_features is None or isinstance(match_features, str):
+            cand.reason = match_features or NO_MATCH_FEATURES
             return
         v = verify_pair(query_features, match_features, self.config.verification)
         cand.verified, cand.inliers, cand.matches = v.verified, v.inliers, v.matches

@@ -46,6 +46,13 @@ moment leaves the previous complete map loadable. One writer per map directory a
 The manifest's optional ``descriptor_source`` records which weights made the descriptors
 (model, ``weights_id``, input size, dimension; :mod:`vpr_ros.core.provenance`); maps saved
 before it existed load without it (:attr:`PlaceMap.descriptor_source` is None).
+
+Local features (optional, :meth:`PlaceMap.enable_local_features`): ORB keypoints and
+descriptors of each place's image (:class:`vpr_ros.core.geometry.Features`, about 40 bytes per
+keypoint), what geometric verification of a loop closure against the map needs. They are saved
+in ``features-<sha8>.npz`` (``counts`` per row, -1 for a place without features; ``points``,
+``descriptors``, ``sizes``), recorded and verified like the other data files, with the settings
+that made them under the manifest's ``local_features``.
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ METRICS = ("ip", "l2")
 
 _INDEX_FILE_RE = re.compile(r"index-[0-9a-f]{8,64}\.faiss")
 _ENTRIES_FILE_RE = re.compile(r"entries-[0-9a-f]{8,64}\.npz")
+_FEATURES_FILE_RE = re.compile(r"features-[0-9a-f]{8,64}\.npz")
 _TMP_PREFIX = ".tmp-"
 _HASH_CHUNK = 1 << 20
 
@@ -331,6 +339,8 @@ class PlaceMap:
         self._sources: list[str] = []
         self._next_id = 0
         self._created = _now()
+        self._features: list[Any] | None = None  # Features | None per row; None: no local features kept
+        self._features_config: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -506,15 +516,19 @@ class PlaceMap:
 
     # ------------------------------------------------------------------ public API
 
-    def add(self, descriptors: np.ndarray, entries: Sequence[MapEntry] | None = None) -> np.ndarray:
+    def add(self, descriptors: np.ndarray, entries: Sequence[MapEntry] | None = None, *,
+            features: Sequence[Any] | None = None) -> np.ndarray:
         """Add ``(N, dim)`` (or one ``(dim,)``) descriptors with optional entries; return their ids.
 
-        The entries' ``id`` fields are ignored (the map assigns ids); the caller's objects
-        are not modified. Either every row is added or, on error, none.
+        ``features``: one :class:`~vpr_ros.core.geometry.Features` (or None) per row, kept when the
+        map keeps local features (:meth:`enable_local_features`). The entries' ``id`` fields are
+        ignored (the map assigns ids); the caller's objects are not modified. Either every row is
+        added or, on error, none.
         """
         x = self._check_descriptors(descriptors)
         n = len(x)
         stamps, pos, ori, frames, sources = self._columns(entries, n)
+        feats = self._check_features(features, n)
         with self._lock.write():
             if self._read_only:
                 raise MapError(
@@ -530,8 +544,53 @@ class PlaceMap:
             self._orientations.extend(ori)
             self._frame_ids.extend(frames)
             self._sources.extend(sources)
+            if self._features is not None:
+                self._features.extend(feats)
             self._next_id += n
             return ids
+
+    # ------------------------------------------------------------------ local features
+
+    def enable_local_features(self, config: dict[str, Any]) -> None:
+        """Keep local features from now on; ``config`` names what made them (e.g. ``{"kind": "orb",
+        "n_features": 1000, "max_image_side": 640}``). Places added before have none."""
+        if not isinstance(config, dict) or not all(isinstance(k, str) for k in config):
+            raise MapError(f"local feature settings must be a mapping of names, got {config!r}")
+        with self._lock.write():
+            if self._features is None:
+                self._features = [None] * len(self)
+            self._features_config = dict(config)
+
+    @property
+    def local_features_config(self) -> dict[str, Any] | None:
+        """The settings of the stored local features; None when the map keeps none."""
+        return None if self._features_config is None else dict(self._features_config)
+
+    def local_features(self, id: int) -> Any:
+        """The :class:`~vpr_ros.core.geometry.Features` of place ``id``; None when the map keeps no
+        local features or has none for it. :class:`UnknownEntryError` for an id not in the map."""
+        with self._lock.read():
+            row = self._row(int(id))
+            return None if self._features is None else self._features[row]
+
+    def _check_features(self, features: Sequence[Any] | None, n: int) -> list[Any]:
+        if features is None:
+            return [None] * n
+        from .geometry import Features
+
+        features = list(features)
+        if len(features) != n:
+            raise MapError(f"got {len(features)} local features for {n} descriptors; "
+                           "they must pair one to one")
+        if self._features_config is None:
+            raise MapError("this map keeps no local features; call enable_local_features() first")
+        for i, f in enumerate(features):
+            if f is not None and not (isinstance(f, Features) and f.points.shape == (len(f), 2)
+                                      and f.descriptors.shape == (len(f), 32)
+                                      and f.descriptors.dtype == np.uint8):
+                raise MapError(f"features[{i}]: expected ORB Features ((K, 2) points, (K, 32) uint8 "
+                               f"descriptors) or None, got {f!r:.80}")
+        return features
 
     def _search_rows(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Scores (Q, k) float32 and storage rows (Q, k) int64, -1 for missing."""
@@ -644,6 +703,7 @@ class PlaceMap:
         tmp_index = target / f"{_TMP_PREFIX}{tag}.faiss"
         tmp_entries = target / f"{_TMP_PREFIX}{tag}.npz"
         tmp_manifest = target / f"{_TMP_PREFIX}{tag}.json"
+        tmp_features = target / f"{_TMP_PREFIX}{tag}-features.npz"
         try:
             try:
                 faiss.write_index(self._index, str(tmp_index))
@@ -667,6 +727,11 @@ class PlaceMap:
                 "index": self._commit_data_file(tmp_index, target, "index", ".faiss"),
                 "entries": self._commit_data_file(tmp_entries, target, "entries", ".npz"),
             }
+            local = None
+            if self._features is not None:
+                self._write_features(tmp_features)
+                local = {"config": self._features_config,
+                         "file": self._commit_data_file(tmp_features, target, "features", ".npz")}
             _fsync_path(target)  # data file names durable before the manifest refers to them
             now = _now()
             manifest = {
@@ -685,6 +750,8 @@ class PlaceMap:
             }
             if self.descriptor_source is not None:
                 manifest["descriptor_source"] = self.descriptor_source
+            if local is not None:
+                manifest["local_features"] = local
             with open(tmp_manifest, "w", encoding="utf-8") as f:
                 json.dump(manifest, f, indent=2)
                 f.write("\n")
@@ -693,15 +760,18 @@ class PlaceMap:
             os.replace(tmp_manifest, target / MANIFEST_NAME)  # the commit point
             _fsync_path(target)
         finally:
-            for tmp in (tmp_index, tmp_entries, tmp_manifest):
+            for tmp in (tmp_index, tmp_entries, tmp_manifest, tmp_features):
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
         keep = {MANIFEST_NAME, ".lock", files["index"]["name"], files["entries"]["name"]}
+        if local is not None:
+            keep.add(local["file"]["name"])
         for p in target.iterdir():
             name = p.name
             stale = (
                 _INDEX_FILE_RE.fullmatch(name)
                 or _ENTRIES_FILE_RE.fullmatch(name)
+                or _FEATURES_FILE_RE.fullmatch(name)
                 or name.startswith(_TMP_PREFIX)
             )
             if stale and name not in keep:
@@ -720,6 +790,20 @@ class PlaceMap:
                 break
         os.replace(tmp, final)
         return {"name": name, "sha256": digest, "size": size}
+
+    def _write_features(self, path: Path) -> None:
+        """The local features as ``counts`` (-1: none for the row), ``points``, ``descriptors``, ``sizes``."""
+        feats = self._features or []
+        counts = np.array([-1 if f is None else len(f) for f in feats], dtype=np.int64)
+        have = [f for f in feats if f is not None and len(f)]
+        points = np.concatenate([f.points for f in have]) if have else np.empty((0, 2), np.float32)
+        desc = np.concatenate([f.descriptors for f in have]) if have else np.empty((0, 32), np.uint8)
+        sizes = np.array([(0, 0) if f is None else f.size for f in feats], dtype=np.int64).reshape(-1, 2)
+        with open(path, "wb") as f:
+            np.savez(f, counts=counts, points=points.astype(np.float32), descriptors=desc.astype(np.uint8),
+                     sizes=sizes)
+            f.flush()
+            os.fsync(f.fileno())
 
     @classmethod
     def load(
@@ -802,6 +886,10 @@ class PlaceMap:
         pmap._next_id = m.next_id
         pmap._created = m.created
         pmap.descriptor_source = m.descriptor_source
+        if m.local_features is not None:
+            features_file = _verified_file(target, m.local_features["file"], mpath)
+            pmap._features = _read_features(features_file, m.count)
+            pmap._features_config = m.local_features["config"]
         pmap._read_only = use_mmap
         return pmap
 
@@ -879,6 +967,14 @@ class _Manifest:
             self.descriptor_source = _check_source(raw.get("descriptor_source"), "field 'descriptor_source'")
         except MapError as exc:
             raise bad(str(exc)) from None
+        self.local_features = None
+        if "local_features" in raw:
+            local = get("local_features", dict)
+            config, rec = get("config", dict, local), get("file", dict, local)
+            name, digest, size = get("name", str, rec), get("sha256", str, rec), get("size", int, rec)
+            if not _FEATURES_FILE_RE.fullmatch(name) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise bad(f"local_features file record {rec!r} is malformed")
+            self.local_features = {"config": config, "file": {"name": name, "sha256": digest, "size": size}}
         files = get("files", dict)
         self.files = {}
         for key, regex in (("index", _INDEX_FILE_RE), ("entries", _ENTRIES_FILE_RE)):
@@ -933,4 +1029,36 @@ def _read_entries(path: Path, count: int) -> dict[str, np.ndarray]:
     except (OSError, ValueError, EOFError, KeyError) as exc:
         raise MapError(f"cannot read map entries file {path}: {exc}") from exc
     out["ids"] = out["ids"].astype(np.int64)
+    return out
+
+
+def _read_features(path: Path, count: int) -> list[Any]:
+    """Per-row :class:`~vpr_ros.core.geometry.Features` (views into the file's arrays) or None."""
+    from .geometry import Features
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"counts", "points", "descriptors", "sizes"} - set(npz.files)
+            if missing:
+                raise MapError(f"map features file {path} lacks the array(s) {', '.join(sorted(missing))}")
+            counts, points, desc, sizes = npz["counts"], npz["points"], npz["descriptors"], npz["sizes"]
+    except MapError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError) as exc:
+        raise MapError(f"cannot read map features file {path}: {exc}") from exc
+    total = int(counts[counts > 0].sum()) if counts.ndim == 1 else -1
+    if (counts.shape != (count,) or counts.dtype.kind != "i" or (counts < -1).any()
+            or sizes.shape != (count, 2) or points.shape != (total, 2) or points.dtype != np.float32
+            or desc.shape != (total, 32) or desc.dtype != np.uint8):
+        raise MapError(f"map features file {path} does not match its map of {count} places: counts "
+                       f"{counts.shape}, points {points.shape} {points.dtype}, descriptors {desc.shape} "
+                       f"{desc.dtype}, sizes {sizes.shape}")
+    out: list[Any] = []
+    start = 0
+    for n, (h, w) in zip(counts.tolist(), sizes.tolist(), strict=True):
+        if n < 0:
+            out.append(None)
+            continue
+        out.append(Features(points[start : start + n], desc[start : start + n], (int(h), int(w))))
+        start += n
     return out

@@ -11,10 +11,13 @@ publishes one ``vpr_ros_msgs/LoopClosure`` per accepted candidate (at most ``max
 with ``T_match_query`` (rotation + unit translation) when verification estimated it.
 
 The query image normally arrives before its PlaceMatch (the localizer needs time to describe it); a
-PlaceMatch whose image features are not there yet waits up to ``image_wait_s``. A candidate whose map
-entry was never seen by this node (a map built in another session) or whose features were evicted
-cannot be verified and is not published: verification is never skipped silently. Rejections are
-counted by reason on ``/diagnostics``.
+PlaceMatch whose image features are not there yet waits up to ``image_wait_s``. Candidates that are
+places of a prebuilt map (``map_path``, the localizer's map when the launch file or the runner starts
+the graph) are verified with the ORB features the map stores (``vpr-ros build-map --local-features``).
+A candidate whose features are nowhere (a map without local features, never seen by this node, or
+evicted) cannot be verified and is not published: verification is never skipped silently. Rejections
+are counted by reason on ``/diagnostics`` (``rejected_no_map_features`` for places of a map that
+stores none; the node also says so once at start).
 
 With ``candidate_source: sequence`` the candidates are the PlaceMatch's sequence result
 (``sequence_matches``, published by a localizer with ``sequence_length`` > 0) and the threshold is
@@ -36,6 +39,7 @@ import dataclasses
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray
@@ -45,7 +49,7 @@ from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from vpr_ros.core.errors import ConfigError
+from vpr_ros.core.errors import ConfigError, MapError
 from vpr_ros.core.geometry import VERIFICATION_MODELS, Features, OrbExtractor, VerificationConfig
 from vpr_ros.core.loop_closure import (
     DEFAULT_EXCLUSION_WINDOW_S,
@@ -53,13 +57,17 @@ from vpr_ros.core.loop_closure import (
     DEFAULT_SCORE_THRESHOLD,
     DEFAULT_TOP_K,
     MAX_CLOSURES_REACHED,
+    NO_MAP_FEATURES,
     NO_MATCH_FEATURES,
     NO_QUERY_FEATURES,
     Detection,
+    FeatureLookup,
     LoopCandidate,
     LoopClosureConfig,
     LoopClosureDetector,
+    map_feature_lookup,
 )
+from vpr_ros.core.mapdb import PlaceMap, map_path
 from vpr_ros.ros.conversions import float_to_stamp, stamp_to_float
 from vpr_ros.ros.params import (
     DropOldestQueue,
@@ -131,6 +139,9 @@ PARAMS: tuple[ParamSpec, ...] = (
               "PlaceMatch has no sequence result)", choices=("single", "sequence")),
     ParamSpec("sequence_score_threshold", 0.25, "candidate_source sequence: minimum sequence score (z-score "
               "units of PlaceMatch.sequence_matches)", low=-1000.0, high=1000.0),
+    ParamSpec("map_path", "", "prebuilt place map whose stored local features (vpr-ros build-map "
+              "--local-features) verify candidates that are its places; the localizer's map_path when "
+              "started by the launch file or the runner; empty: none", read_only=True),
 )
 
 
@@ -247,6 +258,8 @@ class LoopClosureNode(Node):
         self._sequence_detector = _sequence_detector(config)
         self._orb = OrbExtractor(config.verification)
         self.features = StampedFeatures(v["feature_cache_size"])
+        self.place_map = self._open_map(v["map_path"]) if config.geometric_verification else None
+        self._map_lookup = None if self.place_map is None else map_feature_lookup(self.place_map)
         self._queue = DropOldestQueue(v["queue_size"])
         self._pending: collections.deque[tuple[float, Any]] = collections.deque()
         self._rejects = ReasonCounter(lambda m: self.get_logger().info(m), v["log_throttle_s"])
@@ -289,6 +302,39 @@ class LoopClosureNode(Node):
         self.get_logger().info(
             f"{v['match_topic']} -> {v['loop_closure_topic']}: window {config.exclusion_window_s:g} s, "
             f"score >= {config.score_threshold:g}, top {config.top_k}, {ver}")
+
+    def _open_map(self, path: str) -> PlaceMap | None:
+        """The prebuilt map whose local features verify its places (None: no map yet, or none given)."""
+        if not path:
+            return None
+        target = map_path(Path(path).expanduser())
+        log = self.get_logger()
+        if not target.exists():
+            log.info(f"no map at {target} yet: candidates are verified with the images this node sees")
+            return None
+        try:
+            pmap = PlaceMap.load(target, mmap=True)  # read-only here: the localizer owns the map
+        except MapError as exc:
+            raise MapError(f"{self.get_name()}: {exc}") from None
+        if pmap.local_features_config is None:
+            log.warning(f"map {target} stores no local features: loop closures to its {len(pmap)} places "
+                        "cannot be verified geometrically and are not published; rebuild it with "
+                        "`vpr-ros build-map --local-features`")
+        else:
+            have = sum(pmap.local_features(i) is not None for i in pmap.ids)
+            log.info(f"map {target}: local features of {have} of {len(pmap)} places verify loop closures "
+                     "to them")
+        return pmap
+
+    def _lookup(self, tol_ns: int) -> FeatureLookup:
+        """Features of a candidate: from the images this node saw, else from the prebuilt map."""
+        def lookup(c: LoopCandidate) -> Features | str | None:
+            seen = self.features.get(int(round(c.match_stamp * 1e9)), max(tol_ns, 1000))
+            if seen is not None or self._map_lookup is None:
+                return seen
+            return self._map_lookup(c)
+
+        return lookup
 
     def _apply(self, values: dict[str, Any]) -> str | None:
         config = config_from_params(values)  # ConfigError -> rejected with its message
@@ -370,7 +416,7 @@ class LoopClosureNode(Node):
         t0 = time.perf_counter()
         det = detector.check_candidates(
             int(msg.query_id), stamp_to_float(msg.header.stamp), candidates, query,
-            lookup=lambda c: self.features.get(int(round(c.match_stamp * 1e9)), max(tol, 1000)))
+            lookup=self._lookup(tol))
         if detector.config.geometric_verification and det.candidates:
             self._verify_ms.add((time.perf_counter() - t0) * 1000.0)
         self.matches_done += 1
@@ -385,8 +431,8 @@ class LoopClosureNode(Node):
         for c in det.candidates:
             if c.accepted or c.reason == MAX_CLOSURES_REACHED:
                 continue
-            key = {NO_QUERY_FEATURES: "no_query_features", NO_MATCH_FEATURES: "no_match_features"}.get(
-                c.reason, "not_verified")
+            key = {NO_QUERY_FEATURES: "no_query_features", NO_MATCH_FEATURES: "no_match_features",
+                   NO_MAP_FEATURES: "no_map_features"}.get(c.reason, "not_verified")
             self._rejects.add(key, f"query {c.query_id} -> entry {c.match_id} (score {c.score:.3f}): "
                                    f"{c.reason}")
 

@@ -159,7 +159,8 @@ def wire_graph(params: dict[str, dict[str, Any]], *, use_transmitter: bool) -> d
     With the transmitter, it reads the camera (``localizer.image_topic``) and the localizer
     reads the transmitter's output; the localizer labels matches from the transmitter's stats.
     The loop-closure node reads the localizer's matches and the images the localizer reads,
-    unless its section names other topics.
+    and verifies against the localizer's map (its stored local features), unless its section
+    names others.
     """
     out = {k: dict(v) for k, v in params.items()}
     from vpr_ros.ros.localizer import PARAMS as LOC
@@ -177,7 +178,7 @@ def wire_graph(params: dict[str, dict[str, Any]], *, use_transmitter: bool) -> d
         if not loc.get("transmission_stats_topic"):
             loc["transmission_stats_topic"] = tx.get("stats_topic", tx_d["stats_topic"])
     lc = out.setdefault("loop_closure", {})
-    for key in ("match_topic", "image_topic", "image_transport"):
+    for key in ("match_topic", "image_topic", "image_transport", "map_path"):
         lc.setdefault(key, loc.get(key, loc_d[key]))
     return out
 
