@@ -114,7 +114,7 @@ def test_labels_differ_when_outputs_differ() -> None:
         ("resize:1.5", "(0, 1]"),
         ("resize:nan", "not a number"),
         ("h264:52", "0..51"),
-        ("h264:-1", "not an integer"),
+        ("h264:-1", "qp must be in 0..51, got -1"),
         ("h266:30", "unknown part 'h266'"),
         ("kbps:0@10", "kbps must be > 0"),
         ("kbps:200@0", "fps must be a positive"),

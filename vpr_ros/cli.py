@@ -273,9 +273,11 @@ def cmd_degrade(args: argparse.Namespace) -> int:
 def cmd_build_map(args: argparse.Namespace) -> int:
     from .core.datasets import ImageRecord
     from .core.experiment import map_from_records
+    from .core.fileio import check_output_dir
     from .core.mapdb import map_path
     from .core.provenance import describe_source
 
+    check_output_dir(map_path(args.out).parent)  # an unwritable --out is found before the images are read
     ext = _extractor(args)
     if args.images:
         files = _image_files(Path(args.images))

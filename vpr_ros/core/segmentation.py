@@ -36,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .errors import DatasetError, ImageError, ModelError
-from .fileio import atomic_path, confined_path
+from .fileio import confined_path, write_file_checked
 from .images import as_rgb8, check_encoded_size, load_image
 from .models.backbones import weights_only_loads
 from .models.registry import IMAGENET_MEAN, IMAGENET_STD, select_device
@@ -533,10 +533,7 @@ def write_label_map(path: str | os.PathLike, labels: np.ndarray) -> Path:
     ok, buf = cv2.imencode(".png", labels)
     if not ok:
         raise ImageError(f"{path}: PNG encoding failed")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.tobytes())
-    return path
+    return write_file_checked(path, buf.tobytes())  # atomic; OutputError on a full disk, no partial file
 
 
 class LabelFolderSegmenter(Segmenter):
