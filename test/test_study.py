@@ -117,7 +117,8 @@ def test_quick_study_end_to_end(tmp_path, shared_dir, torch_home, monkeypatch):
     assert "**no weights" in text  # SciceVPR listed with the reason
     figs = {Path(p) for p in summary["figures"].values()}
     assert {f.name for f in figs} >= {"bandwidth_nordland.png", "recall_at_n_nordland.png",
-                                      "montage_nordland.png", "loop_pr.png", "links_tokyo.png"}
+                                      "montage_nordland.png", "loop_pr.png", "links_tokyo.png",
+                                      "sequence_nordland.png"}
     for f in figs:
         assert f.is_file() and 2_000 < f.stat().st_size < 250_000, f
         assert f"]({f.parent.name}/{f.name})" in text  # linked from the page, relative to it
@@ -134,6 +135,12 @@ def test_quick_study_end_to_end(tmp_path, shared_dir, torch_home, monkeypatch):
     assert r1[("nordland", "loqi", "none")] >= r1[("nordland", "loqi", "jpeg_q5")]
     assert r1[("nordland", "loqi", "none")] > r1[("nordland", "imagenet", "none")]  # in-domain training helps
     assert res[("nordland", "loqi", "none")]["n_queries"] == 70
+
+    # sequence matching: the quick links among the standard ones, L = 1 is the single frame, L = 20 helps
+    seq = summary["sequence"]["recall_at_1"]
+    assert set(seq) == {"none", "jpeg_q10", "h264_qp40"} and "## Sequence matching" in text
+    assert seq["jpeg_q10"]["1"] == pytest.approx(r1[("nordland", "loqi", "jpeg_q10")])
+    assert seq["jpeg_q10"]["20"] > seq["jpeg_q10"]["1"]
 
     lc = summary["loop_closure"]
     assert set(lc) == {"none", "jpeg_q10"}

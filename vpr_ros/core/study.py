@@ -81,6 +81,12 @@ MONTAGE_LINK = "jpeg:10"
 MIN_GAP = 0.02
 #: Links of the recall@N figure panels.
 CURVE_LINKS = ("none", "jpeg:10", "resize:0.25", "h265:40")
+#: Sequence matching (docs/sequence.md): R@1 against the sequence length L of this model on this set,
+#: over the standard links (L = 1 is the single frame).
+SEQUENCE_SET, SEQUENCE_MODEL = "nordland", "loqi"
+SEQUENCE_LINKS = ("none", "jpeg:10", "resize:0.25", "h264:40", "h265:40")
+SEQUENCE_LENGTHS = (1, 5, 10, 20)
+SEQUENCE_CANDIDATES = 50
 GEN_BEGIN = "<!-- BEGIN GENERATED: scripts/accuracy_study.py; edits inside are overwritten -->"
 GEN_END = "<!-- END GENERATED -->"
 CACHE_VERSION = 1
@@ -566,6 +572,7 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
     links: dict[str, dict[str, dict[str, Any]]] = {}
     pair_scores: dict[str, dict[str, dict[str, float]]] = {}
     loop: dict[str, Any] = {}
+    sequence: dict[str, dict[str, float]] = {}  # link -> {L: R@1} (SEQUENCE_SET / SEQUENCE_MODEL)
     seconds: dict[str, float] = {"train_control": train_seconds}  # teacher (if absent) + finetuned
     for s in sets:
         t_set = time.perf_counter()
@@ -649,6 +656,8 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
                 rec = recall_at_n(ids, s.positives)
                 hits[(s.key, label, m.key)] = rec.first_hit
                 preds_by[(s.key, label, m.key)] = ids
+                if (s.key, m.key) == (SEQUENCE_SET, SEQUENCE_MODEL) and spec in SEQUENCE_LINKS:
+                    sequence[label] = _sequence_curve(cache, s, label, keys[m.key], q, db_desc[m.key])
                 results.append(
                     EvalResult.from_recall(
                         s.key,
@@ -731,11 +740,20 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
             {s.key: np.array([len(p) > 0 for p in s.positives]) for s in sets if s.positives is not None},
         ),
         "operating_points": operating_points(results),
+        "sequence": {"set": SEQUENCE_SET, "model": SEQUENCE_MODEL, "candidates": SEQUENCE_CANDIDATES,
+                     "lengths": list(SEQUENCE_LENGTHS), "recall_at_1": sequence},
         "seconds": seconds,
         "cache": {"described": cache.described, "reused": cache.reused},
     }
     pairs: dict[str, tuple[str, str]] = {}
     figures = _figures(cfg, sets, results, preds_by, hits, loop, pairs)
+    if sequence:
+        from .plots import plot_recall_vs_sequence_length
+
+        figures["sequence"] = shrink_png(plot_recall_vs_sequence_length(
+            {lb: {int(n): v for n, v in c.items()} for lb, c in sequence.items()},
+            _figure_dir(cfg) / f"sequence_{SEQUENCE_SET}.png",
+            title=f"{SEQUENCE_SET}, {SEQUENCE_MODEL}: R@1 against sequence length"))
     summary["figures"] = {k: str(v) for k, v in figures.items()}
     summary["montage_pairs"] = pairs
     paths = {"results": out / "results.json"}
@@ -752,6 +770,21 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
         paths["results"], json.dumps(summary, default=json_default, allow_nan=False, indent=1) + "\n"
     )
     return summary
+
+
+def _sequence_curve(cache: _Cache, s: StudySet, label: str, desc_key: str, q: np.ndarray,
+                    db: np.ndarray) -> dict[str, float]:
+    """R@1 of sequence matching for each of SEQUENCE_LENGTHS on one link (cached by the descriptors' key)."""
+    from .sequence import sequence_recall
+
+    key = _hash(desc_key, "sequence", SEQUENCE_LENGTHS, SEQUENCE_CANDIDATES)
+    curve = cache.get_json(s.key, label, "sequence", key)
+    if curve is None:
+        scores, ids = _top_k(q, db, SEQUENCE_CANDIDATES)
+        rec = sequence_recall(ids, scores, s.positives, SEQUENCE_LENGTHS)
+        curve = {str(n): float(r[1]) for n, r in rec.items()}
+        cache.put_json(s.key, label, "sequence", key, curve)
+    return curve
 
 
 # --------------------------------------------------------------------------- loop closure
@@ -1479,6 +1512,25 @@ def render_page(summary: dict[str, Any], page: Path, figures: dict[str, Path]) -
             f"{o['link']} | "
             f"{_bytes(o['bytes'])} | {_pct(o['r1'])} |"
         )
+    seq = summary.get("sequence") or {}
+    if seq.get("recall_at_1"):
+        lengths = [str(n) for n in seq["lengths"]]
+        L += [
+            "",
+            "## Sequence matching: R@1 against sequence length",
+            "",
+            f"`{seq['model']}` on `{seq['set']}`: the stream's top-{seq['candidates']} candidates through "
+            "the localizer's sequence matcher (`core.sequence`, SeqSLAM-style lines with velocities 0.8-1.25 "
+            "places per frame; [sequence.md](sequence.md)); L = 1 is the single frame.",
+            "",
+            "| link | " + " | ".join(f"L = {n}" for n in lengths) + " | L = " + lengths[-1] + " / single |",
+            "|---|" + "---:|" * (len(lengths) + 1),
+        ]
+        for lb, c in seq["recall_at_1"].items():
+            ratio = c[lengths[-1]] / c["1"] if c.get("1") else float("nan")
+            L.append(f"| {lb} | " + " | ".join(_pct(c[n]) for n in lengths) + f" | {ratio:.1f}x |")
+        if "sequence" in figures:
+            L += ["", f"![R@1 against sequence length]({_rel(figures['sequence'], page)})"]
     lc = summary.get("loop_closure") or {}
     if lc:
         ms = list(dict.fromkeys(m for v in lc.values() for m in v["models"]))
