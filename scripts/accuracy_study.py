@@ -81,6 +81,13 @@ def ensure_finetuned(cache: Path, teacher: str | None = None) -> tuple[Path, dic
             "loss.ickd=false",
             "loss.mse=false",
             "loss.triplet=true",
+            # the packaged LoQI student was trained with the recipe's earlier triplet (random tuples,
+            # Euclidean distances, mean over negatives, m = 0.3, weight 1): the control keeps that form
+            "data.mining=random",
+            "loss.triplet_distance=euclidean",
+            "loss.triplet_negatives=mean",
+            "loss.margin=0.3",
+            "loss.beta=1.0",
             f"model.teacher={teacher}",
             "model.init=teacher",
             f"run.dir={run_dir}",
