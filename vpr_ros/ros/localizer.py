@@ -500,7 +500,8 @@ class LocalizerNode(Node):
         descriptors = self.extractor(images)
         self.batches += 1
         k = v["top_k"]
-        sequence = self._sequence  # one matcher for the whole batch (a runtime change swaps it)
+        # one matcher for the whole batch (a runtime change swaps it); map mode publishes no PlaceMatch
+        sequence = self._sequence if self._publishing else None
         steps: list[SequenceResult | None] = [None] * len(frames)
         if sequence is not None:
             results, steps = self._match_sequence(frames, descriptors, k, sequence)
