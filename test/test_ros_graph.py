@@ -78,12 +78,12 @@ def test_sets_wiring_and_errors(tmp_path):
     assert loc["top_k"] == 3 and loc["source"] == "007" and loc["require_pose"] is True
     assert [p.value for p in overrides_for("localizer", params) if p.name == "min_score"] == [0.0]  # widened
     wired = wire_graph(params, use_transmitter=True)
-    assert wired["transmitter"]["image_topic"] == "/camera/image_raw"
+    assert wired["transmitter"]["image_topic"] == "camera/image_raw"  # relative: namespaces apply
     assert wired["localizer"]["image_topic"] == wired["transmitter"]["output_topic"]
     assert wired["localizer"]["transmission_stats_topic"] == wired["transmitter"]["stats_topic"]
     assert wired["loop_closure"]["image_topic"] == wired["localizer"]["image_topic"]
     assert wired["loop_closure"]["match_topic"] == wired["localizer"]["match_topic"]
-    assert wire_graph(params, use_transmitter=False)["localizer"]["image_topic"] == "/camera/image_raw"
+    assert wire_graph(params, use_transmitter=False)["localizer"]["image_topic"] == "camera/image_raw"
     with pytest.raises(ConfigError, match="expected NODE.PARAM=VALUE"):
         apply_sets(params, ["top_k=3"])
     with pytest.raises(ConfigError, match="expected int"):
