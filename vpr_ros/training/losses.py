@@ -2,21 +2,22 @@
 Images", arXiv 2310.06906), as plain functions of tensors.
 
 * :func:`ickd_loss` -- inter-channel correlation knowledge distillation (Liu et al., ICCV 2021) on
-  latent maps (LoQI: the latent code z, the encoder's output): for a map F (C x HW) the C x C correlation G = F F^T, each row L2-normalised as in the
-  ICKD reference implementation; the loss is ||G_t - G_s||_F^2 / C, averaged over the batch and over
-  the maps. It is 0 for identical maps and invariant to a positive rescaling of either map and to any
-  permutation of the spatial positions (it compares channel relations, not pixels), so student and
-  teacher maps may even differ in spatial size. Maps with fewer positions than channels are compared
-  through the factors of the C x C matrices (:class:`Correlation`), the same value without building them.
+  latent maps (LoQI: the latent code z, the encoder's output): for a map F (C x HW) the C x C
+  correlation G = F F^T, each row L2-normalised as in the ICKD reference implementation; the loss is
+  ||G_t - G_s||_F^2 / C, averaged over the batch and over the maps. It is 0 for identical maps and
+  invariant to a positive rescaling of either map and to any permutation of the spatial positions (it
+  compares channel relations, not pixels), so student and teacher maps may even differ in spatial size.
+  Maps with fewer positions than channels are compared through the factors of the C x C matrices
+  (:class:`Correlation`), the same value without building them.
 * :func:`mse_loss` -- mean squared error between student and teacher global descriptors: by default the
   mean over every element (batch x dimensions), as "MSE" reads and ``torch.nn.MSELoss`` computes;
   ``reduction="sum"`` sums over the dimensions and averages over the batch (``2 - 2 cos`` for
   L2-normalised descriptors: SciceVPR's L_D as its authors' code computes it).
 * :func:`triplet_loss` -- the triplet margin ranking loss on descriptors; with ``squared=True`` and
-  ``negatives_reduction="sum"`` it is NetVLAD's weakly supervised ranking loss (Arandjelovic et al., CVPR 2016,
-  Eq. 7): ``sum_j max(0, d^2(q, p) + m - d^2(q, n_j))``, p the best-matching potential positive and n_j the
-  (hard) negatives, mean over the batch of queries. The defaults (Euclidean d, mean over negatives) are
-  the plain form the StructVPR stages use.
+  ``negatives_reduction="sum"`` it is NetVLAD's weakly supervised ranking loss (Arandjelovic et al.,
+  CVPR 2016, Eq. 7): ``sum_j max(0, d^2(q, p) + m - d^2(q, n_j))``, p the best-matching potential
+  positive and n_j the (hard) negatives, mean over the batch of queries. The defaults (Euclidean d, mean
+  over negatives) are the plain form the StructVPR stages use.
 """
 
 from __future__ import annotations
