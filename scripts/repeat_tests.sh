@@ -16,7 +16,9 @@ while time.monotonic() < end: pass" &
     burners="$burners $!"
   done
 fi
-trap '[ -n "$burners" ] && kill $burners 2>/dev/null' EXIT INT TERM
+stop_burners() { [ -n "$burners" ] && kill $burners 2>/dev/null; burners=""; }
+trap stop_burners EXIT
+trap 'stop_burners; exit 130' INT TERM
 passed=0 failed=0
 for i in $(seq "$n"); do
   if "$py" -m pytest -q -p no:cacheprovider "$@" >"${TMPDIR:-/tmp}/repeat_tests.$i.log" 2>&1; then
