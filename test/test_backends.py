@@ -162,7 +162,9 @@ def test_bad_names_and_impossible_settings_raise_model_error(student):
         make_backend(student, "tensorrt")
     with pytest.raises(ModelError, match="unknown inference backend"):
         DescriptorExtractor(student, device="cpu", backend="Torch")
-    with pytest.raises(ModelError, match="unknown precision 'int8'"):
+    with pytest.raises(ModelError, match="unknown precision 'int4'"):
+        make_backend(student, "torch", device="cpu", precision="int4")
+    with pytest.raises(ModelError, match="int8 runs on backend 'onnx'"):
         make_backend(student, "torch", device="cpu", precision="int8")
     with pytest.raises(ModelError, match="no option"):
         make_backend(student, "torch", device="cpu", spin=True)

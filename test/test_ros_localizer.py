@@ -414,7 +414,7 @@ def test_main_refuses_unknown_backend_in_one_line(summer_map, torch_home):
                                 TORCH_HOME=str(torch_home))
     assert out.returncode == 2, out.stderr
     assert errors == ["localizer_node: error: localizer: parameter 'backend' = 'tensorrt' is not one of: "
-                      "torch, onnx"], out.stderr
+                      "auto, torch, onnx"], out.stderr
 
 
 def test_main_spins_single_threaded_with_short_switch_interval(monkeypatch):
@@ -440,8 +440,8 @@ def test_main_spins_single_threaded_with_short_switch_interval(monkeypatch):
 
 @pytest.mark.parametrize("params, error, words", [
     ({"map_path": ""}, ConfigError, "map_path' is required"),
-    ({"backend": "tensorrt"}, ConfigError, "'backend' = 'tensorrt' is not one of: torch, onnx"),
-    ({"precision": "fp8"}, ConfigError, "'precision' = 'fp8' is not one of: fp32, fp16"),
+    ({"backend": "tensorrt"}, ConfigError, "'backend' = 'tensorrt' is not one of: auto, torch, onnx"),
+    ({"precision": "fp8"}, ConfigError, "'precision' = 'fp8' is not one of: fp32, fp16, int8"),
     ({"threads": -1}, ConfigError, "threads"),
     ({"faiss_threads": 1000}, ConfigError, "faiss_threads"),
     ({"top_k": 0}, ConfigError, "top_k"),

@@ -31,8 +31,8 @@ DEMO_DEGRADATIONS = ("none", "jpeg:10", "resize:0.25", "h264:40")
 #: Top-K candidates per query kept for sequence matching (``SequenceConfig.candidates``).
 SEQUENCE_CANDIDATES = 50
 #: ``vpr_ros.core.backends.BACKENDS`` / ``PRECISIONS`` (spelled out: parsing must not import torch).
-BACKEND_CHOICES = ("torch", "onnx")
-PRECISION_CHOICES = ("fp32", "fp16")
+BACKEND_CHOICES = ("auto", "torch", "onnx")
+PRECISION_CHOICES = ("fp32", "fp16", "int8")
 #: ``vpr_ros.core.formats.FORMATS`` (spelled out for the same reason).
 FORMAT_CHOICES = ("vprbench", "aligned", "positions", "msls")
 
@@ -52,10 +52,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input-size", default=None, help="preprocessing size HxW (e.g. 240x320) or 'native'")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--backend", default="torch", choices=BACKEND_CHOICES,
-                   help="inference backend: torch (eager) or onnx (ONNX Runtime, 2-5x faster on CPU; "
-                        "the export is cached in $VPR_ROS_CACHE/onnx or ~/.cache/vpr_ros/onnx)")
-    g.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES, help="fp16 needs CUDA")
+    g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="inference backend: auto (onnx on CPU, torch on CUDA), torch (eager) or onnx (ONNX "
+                        "Runtime, 2-5x faster on CPU; the export is cached in $VPR_ROS_CACHE/onnx or "
+                        "~/.cache/vpr_ros/onnx)")
+    g.add_argument("--precision", default="fp32", choices=PRECISION_CHOICES,
+                   help="fp16 needs CUDA; int8: onnx on CPU from a calibrated export (bench/int8.py)")
     g.add_argument("--threads", type=_threads, default=0,
                    help="intra-op threads of the backend (0: library default; torch wants 1 on busy "
                         "shared cores)")

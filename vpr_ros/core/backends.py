@@ -59,9 +59,9 @@ __all__ = [
     "usable_cpus",
 ]
 
-BACKENDS = ("torch", "onnx")
-#: What ``backend="auto"`` (the default of the nodes, CLI and extractor) chooses: :func:`default_backend`.
+#: ``auto`` (the default of the nodes and the CLI) is :func:`default_backend`: onnx on CPU, torch on CUDA.
 AUTO = "auto"
+BACKENDS = (AUTO, "torch", "onnx")
 PRECISIONS = ("fp32", "fp16", "int8")
 #: ONNX metadata key of a calibrated int8 export: the :func:`model_hash` of the model it was made from.
 INT8_HASH_KEY = "vpr_ros.model_hash"
@@ -86,6 +86,7 @@ def default_backend(device: str | torch.device = "auto") -> str:
     if kind.startswith("cuda") or (kind == "auto" and torch.cuda.is_available()):
         return "torch"
     try:
+        import onnx  # noqa: F401  (the export)
         import onnxruntime  # noqa: F401
     except ImportError:
         return "torch"
@@ -526,7 +527,7 @@ def make_backend(
     if kind == AUTO:
         kind = default_backend(device)
     if kind not in BACKENDS:
-        raise ModelError(f"unknown inference backend {kind!r}; expected one of {', '.join(BACKENDS)} or auto")
+        raise ModelError(f"unknown inference backend {kind!r}; expected one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     allowed = {"torch": {"channels_last", "compile", "threads"},

@@ -223,7 +223,7 @@ def _tx_params(config: TransmissionConfig) -> dict[str, Any]:
 
 def run_graph_demo(*, nordland_root: str | os.PathLike, out_dir: str | os.PathLike, every: int = 3,
                    weights: str | None = None, input_size: str | tuple | None = "128x256",
-                   max_frames: int = 80, rate_hz: float = 10.0, quality: int = 10, backend: str = "torch",
+                   max_frames: int = 80, rate_hz: float = 10.0, quality: int = 10, backend: str = "auto",
                    precision: str = "fp32", threads: int = 0) -> dict[str, Path]:
     """Recall@1/5 and latency through the ROS graph at full quality and at JPEG ``quality``.
 

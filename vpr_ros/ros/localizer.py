@@ -20,8 +20,9 @@ keyframe, so map stamps stay monotonic (a bag restart keeps localising instead o
 silent). A frame repeating the previous frame's stamp (a resend) is counted as
 ``repeated_stamp``, answered again, and never becomes a second keyframe.
 
-Speed: ``backend`` picks the inference backend (``torch`` eager channels_last, or ``onnx``:
-ONNX Runtime, 2-5x faster on CPU), ``precision`` fp32/fp16 (fp16 needs CUDA), ``threads`` the
+Speed: ``backend`` picks the inference backend (``auto``, the default: ``onnx`` on CPU, ``torch`` on
+CUDA; ``torch`` eager channels_last, or ``onnx``: ONNX Runtime, 2-5x faster on CPU), ``precision``
+fp32/fp16 (fp16 needs CUDA) or int8 (onnx on CPU, a calibrated export), ``threads`` the
 backend's intra-op threads; the worker sets faiss to ``faiss_threads`` OpenMP threads (1 by
 default: single-query search gains nothing from more, and OpenMP spin-waits collapse on busy
 shared cores). ``main`` spins a ``SingleThreadedExecutor`` (callbacks only queue) with a
@@ -106,9 +107,11 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("input_size", "", "preprocessing size HxW (e.g. 240x320), 'native', or empty for the model's",
               read_only=True),
     ParamSpec("device", "auto", "auto (CUDA when present), cpu, cuda or cuda:N", read_only=True),
-    ParamSpec("backend", "torch", "inference backend: torch (eager, channels_last) or onnx (ONNX Runtime, "
-              "exported once and cached; fastest on CPU)", choices=BACKENDS, read_only=True),
-    ParamSpec("precision", "fp32", "fp32, or fp16 (CUDA only: torch half precision, onnx via TensorRT)",
+    ParamSpec("backend", "auto", "inference backend: auto (onnx on CPU, torch on CUDA), torch (eager, "
+              "channels_last) or onnx (ONNX Runtime, exported once and cached; fastest on CPU)",
+              choices=BACKENDS, read_only=True),
+    ParamSpec("precision", "fp32", "fp32, fp16 (CUDA only: torch half precision, onnx via TensorRT) or int8 "
+              "(onnx on CPU, a calibrated export: bench/int8.py)",
               choices=PRECISIONS, read_only=True),
     ParamSpec("threads", 0, "intra-op threads of the backend (torch: process-wide; onnx: its session); "
               "0 = library default (all cores). torch wants 1 on cores shared with busy processes",
@@ -188,7 +191,7 @@ def model_label(weights: str, name: str) -> str:
 
 
 def build_extractor(weights: str = "default", model: str = "", input_size: str | tuple | None = "",
-                    device: str = "auto", batch_size: int = 8, *, backend: str = "torch",
+                    device: str = "auto", batch_size: int = 8, *, backend: str = "auto",
                     precision: str = "fp32", threads: int = 0) -> tuple[DescriptorExtractor, str]:
     """Resolve the model as the node does; return the extractor and its :func:`model_label`.
 

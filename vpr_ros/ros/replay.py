@@ -238,7 +238,7 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
         else:
             loc_file = {**params.get("*", {}), **params.get("localizer", {})}  # backend settings of --params
             ext, label = build_extractor(cfg.weights, cfg.model, cfg.input_size, cfg.device, 8,
-                                         backend=str(loc_file.get("backend", "torch")),
+                                         backend=str(loc_file.get("backend", "auto")),
                                          precision=str(loc_file.get("precision", "fp32")),
                                          threads=int(loc_file.get("threads", 0)))
         from nav_msgs.msg import Odometry

@@ -490,6 +490,9 @@ def pool_card(cfg: GeneralConfig, train: ImagePool) -> dict[str, Any]:
                      f"{sp.val_every}th from {sp.val_offset}, +-{sp.gap:g} frames)")
         parts.append(what)
     return {
+        "key": "general",
+        "title": f"general low-quality student: LoQI-distilled from the ImageNet student at {h}x{w} over "
+                 "random links",
         "train_data": "; ".join(parts) + f": {len(train.records)} images, no labels",
         "train_domains": domains,
         "train_sets": [],
@@ -600,7 +603,9 @@ def export_general(checkpoint: str | os.PathLike, out: str | os.PathLike, *, sid
     if meta.get("method") != "general" or "card" not in meta:
         raise ConfigError(f"{checkpoint}: not a checkpoint of the general-student recipe")
     cfg = ckpt.get("config", {})
-    extra = {"method": "general", "degradation": meta.get("degradation"), "card": meta["card"],
+    card = {"key": "general", "title": "general low-quality student: LoQI-distilled from the ImageNet "
+            "student over random links", **meta["card"]}
+    extra = {"method": "general", "degradation": meta.get("degradation"), "card": card,
              "loss": cfg.get("loss", {}), "teacher": meta.get("teacher"),
              "recipe": {k: cfg.get(k) for k in ("data", "links", "model", "optim", "schedule")}}
     return export_deployed(checkpoint, out, meta=extra, sidecar=sidecar)

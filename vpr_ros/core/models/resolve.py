@@ -13,8 +13,17 @@ from .registry import VprModel, check_input_size, create_model
 
 log = logging.getLogger(__name__)
 
-#: The deployed student shipped with the package (produced by ``vpr_ros.training``).
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights" / "structvpr_mobilenetv2_loqi.pt"
+WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
+#: The students shipped with the package (produced by ``vpr_ros.training``), by their model card's key:
+#: ``weights="loqi"`` etc. picks one (``vpr-ros models`` prints their cards).
+PACKAGED = {
+    "loqi": WEIGHTS_DIR / "structvpr_mobilenetv2_loqi.pt",  # Nordland LoQI student, 32x64
+    "structvpr": WEIGHTS_DIR / "structvpr_mobilenetv2_kitti.pt",  # KITTI StructVPR student, 96x320
+    "general": WEIGHTS_DIR / "structvpr_mobilenetv2_general.pt",  # general low-quality student, 240x320
+}
+#: The key of the default student (``weights="default"`` and no weights at all).
+DEFAULT_KEY = "loqi"
+DEFAULT_WEIGHTS = PACKAGED[DEFAULT_KEY]
 DEFAULT_MODEL = "structvpr_mobilenetv2"
 
 
@@ -27,7 +36,8 @@ def resolve_model(
 ) -> VprModel:
     """Return an eval-mode model on CPU.
 
-    ``weights`` (a checkpoint path, or ``"default"`` for the packaged student) wins; else
+    ``weights`` (a checkpoint path, a packaged student's key of :data:`PACKAGED`, or ``"default"``
+    for the packaged default student) wins; else
     ``model`` builds a registered model (ImageNet backbone when ``pretrained``); with neither,
     the packaged student is used when present, else ImageNet-initialised StructVPR.
     ``input_size`` overrides the preprocessing size ((H, W), or None for native size).
@@ -40,6 +50,10 @@ def resolve_model(
         else:
             model = DEFAULT_MODEL
             log.info("no packaged weights at %s: using ImageNet-initialised %s", DEFAULT_WEIGHTS, model)
+    if isinstance(weights, str) and weights in PACKAGED:
+        if not PACKAGED[weights].is_file():
+            raise ModelError(f"the packaged {weights!r} student {PACKAGED[weights]} is missing")
+        weights = PACKAGED[weights]
     if weights is not None:
         net = load_model(weights, expected_name=model)
     else:
