@@ -41,6 +41,21 @@ def test_gate_rows_hand_computed():
     assert [r["pass"] for r in rows] == [False, False, False]  # -0.015 < -0.01; 0.09 < 0.10; -0.01 < 0
 
 
+def test_gate_margin_interval_from_per_query_hits():
+    # Same hits for student and teacher, teacher clean = teacher link: every resample has gain 0, needed 0,
+    # so the margin is exactly 0 (the clean row: + the 1-point tolerance).
+    hits = [1, 0, 1, 1, 0, 1, 0, 1]
+    same = {lb: {"R@1": sum(hits) / 8, "hit1": hits} for lb in ("none", "jpeg_q10")}
+    rows = cross_domain.gate(same, same, ["none", "jpeg_q10"])
+    assert rows[0]["margin_ci90"] == pytest.approx((0.01, 0.01))
+    assert rows[1]["margin_ci90"] == pytest.approx((0, 0))
+    # The student misses every query the teacher finds on the link: the margin is below 0 in every resample.
+    teacher = {"none": {"R@1": 1.0, "hit1": [1] * 8}, "jpeg_q10": {"R@1": 1.0, "hit1": [1] * 8}}
+    student = {"none": {"R@1": 1.0, "hit1": [1] * 8}, "jpeg_q10": {"R@1": 0.0, "hit1": [0] * 8}}
+    row = cross_domain.gate(student, teacher, ["none", "jpeg_q10"])[1]
+    assert not row["pass"] and row["margin_ci90"] == pytest.approx((-1.0, -1.0))
+
+
 def test_card_domain_of_a_set():
     card = ModelCard(Path("x.pt"), "k", "t", "m", (96, 320), "KITTI 05", ["kitti"], ["kitti05"])
     assert card.domain("kitti05") == "train"

@@ -204,6 +204,8 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
                 cell: dict[str, Any] = {f"R@{n}": float(rec[n]) for n in RECALL_NS}
                 cell["queries"] = int(rec.n_queries)
                 cell["hits_at_1"] = int(np.sum(rec.first_hit == 0))
+                has = np.array([len(p) > 0 for p in s.positives])
+                cell["hit1"] = (rec.first_hit[has] == 0).astype(int).tolist()  # per query, for the bootstrap
                 results[c.key].setdefault(s.key, {})[label] = cell
         log.info("cross-domain %s done", s.key)
     return {
@@ -235,23 +237,43 @@ def domains_of(card: ModelCard, set_keys: list[str]) -> dict[str, str]:
     return {s: card.domain(s) for s in set_keys}
 
 
+def _margin_interval(s_link: list[int], t_link: list[int], t_clean: list[int], recovery: float,
+                     offset: float, *, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """90 % interval of ``gain - needed`` over paired bootstrap resamples of the queries (per-query hits at
+    rank 1 of student and teacher on the link and of the teacher clean); ``offset`` is added (the clean
+    row's tolerance)."""
+    sl, tl, tc = (np.asarray(v, dtype=float) for v in (s_link, t_link, t_clean))
+    idx = np.random.default_rng(seed).integers(0, len(sl), size=(n, len(sl)))
+    margin = (sl[idx].mean(1) - tl[idx].mean(1)) - recovery * (tc[idx].mean(1) - tl[idx].mean(1)) + offset
+    lo, hi = np.percentile(margin, [5, 95])
+    return float(lo), float(hi)
+
+
 def gate(student: dict[str, dict[str, Any]], teacher: dict[str, dict[str, Any]], links: list[str],
          *, tolerance: float = GATE_CLEAN_TOLERANCE, recovery: float = GATE_RECOVERY) -> list[dict[str, Any]]:
-    """The gate's rows on one set: ``student`` / ``teacher`` map link label -> {"R@1": ...}.
+    """The gate's rows on one set: ``student`` / ``teacher`` map link label -> {"R@1": ...} (and, when
+    there, ``hit1``: per-query hits at rank 1).
 
     Clean row: pass when R@1_s,clean >= R@1_t,clean - ``tolerance``. Link rows: ``needed`` =
     ``recovery`` x (R@1_t,clean - R@1_t,link), ``gain`` = R@1_s,link - R@1_t,link, pass when gain >= needed
-    (to 1e-9); ``beats`` says whether the student is strictly better than the teacher on the link."""
+    (to 1e-9); ``beats`` says whether the student is strictly better than the teacher on the link.
+    ``margin_ci90``: the 90 % paired-bootstrap interval of gain - needed (None without per-query hits): a
+    verdict whose interval contains 0 is within the noise of the set's queries."""
     t_clean, s_clean = teacher["none"]["R@1"], student["none"]["R@1"]
+    have = all("hit1" in d.get(lb, {}) for d in (student, teacher) for lb in links)
     rows = [{"link": "none", "teacher": t_clean, "student": s_clean, "needed": -tolerance,
-             "gain": s_clean - t_clean, "pass": s_clean - t_clean >= -tolerance - 1e-9, "beats": None}]
+             "gain": s_clean - t_clean, "pass": s_clean - t_clean >= -tolerance - 1e-9, "beats": None,
+             "margin_ci90": _margin_interval(student["none"]["hit1"], teacher["none"]["hit1"],
+                                             teacher["none"]["hit1"], 0.0, tolerance) if have else None}]
     for lb in links:
         if lb == "none":
             continue
         t, s = teacher[lb]["R@1"], student[lb]["R@1"]
         needed = recovery * (t_clean - t)
+        ci = _margin_interval(student[lb]["hit1"], teacher[lb]["hit1"], teacher["none"]["hit1"], recovery,
+                              0.0) if have else None
         rows.append({"link": lb, "teacher": t, "student": s, "teacher_clean": t_clean, "needed": needed,
-                     "gain": s - t, "pass": s - t >= needed - 1e-9, "beats": s > t})
+                     "gain": s - t, "pass": s - t >= needed - 1e-9, "beats": s > t, "margin_ci90": ci})
     return rows
 
 
@@ -405,18 +427,22 @@ def render(data: dict[str, Any]) -> str:
     L += ["### Gate: each checkpoint against the ImageNet student at its own input size", "",
           f"On every set it did not train on: clean R@1 >= ImageNet - {100 * GATE_CLEAN_TOLERANCE:g} point; "
           f"on each link the gain over ImageNet >= {GATE_RECOVERY:g} x ImageNet's loss on that link "
-          "(R@1_t,clean - R@1_t,link). `beats`: strictly better than ImageNet on the link. Points of R@1.",
-          ""]
-    L += ["| model | set | domain | link | ImageNet | model | needed gain | gain | verdict | beats |",
-          "|---|---|---|---|---:|---:|---:|---:|---|---|"]
+          "(R@1_t,clean - R@1_t,link). Margin = gain - needed; its 90 % interval comes from 2,000 paired "
+          "bootstrap resamples of the set's queries (an interval across 0: the verdict is within the noise "
+          "of that set). `beats`: strictly better than ImageNet on the link. Points of R@1.", ""]
+    L += ["| model | set | domain | link | ImageNet | model | needed gain | gain | verdict | margin, 90 % "
+          "interval | beats |", "|---|---|---|---|---:|---:|---:|---:|---|---|---|"]
     for c in ckpts:
         m = models[c["key"]]
         for k, rows in m["gate"].items():
             for r in rows:
                 beats = "-" if r["beats"] is None else ("yes" if r["beats"] else "no")
+                ci = r.get("margin_ci90")
+                ci_text = "-" if ci is None else f"{100 * ci[0]:+.1f} .. {100 * ci[1]:+.1f}"
                 L.append(f"| `{c['key']}` | {k} | {m['domains'][k]} | {_link_title(r['link'])} | "
                          f"{_p(r['teacher'])} | {_p(r['student'])} | {100 * r['needed']:+.1f} | "
-                         f"{100 * r['gain']:+.1f} | {'PASS' if r['pass'] else '**FAIL**'} | {beats} |")
+                         f"{100 * r['gain']:+.1f} | {'PASS' if r['pass'] else '**FAIL**'} | {ci_text} | "
+                         f"{beats} |")
     L += ["", "Verdicts over the out-of-domain sets: " + "; ".join(
         f"`{c['key']}` gate {'PASS' if models[c['key']]['gate_out_of_domain_pass'] else 'FAIL'}, beats "
         f"ImageNet on every link {'yes' if models[c['key']]['beats_baseline_out_of_domain'] else 'no'}"
