@@ -117,3 +117,20 @@ def test_two_steps_train_a_student_whose_card_names_its_data(tmp_path):
     assert torch.equal(student.state_dict()[bn], teacher.state_dict()[bn])
     conv = "features.1.conv.0.0.weight"
     assert not torch.equal(student.state_dict()[conv], teacher.state_dict()[conv])
+
+
+def test_packaged_students_resolve_by_their_card_key():
+    """``weights="general"`` (etc.) loads the packaged file whose card has that key; ``"default"`` the
+    default student's file."""
+    from vpr_ros.core.backends import model_hash
+    from vpr_ros.core.models import resolve_model
+    from vpr_ros.core.models.resolve import DEFAULT_KEY, PACKAGED
+
+    assert PACKAGED["general"].is_file(), "the general student is packaged"
+    for key, path in PACKAGED.items():
+        if path.is_file():
+            assert read_card(path).key == key
+            assert model_hash(resolve_model(key)) == model_hash(load_model(path))
+    default = resolve_model("default")
+    assert model_hash(default) == model_hash(load_model(PACKAGED[DEFAULT_KEY]))
+    assert resolve_model("general").preprocess.input_size == (240, 320)

@@ -473,8 +473,9 @@ class GeneralObjective(LoQI):
         return self
 
 
-def pool_card(cfg: GeneralConfig, train: ImagePool) -> dict[str, Any]:
-    """The training-data part of the model card (``meta["card"]``) this recipe produces."""
+def pool_card(cfg: GeneralConfig, n_images: int) -> dict[str, Any]:
+    """The training-data part of the model card (``meta["card"]``) this recipe produces (``n_images``: the
+    training pool's size); the input size is the checkpoint's preprocessing, not repeated here."""
     domains = list(dict.fromkeys(source_domain(s) for s in cfg.data.sources))
     h, w = cfg.model.input_size
     parts = []
@@ -483,20 +484,20 @@ def pool_card(cfg: GeneralConfig, train: ImagePool) -> dict[str, Any]:
                 "kitti": f"KITTI {'+'.join(s.sequences)}", "rtabmap_loop": "RTAB-Map loop"}.get(
                     s.kind, f"{s.kind} {Path(s.root).name}")
         if s.every > 1:
-            what += f" (every {s.every}th image from {s.offset})"
+            what += f" (one image in {s.every}, from index {s.offset})"
         if s.exclude_split is not None:
             sp = s.exclude_split
-            what += (f" without the held-out places (blocks of {sp.block:g} frames, every "
-                     f"{sp.val_every}th from {sp.val_offset}, +-{sp.gap:g} frames)")
+            what += (f" without the held-out places (block {sp.val_offset} of every {sp.val_every} blocks of "
+                     f"{sp.block:g} frames, +-{sp.gap:g} frames)")
         parts.append(what)
     return {
         "key": "general",
         "title": f"general low-quality student: LoQI-distilled from the ImageNet student at {h}x{w} over "
                  "random links",
-        "train_data": "; ".join(parts) + f": {len(train.records)} images, no labels",
+        "train_data": "; ".join(parts) + f": {n_images} images, no labels",
+        "train_images": n_images,
         "train_domains": domains,
         "train_sets": [],
-        "input_size": list(cfg.model.input_size),
         "teacher": f"{cfg.model.teacher} {cfg.model.name} at {h}x{w} (frozen)",
         "links": cfg.links.label(),
     }
@@ -584,7 +585,7 @@ class GeneralTrainer(Trainer):
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"teacher": self.cfg.model.teacher, "degradation": self.cfg.links.label(),
-                "card": pool_card(self.cfg, self.train_places)}
+                "card": pool_card(self.cfg, len(self.train_places.records))}
 
 
 def train_general(cfg: GeneralConfig, *, resume: bool = False) -> TrainResult:
@@ -603,8 +604,13 @@ def export_general(checkpoint: str | os.PathLike, out: str | os.PathLike, *, sid
     if meta.get("method") != "general" or "card" not in meta:
         raise ConfigError(f"{checkpoint}: not a checkpoint of the general-student recipe")
     cfg = ckpt.get("config", {})
-    card = {"key": "general", "title": "general low-quality student: LoQI-distilled from the ImageNet "
-            "student over random links", **meta["card"]}
+    n = meta["card"].get("train_images")
+    if n is None:  # checkpoints written before the card counted its images: the count is in the text
+        import re
+
+        found = re.search(r"(\d+) images, no labels", meta["card"].get("train_data", ""))
+        n = int(found.group(1)) if found else 0
+    card = pool_card(build_config(GeneralConfig, cfg), int(n))  # the card from the recipe the run used
     extra = {"method": "general", "degradation": meta.get("degradation"), "card": card,
              "loss": cfg.get("loss", {}), "teacher": meta.get("teacher"),
              "recipe": {k: cfg.get(k) for k in ("data", "links", "model", "optim", "schedule")}}
