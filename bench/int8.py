@@ -28,7 +28,7 @@ import _common as C  # first: sets sys.path and TORCH_HOME
 import numpy as np
 
 from vpr_ros.core import cross_domain
-from vpr_ros.core.backends import make_backend, quantize_int8
+from vpr_ros.core.backends import default_cache_dir, make_backend, quantize_int8
 from vpr_ros.core.models import DEFAULT_WEIGHTS, load_model
 from vpr_ros.core.study import StudyConfig
 
@@ -60,16 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     machine = C.machine("torch", "onnxruntime")
     model = load_model(args.weights)
     size = model.preprocess.input_size
-    target = (args.weights.with_suffix(".int8.onnx") if args.export
-              else C.REPO / ".cache" / "onnx" / f"{args.weights.stem}.int8.onnx")
+    target = (args.weights.with_suffix(".int8.onnx") if args.export  # where the backend looks for it
+              else default_cache_dir() / f"{args.weights.stem}.int8.onnx")
     t0 = time.perf_counter()
     quantize_int8(model, calibration_images(args.calibration), target)
     print(f"int8 export {target} ({target.stat().st_size / 2**20:.1f} MiB) in "
           f"{time.perf_counter() - t0:.0f} s, calibrated on {args.calibration} pool images", file=sys.stderr)
 
     frame = C.camera_frames((240, 320), 1)[0]  # a 320x240 camera frame, resized by the backend to `size`
-    backends = {p: make_backend(model, "onnx", device="cpu", precision=p, max_batch=1, threads=args.threads,
-                                cache_dir=target.parent if p == "int8" else None) for p in ("fp32", "int8")}
+    backends = {p: make_backend(model, "onnx", device="cpu", precision=p, max_batch=1, threads=args.threads)
+                for p in ("fp32", "int8")}
     for b in backends.values():
         for _ in range(5):
             b([frame])

@@ -416,6 +416,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.dataset, args.root, args.limit = "nordland", root, None
     args.frame_filter = _held_out_filter(split) if split else None
     _, paths = run_eval(args, args.degrade or list(DEMO_DEGRADATIONS))
+    if packaged:  # Nordland is the default student's domain: its card says how it does elsewhere
+        from .core.models.card import format_card, read_card
+
+        print("\nthe packaged default in and out of its training domain (model card, `make study`; "
+              "docs/results.md):")
+        print("\n".join(format_card(read_card(DEFAULT_WEIGHTS), default=True)))
     if not args.no_ros:
         paths.update(_demo_ros(args, root))
     print("\nplots and results:")

@@ -140,8 +140,8 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
     def ident(c: Column) -> str:
         return c.identity(backend, prec(c))
 
-    def fname(c: Column) -> str:  # cache file name: fp32 and int8 descriptors side by side
-        return c.key if prec(c) == "fp32" else f"{c.key}.{prec(c)}"
+    def fname(c: Column) -> str:  # cache file: beside the main study's ("loqi", ...); fp32 and int8 apart
+        return f"cross_{c.key}" if prec(c) == "fp32" else f"cross_{c.key}.{prec(c)}"
 
     def describe(c: Column, images: list, desc: str) -> np.ndarray:
         from tqdm import tqdm
