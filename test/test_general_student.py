@@ -134,3 +134,11 @@ def test_packaged_students_resolve_by_their_card_key():
     default = resolve_model("default")
     assert model_hash(default) == model_hash(load_model(PACKAGED[DEFAULT_KEY]))
     assert resolve_model("general").preprocess.input_size == (240, 320)
+
+
+def test_localizer_takes_a_packaged_student_by_name():
+    localizer = pytest.importorskip("vpr_ros.ros.localizer")
+    ext, _ = localizer.build_extractor("general", "", "", "cpu", 4, backend="torch")
+    assert ext.preprocess.input_size == (240, 320) and ext.dim == 448
+    with pytest.raises(Exception, match="does not exist"):
+        localizer.build_extractor("no_such_student", "", "", "cpu", 4, backend="torch")

@@ -68,7 +68,7 @@ from vpr_ros.core.extract import DescriptorExtractor
 from vpr_ros.core.fileio import confined_path, display_path
 from vpr_ros.core.mapdb import INDEX_KINDS, MapEntry, PlaceMap, QueryResult, map_path, set_search_threads
 from vpr_ros.core.models import DEFAULT_WEIGHTS, parse_size, resolve_model
-from vpr_ros.core.models.resolve import DEFAULT_MODEL
+from vpr_ros.core.models.resolve import DEFAULT_MODEL, PACKAGED
 from vpr_ros.core.provenance import descriptor_source, source_mismatch
 from vpr_ros.core.sequence import SequenceConfig, SequenceMatcher, SequenceResult, signed_step
 from vpr_ros.ros.conversions import float_to_stamp, stamp_to_float
@@ -101,7 +101,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("transmission_stats_topic", "", "TransmissionStats topic; its mode labels matches of the same "
               "stamp (empty: use the degradation parameter)", read_only=True),
     ParamSpec("weights", "default", "checkpoint path; 'default' = packaged student (ImageNet-initialised "
-              "model when it is not built); 'imagenet' = ImageNet-initialised model", read_only=True),
+              "model when it is not built); 'general' / 'loqi' / 'structvpr' = a packaged student by name "
+              "(vpr-ros models); 'imagenet' = ImageNet-initialised model", read_only=True),
     ParamSpec("model", "", "registered model name (empty: the checkpoint's, or structvpr_mobilenetv2)",
               read_only=True),
     ParamSpec("input_size", "", "preprocessing size HxW (e.g. 240x320), 'native', or empty for the model's",
@@ -216,6 +217,8 @@ def build_extractor(weights: str = "default", model: str = "", input_size: str |
             net = resolve_model(None, model or None, input_size=size)
         elif weights == "imagenet":
             net = resolve_model(None, model or DEFAULT_MODEL, input_size=size)
+        elif weights in PACKAGED:  # a packaged student by its card's key (vpr-ros models)
+            net = resolve_model(weights, model or None, input_size=size)
         else:
             if not Path(weights).is_file():
                 raise ModelError(f"weights file {weights} does not exist")
