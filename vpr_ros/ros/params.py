@@ -428,32 +428,6 @@ class RejectedFrame(Exception):
 REJECT_REASONS = ("unsupported_encoding", "empty", "size_mismatch", "too_large", "nan", "corrupt", "invalid")
 
 
-def _sniff_compressed_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG IHDR or a JPEG SOF header, without decoding; None if unknown."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if i + 9 > n:
-                return None
-            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
-        i += 2 + length
-    return None
-
-
 def image_from_msg(msg: Any, max_pixels: int) -> np.ndarray:
     """RGB uint8 ``(H, W, 3)`` from a ``sensor_msgs/Image`` or ``CompressedImage``.
 
@@ -464,6 +438,7 @@ def image_from_msg(msg: Any, max_pixels: int) -> np.ndarray:
     from sensor_msgs.msg import CompressedImage
 
     from vpr_ros.core.errors import ImageError
+    from vpr_ros.core.images import encoded_size
     from vpr_ros.ros.conversions import SUPPORTED_ENCODINGS, compressed_msg_to_rgb, image_msg_to_rgb
 
     if isinstance(msg, CompressedImage):
@@ -472,7 +447,7 @@ def image_from_msg(msg: Any, max_pixels: int) -> np.ndarray:
             raise RejectedFrame("empty", "compressed image with no data")
         if "compresseddepth" in msg.format.replace(" ", "").lower():
             raise RejectedFrame("unsupported_encoding", f"compressed format {msg.format!r} is not an image")
-        size = _sniff_compressed_size(data)
+        size = encoded_size(data)  # PNG IHDR / JPEG SOF, read without decoding
         if size is not None and size[0] * size[1] > max_pixels:
             raise RejectedFrame("too_large", f"compressed frame {size[0]}x{size[1]} exceeds max_pixels "
                                              f"{max_pixels}")
