@@ -78,7 +78,12 @@ def test_fixed_value_arguments_declare_choices():
     assert {"backend", "mode", "tx_mode", "bitrate_codec", "image_transport", "precision"} <= set(fixed)
     for arg, values in fixed.items():
         assert tuple(choices.get(arg, ())) == tuple(values), f"launch argument {arg}: choices {values}"
-    assert tuple(choices["model"]) == tuple(list_models())
+    # the models a deployed graph can build: the registry as the core fills it (training modules, once
+    # imported by other tests, register training-only models such as the StructVPR seg-branch)
+    code = "from vpr_ros.core.models.registry import list_models; print(' '.join(list_models()))"
+    deployable = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert tuple(choices["model"]) == tuple(deployable.stdout.split())
+    assert set(choices["model"]) <= set(list_models())
     assert set(choices) == set(fixed) | {"model"}
     # and the declaration over OVERRIDES passes them (with "" = keep the params file's value)
     declares = [c for c in _calls("DeclareLaunchArgument")
