@@ -37,20 +37,28 @@ def plot_recall_curves(
     """Recall@N (percent) versus N, one line per result; returns the written path."""
     if not results:
         raise ValueError("no results to plot")
+    return _recall_lines({r.label: r.recalls for r in results}, path, log_x=True,
+                         xlabel="N (top-N retrieved)", ylabel="recall@N (%)", title=title or "Recall@N")
+
+
+def _recall_lines(curves: Mapping[str, Mapping[int, float | None]], path: str | os.PathLike, *, log_x: bool,
+                  xlabel: str, ylabel: str, title: str) -> Path:
+    """One line of recall (percent) against an integer x per curve; non-finite points are left out."""
     fig = Figure(figsize=(6.0, 4.2), dpi=110)
     ax = fig.add_subplot()
-    for r in results:
-        ns = sorted(n for n, v in r.recalls.items() if v is not None and math.isfinite(v))
-        ax.plot(ns, [100 * r.recalls[n] for n in ns], marker="o", label=r.label)
-    ax.set_xscale("log")
-    all_ns = sorted({n for r in results for n in r.recalls})
-    if all_ns:
-        ax.set_xticks(all_ns, [str(n) for n in all_ns])
-    ax.set_xlabel("N (top-N retrieved)")
-    ax.set_ylabel("recall@N (%)")
+    for label, c in curves.items():
+        xs = sorted(int(n) for n, v in c.items() if v is not None and math.isfinite(v))
+        ax.plot(xs, [100 * c[n] for n in xs], marker="o", label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ticks = sorted({int(n) for c in curves.values() for n in c})
+    if ticks:
+        ax.set_xticks(ticks, [str(n) for n in ticks])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
-    ax.set_title(title or "Recall@N")
+    ax.set_title(title)
     ax.legend(fontsize="small", loc="lower right")
     fig.tight_layout()
     return _save(fig, path)
@@ -173,18 +181,5 @@ def plot_recall_vs_sequence_length(
     """Recall@1 (percent) against the sequence length L, one line per link (``{label: {L: R@1}}``)."""
     if not curves or not any(curves.values()):
         raise ValueError("no sequence results to plot")
-    fig = Figure(figsize=(6.0, 4.2), dpi=110)
-    ax = fig.add_subplot()
-    lengths = sorted({int(n) for c in curves.values() for n in c})
-    for label, c in curves.items():
-        ls = sorted(int(n) for n, v in c.items() if v is not None and math.isfinite(v))
-        ax.plot(ls, [100 * c[n] for n in ls], marker="o", label=label)
-    ax.set_xticks(lengths, [str(n) for n in lengths])
-    ax.set_xlabel("sequence length L (frames; 1 = single frame)")
-    ax.set_ylabel("recall@1 (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(True, alpha=0.3)
-    ax.set_title(title or "Recall@1 against sequence length")
-    ax.legend(fontsize="small", loc="lower right")
-    fig.tight_layout()
-    return _save(fig, path)
+    return _recall_lines(curves, path, log_x=False, xlabel="sequence length L (frames; 1 = single frame)",
+                         ylabel="recall@1 (%)", title=title or "Recall@1 against sequence length")
