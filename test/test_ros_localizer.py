@@ -28,7 +28,7 @@ from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from ros_support import REPO, ROS_TESTS, T0, fresh_namespace, run_node_main, stamp_key, unique
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
-from vpr_ros_msgs.msg import PlaceMatch
+from vpr_ros_msgs.msg import PlaceMatch, TransmissionStats
 from vpr_ros_msgs.srv import SaveMap
 
 from vpr_ros.core.datasets import load_kitti, load_nordland
@@ -202,6 +202,27 @@ def test_repeated_stamp_answered_again_but_never_a_second_place(model, nordland,
     assert diag["repeated_stamp"] == 1 and diag["out_of_order"] == 0
     assert node.keyframes_added == 2 and len(node.place_map) == 2  # frames 0 and 1, not 0 twice
     assert [e.stamp for e in node.place_map.entries()] == pytest.approx([T0, T0 + 0.1])
+
+
+def test_frame_whose_stats_are_late_gets_the_links_current_label(model, summer_map):
+    """Stats (reliable) and images (best effort) race: a frame whose own TransmissionStats have not arrived
+    is labelled with the link's latest mode, not the empty parameter default."""
+    path, queries, _ = summer_map
+    tp = topics()
+    stats_topic = tp["image_topic"] + "_stats"
+    with InProcessGraph() as graph:
+        node = localizer(graph, model, map_path=str(path), transmission_stats_topic=stats_topic, **tp)
+        probe = Probe(graph, tp)
+        stats_pub = probe.node.create_publisher(TransmissionStats, stats_topic, QoSProfile(depth=10))
+        probe.wait_connected(graph)
+        assert graph.wait_matched([stats_pub], timeout=30.0)
+        stats_pub.publish(TransmissionStats(header=header(0), mode="jpeg_q10"))  # frame 0's stats only
+        assert graph.wait_for(lambda: node._link_label == "jpeg_q10", 10.0)
+        graph.publish_paced(probe.pub, [rgb_to_image_msg(queries[i], "rgb8", header(i)) for i in (0, 1)],
+                            lambda: node.frames_in)
+        assert graph.wait_for(lambda: len(probe.matches) == 2, 30.0), node.diagnostics()
+    assert probe.matches[stamp_of(0)].degradation == "jpeg_q10"  # its own stats
+    assert probe.matches[stamp_of(1)].degradation == "jpeg_q10"  # stats not (yet) sent: the link's mode
 
 
 # --------------------------------------------------------------------------- bounded queue

@@ -99,7 +99,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("odom_topic", "", "nav_msgs/Odometry giving keyframe poses in map modes (empty: no poses)",
               read_only=True),
     ParamSpec("transmission_stats_topic", "", "TransmissionStats topic; its mode labels matches of the same "
-              "stamp (empty: use the degradation parameter)", read_only=True),
+              "stamp, or the link's latest mode until those stats arrive (empty: use the degradation "
+              "parameter)", read_only=True),
     ParamSpec("weights", "default", "checkpoint path; 'default' = packaged student (ImageNet-initialised "
               "model when it is not built); 'general' / 'loqi' / 'structvpr' = a packaged student by name "
               "(vpr-ros models); 'imagenet' = ImageNet-initialised model", read_only=True),
@@ -383,6 +384,7 @@ class LocalizerNode(Node):
         self._odom: list[tuple[float, tuple, tuple, str]] = []  # sorted by stamp
         self._odom_lock = threading.Lock()
         self._labels: collections.OrderedDict[tuple[int, int], str] = collections.OrderedDict()
+        self._link_label = ""  # the newest TransmissionStats mode: the link's current setting
         self._busy = threading.Lock()  # held while a batch is in flight (shutdown waits for it)
 
         from vpr_ros_msgs.msg import PlaceCandidate, PlaceMatch
@@ -457,6 +459,7 @@ class LocalizerNode(Node):
 
     def _on_stats(self, msg: Any) -> None:
         self._labels[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = msg.mode
+        self._link_label = msg.mode
         while len(self._labels) > 256:
             self._labels.popitem(last=False)
 
@@ -539,7 +542,10 @@ class LocalizerNode(Node):
     def _place_match(self, frame: _Frame, result: QueryResult, sequence: SequenceResult | None = None) -> Any:
         v = self._values
         header = frame.msg.header
-        label = self._labels.get((header.stamp.sec, header.stamp.nanosec), v["degradation"])
+        # the stats of this frame's stamp; when they have not arrived yet (their topic is reliable, the
+        # image's best effort: either may come first), the link's current mode, then the parameter
+        stamp_key = (header.stamp.sec, header.stamp.nanosec)
+        label = self._labels.get(stamp_key) or self._link_label or v["degradation"]
         cands = [self._candidate(eid, score, entry)
                  for eid, score, entry in zip(result.ids, result.scores, result.entries, strict=True)
                  if float(score) >= v["min_score"]]
