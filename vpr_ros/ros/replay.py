@@ -322,7 +322,7 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
                 img_pub.publish(msg)
                 if cfg.fast and not _wait_frame(graph, loc, coll, len(published), publishing, cfg.timeout_s):
                     lost += 1
-            _drain(graph, loc, lc, coll, publishing, cfg.timeout_s)
+            _drain(graph, loc, lc, coll, publishing, cfg.timeout_s, len(published))
             wall = time.perf_counter() - wall0
             loc_diag = loc.diagnostics()
             lc_diag = lc.diagnostics() if lc is not None else None
@@ -409,8 +409,14 @@ def _finished(loc: Any) -> int:
     return int(d["frames_processed"] + d["rejected_total"] + d["queue_drops"])
 
 
-def _drain(graph: Any, loc: Any, lc: Any, coll: _Collector, publishing: bool, timeout: float) -> None:
+#: How long the last frames may still be in transit to the localizer (one lost by best effort never comes).
+TRANSIT_GRACE_S = 10.0
+
+
+def _drain(graph: Any, loc: Any, lc: Any, coll: _Collector, publishing: bool, timeout: float,
+           published: int) -> None:
     """Wait for the frames in flight, then for the loop-closure node to finish the matches it got."""
+    graph.wait_for(lambda: loc.frames_in >= published, min(timeout, TRANSIT_GRACE_S))
     graph.wait_for(lambda: _finished(loc) >= loc.frames_in, timeout)
     if publishing:
         graph.wait_for(lambda: len(coll.order) >= loc.frames_ok - loc.publish_failed, timeout)
