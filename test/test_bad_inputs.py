@@ -323,7 +323,7 @@ def test_image_header_above_the_pixel_limit_is_refused_before_decoding(tmp_path,
 
     if kind == "png_40000":
         data, size, suffix = png_claiming(40000, 40000), (40000, 40000), ".png"
-    elif kind == "jpeg_20000":  # under OpenCV's own limit: it was decoded (1.2 GB) before being skipped
+    elif kind == "jpeg_20000":  # under OpenCV's own limit: the header check must refuse it undecoded (1.2 GB)
         data, size, suffix = jpeg_claiming(20000, 20000), (20000, 20000), ".jpg"
     else:
         ok, buf = cv2.imencode(".bmp", np.zeros((2, 2, 3), np.uint8))

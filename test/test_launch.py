@@ -176,7 +176,7 @@ def test_launch_fails_when_the_localizer_dies(tmp_path, ros_env):
         pytest.fail(f"the launch was still running 120 s after the localizer died:\n{log}")
     assert proc.returncode != 0, log  # the localizer refused to start (no map): the launch failed
     assert "required node localizer_node" in log and "exited with status 2" in log, log
-    # and the rest of the graph was stopped, not left running (before: the launch ran on until Ctrl-C)
+    # and the rest of the graph was stopped, not left running until Ctrl-C
     assert "[transmitter_node-1]: process has finished cleanly" in log, log
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -143,15 +142,6 @@ def test_prebuilt_map_without_local_features_says_it_cannot_verify(loop, student
 # --------------------------------------------------------------------------- the node
 
 
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return bool(predicate())
-        time.sleep(0.01)
-    return True
-
-
 def _run_node(map_dir: Path, records, student, queries) -> tuple[object, list]:
     """A loop-closure node on ``map_dir``: each query's image, then its PlaceMatch from the map."""
     pytest.importorskip("ros_support")
@@ -176,8 +166,7 @@ def _run_node(map_dir: Path, records, student, queries) -> tuple[object, list]:
         sub = probe.create_subscription(LoopClosure, f"{ns}/loop", closures.append, QoSProfile(depth=100))
         img_pub = probe.create_publisher(Image, f"{ns}/image", qos_profile_sensor_data)
         match_pub = probe.create_publisher(PlaceMatch, f"{ns}/match", QoSProfile(depth=100))
-        assert _wait(lambda: img_pub.get_subscription_count() > 0 and match_pub.get_subscription_count() > 0
-                     and sub.get_publisher_count() > 0, 30.0), "probe and node not matched"
+        assert graph.wait_matched([img_pub, match_pub], [sub], 30.0), "probe and node not matched"
         for k, q in enumerate(queries):
             image = records[q].load()
             header = Header(stamp=float_to_stamp(QUERY_STAMP + k), frame_id="camera")
@@ -185,15 +174,15 @@ def _run_node(map_dir: Path, records, student, queries) -> tuple[object, list]:
             seen = node.images_in
             for _ in range(10):  # best effort: resend until the node has the image
                 img_pub.publish(msg)
-                if _wait(lambda s=seen: node.images_in > s, 2.0):
+                if graph.wait_for(lambda s=seen: node.images_in > s, 2.0):
                     break
             assert node.images_in > seen, "image never reached the node"
             cands = [PlaceCandidate(entry_id=i, score=s, stamp=float_to_stamp(st))
                      for i, st, s in _candidates(pmap, student, image)]
             match_pub.publish(PlaceMatch(header=header, query_id=k, model="m", matches=cands))
-            assert _wait(lambda n=k + 1: node.matches_done >= n, 60.0), "PlaceMatch not processed"
+            assert graph.wait_for(lambda n=k + 1: node.matches_done >= n, 60.0), "PlaceMatch not processed"
         n_closures = node.closures_published
-        assert _wait(lambda: len(closures) >= n_closures, 30.0)
+        assert graph.wait_for(lambda: len(closures) >= n_closures, 30.0)
         diag = node.diagnostics()
     return diag, closures
 

@@ -10,7 +10,6 @@ each robot and checks that each answers on its own PlaceMatch topic only.
 from __future__ import annotations
 
 import ast
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -110,26 +109,6 @@ def _resolved_topics(graph: InProcessGraph) -> set[str]:
     return out
 
 
-def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return bool(predicate())
-        time.sleep(0.01)
-    return True
-
-
-def _send_until(send: Callable[[], None], done: Callable[[], bool], timeout: float,
-                every: float = 2.0) -> bool:
-    """Best-effort delivery: send, and send again every ``every`` s until ``done()``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        send()
-        if _wait(done, min(every, max(0.0, deadline - time.monotonic()))):
-            return True
-    return bool(done())
-
-
 def test_two_namespaced_graphs_answer_only_in_their_namespace(model, site):
     map_dir, frames = site
     robot1 = _robot_graph("robot1", model, map_dir)
@@ -156,7 +135,7 @@ def test_two_namespaced_graphs_answer_only_in_their_namespace(model, site):
                 "robot2": probe.create_publisher(Image, "/robot2/front/image_raw", qos_profile_sensor_data)}
         # matched: the probe's camera publishers reach each transmitter, each localizer's matches reach
         # the probe; the un-namespaced match topic has no publisher at all
-        assert _wait(lambda: all(p.get_subscription_count() >= 1 for p in pubs.values())
+        assert InProcessGraph.wait_for(lambda: all(p.get_subscription_count() >= 1 for p in pubs.values())
                      and all(subs[k].get_publisher_count() >= 1 for k in ("robot1", "robot2")),
                      30.0), "probe and robots not matched"
         assert subs[""].get_publisher_count() == 0
@@ -168,7 +147,7 @@ def test_two_namespaced_graphs_answer_only_in_their_namespace(model, site):
                 stamp = T0 + 10 * i + j
                 msg = rgb_to_image_msg(frame, "rgb8", Header(stamp=float_to_stamp(stamp), frame_id="cam"))
                 sent[key].append(round(stamp, 3))
-                assert _send_until(lambda m=msg, k=key: pubs[k].publish(m),
+                assert InProcessGraph.send_until(lambda m=msg, k=key: pubs[k].publish(m),
                                    lambda s=sent[key][-1], k=key: s in got[k], 60.0), (key, got)
         for key in ("robot1", "robot2"):
             assert set(got[key]) == set(sent[key]), (key, got)  # only its own frames (resends repeat them)
