@@ -48,9 +48,9 @@ setup(
         "console_scripts": [
             "vpr-ros = vpr_ros.cli:main",
             # ROS 2 nodes (installed to lib/vpr_ros for `ros2 run vpr_ros <node>` and launch files)
-            "localizer_node = vpr_ros.ros.localizer:main",
-            "transmitter_node = vpr_ros.ros.transmitter:main",
-            "loop_closure_node = vpr_ros.ros.loop_closure:main",
+            "localizer_node = vpr_ros.ros.localizer_node:main",
+            "transmitter_node = vpr_ros.ros.transmitter_node:main",
+            "loop_closure_node = vpr_ros.ros.loop_closure_node:main",
         ],
     },
 )

@@ -8,7 +8,7 @@ the study's test images). Measured in one run:
 * latency of one 320x240 frame (batch 1) through the ONNX Runtime backend, fp32 and int8, on
   ``--threads`` intra-op threads (2 by default), timed in alternation (``_common.interleaved``); ratio
   int8 / fp32 per repeat, median over repeats;
-* R@1 of both on the cross-domain table (:mod:`vpr_ros.core.cross_domain`: every study set, the standard
+* R@1 of both on the cross-domain table (:mod:`vpr_ros.studies.cross_domain`: every study set, the standard
   links; the fp32 numbers come from the study's cache when it has them).
 
 ``--export`` writes the int8 model beside the checkpoint as ``<stem>.int8.onnx`` (the backend finds it by
@@ -27,10 +27,10 @@ from pathlib import Path
 import _common as C  # first: sets sys.path and TORCH_HOME
 import numpy as np
 
-from vpr_ros.core import cross_domain
 from vpr_ros.core.backends import default_cache_dir, make_backend, quantize_int8
 from vpr_ros.core.models import DEFAULT_WEIGHTS, load_model
-from vpr_ros.core.study import StudyConfig
+from vpr_ros.studies import cross_domain
+from vpr_ros.studies.accuracy import StudyConfig
 
 NAME = "int8"
 RECIPE = C.REPO / "training" / "general_student.yaml"
@@ -39,7 +39,7 @@ MAX_LOSS = 0.01  # ship int8 when it loses at most 1 point of R@1 on every set a
 
 def calibration_images(n: int) -> list[np.ndarray]:
     """``n`` images spread evenly over the general recipe's training pool (no test images)."""
-    from vpr_ros.training.general import build_pool, load_general_config
+    from vpr_ros.training.methods.general import build_pool, load_general_config
 
     train, _ = build_pool(load_general_config(RECIPE).data)
     pick = np.unique(np.linspace(0, len(train.records) - 1, n).round().astype(int))

@@ -4,7 +4,7 @@ Run it confined to this machine (a loopback-only network namespace)::
 
     scripts/confine.sh .venv/bin/python bench/node_e2e.py [--backends onnx,torch/t1] [--rates 10,30,120]
 
-Three processes: this orchestrator, the localizer node (``vpr_ros.ros.localizer.LocalizerNode``,
+Three processes: this orchestrator, the localizer node (``vpr_ros.ros.localizer_node.LocalizerNode``,
 mode ``localize``, a map of 300 KITTI-00 frames, its backend chosen by its ``backend`` /
 ``threads`` / ``faiss_threads`` parameters, spun as ``localizer_node``'s ``main()`` does: a
 ``SingleThreadedExecutor`` and a 0.5 ms GIL switch interval), and a publisher/receiver started with
@@ -61,7 +61,7 @@ def role_node(args: argparse.Namespace) -> int:
     from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
-    from vpr_ros.ros.localizer import LocalizerNode
+    from vpr_ros.ros.localizer_node import LocalizerNode
 
     params = {"image_topic": args.image_topic, "match_topic": args.match_topic, "map_path": args.map,
               "mode": "localize", "weights": args.weights, "input_size": args.input_size, "device": "cpu",
@@ -195,7 +195,7 @@ def bare_rates(backend_name: str, size: tuple[int, int], weights: str, frames: l
     import torch
 
     from vpr_ros.core.extract import to_tensor_batch
-    from vpr_ros.ros.localizer import build_extractor
+    from vpr_ros.ros.localizer_node import build_extractor
 
     ext, _ = build_extractor(weights, "", f"{size[0]}x{size[1]}", "cpu", 1, backend=backend_name,
                              threads=threads)
@@ -246,9 +246,9 @@ def orchestrate(args: argparse.Namespace) -> int:
     C.ros_env()
     import torch
 
-    from vpr_ros.core.datasets import load_kitti
-    from vpr_ros.core.experiment import map_from_records
-    from vpr_ros.ros.localizer import build_extractor
+    from vpr_ros.data.places import load_kitti
+    from vpr_ros.eval.offline import map_from_records
+    from vpr_ros.ros.localizer_node import build_extractor
 
     size = tuple(int(v) for v in args.input_size.split("x"))
     mach = C.machine("torch", "onnxruntime", "numpy", "rclpy")

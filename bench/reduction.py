@@ -26,12 +26,12 @@ import warnings
 import _common as C  # first: sets sys.path and TORCH_HOME
 import numpy as np
 
-from vpr_ros.core.datasets import load_dataset
-from vpr_ros.core.evaluation import recall_at_n
 from vpr_ros.core.extract import DescriptorExtractor
 from vpr_ros.core.models import parse_size, resolve_model
 from vpr_ros.core.reduction import PCA
 from vpr_ros.core.transmission import TransmissionConfig, Transmitter
+from vpr_ros.data.places import load_dataset
+from vpr_ros.eval.metrics import recall_at_n
 
 NAME = "reduction"
 

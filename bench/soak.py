@@ -5,7 +5,7 @@ Run it confined to this machine (a loopback-only network namespace)::
     scripts/confine.sh .venv/bin/python bench/soak.py [--frames 10000] [--rate auto] [--bad-share 0.01]
 
 Three processes: this orchestrator; the localizer node as deployed (``python -m
-vpr_ros.ros.localizer``, its own ``main()``, mode ``localize``, a map of 300 KITTI-00 frames,
+vpr_ros.ros.localizer_node``, its own ``main()``, mode ``localize``, a map of 300 KITTI-00 frames,
 ``backend`` onnx by default); and a camera process. Both ROS processes run with
 ``FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA``. The camera publishes 320x240 ``rgb8`` frames (KITTI 05
 and the RTAB-Map corridor, cycled) at a fixed rate, about 1% of them bad (wrong encoding, step
@@ -174,7 +174,7 @@ def role_pub(args: argparse.Namespace) -> int:
 
 def bare_rate(args: argparse.Namespace, frames: list[np.ndarray], seconds: float = 6.0) -> float:
     """Frames/s of the node's model and backend called in a plain loop, batch 1, preprocessing included."""
-    from vpr_ros.ros.localizer import build_extractor
+    from vpr_ros.ros.localizer_node import build_extractor
 
     ext, _ = build_extractor(
         args.weights, "", args.input_size, "cpu", 1, backend=args.backend, threads=args.threads
@@ -205,9 +205,9 @@ def read_json(proc: subprocess.Popen, until: str, timeout: float, on_line=None) 
 def orchestrate(args: argparse.Namespace) -> int:
     C.ros_env()
     os.environ.setdefault("VPR_ROS_CACHE", str(C.REPO / ".cache"))
-    from vpr_ros.core.datasets import load_kitti
-    from vpr_ros.core.experiment import map_from_records
-    from vpr_ros.ros.localizer import build_extractor
+    from vpr_ros.data.places import load_kitti
+    from vpr_ros.eval.offline import map_from_records
+    from vpr_ros.ros.localizer_node import build_extractor
 
     size = tuple(int(v) for v in args.input_size.split("x"))
     mach = C.machine("torch", "onnxruntime", "numpy", "rclpy")
@@ -245,7 +245,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         "match_topic": match_topic,
         "diagnostics_period_s": 1.0,
     }
-    cmd = [sys.executable, "-m", "vpr_ros.ros.localizer", "--ros-args", "-r", f"__node:={node_name}"]
+    cmd = [sys.executable, "-m", "vpr_ros.ros.localizer_node", "--ros-args", "-r", f"__node:={node_name}"]
     for k, v in params.items():
         cmd += ["-p", f"{k}:={v}"]
     log_path = tmp / "node.log"

@@ -5,12 +5,12 @@ Variants (timed in alternation, Adam + grad-clip 1.0 step included in each, data
 ``bare``
     student forward (descriptors) on the low-quality batch + ``MSE`` to a fixed target + backward.
 ``loqi``
-    :class:`vpr_ros.training.loqi.LoQI` with ICKD + MSE + triplet (``vpr_ros/training/losses.py``):
+    :class:`vpr_ros.training.methods.loqi.LoQI` with ICKD + MSE + triplet (``vpr_ros/training/losses.py``):
     frozen teacher forward (no grad) on the high-quality batch, student ``forward_features`` +
     aggregation on the low-quality batch, the three losses, backward: the step of ``loss.cache_teacher:
     false``.
 ``loqi_cached_teacher``
-    the same ``LoQI`` module with its :class:`~vpr_ros.training.loqi.TeacherCache` and the images' ids
+    the same ``LoQI`` module with its :class:`~vpr_ros.training.methods.loqi.TeacherCache` and the images' ids
     (``loss.cache_teacher: true``, what the engine calls), every image of the batch already cached: the
     step of an image drawn before (epochs after the first; small training sets).
 ``loqi_cache_cold``
@@ -70,8 +70,8 @@ def batch_images(b: int, negatives: int) -> tuple[list[np.ndarray], list[np.ndar
 def run_size(size_text: str, args: argparse.Namespace, hq_imgs: list, lq_imgs: list) -> list[dict]:
     """Time the variants at one input size; returns the table rows."""
     from vpr_ros.training.config import LossConfig
-    from vpr_ros.training.loqi import LoQI, forward_outputs
     from vpr_ros.training.losses import channel_correlation, mse_loss, triplet_loss
+    from vpr_ros.training.methods.loqi import LoQI, forward_outputs
 
     b, t = args.batch, 2 + args.negatives
     rows = []

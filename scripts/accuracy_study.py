@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """The accuracy study of issue #8: every model x dataset x link degradation, loop closure, the results page,
 and the cross-domain part (every packaged checkpoint in and out of its training domain, model cards, the
-default student's gate: :mod:`vpr_ros.core.cross_domain`).
+default student's gate: :mod:`vpr_ros.studies.cross_domain`).
 
     python scripts/accuracy_study.py                 # full study -> results/accuracy/, docs/results.md
     python scripts/accuracy_study.py --quick --out /tmp/acc   # small subset, page in OUT/results.md
     python scripts/accuracy_study.py --cross-only    # only the cross-domain part (and the model cards)
 
-The library work is :mod:`vpr_ros.core.study`; this script adds the one thing the core may not do (import
+The library work is :mod:`vpr_ros.studies.accuracy`; this script
+adds the one thing the core may not do (import
 ``vpr_ros.training``): the ``finetuned`` control, trained here when its checkpoint is not cached (LoQI
 recipe ``training/loqi_nordland_jpeg10.yaml`` with the triplet loss only, initialised from the same
 teacher as the packaged LoQI student, seed 0, one thread).
@@ -26,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
-from vpr_ros.core import cross_domain, study  # noqa: E402
+from vpr_ros.studies import accuracy as study  # noqa: E402
+from vpr_ros.studies import cross_domain  # noqa: E402
 
 log = logging.getLogger("accuracy_study")
 

@@ -1,6 +1,6 @@
 """Bad inputs that used to lose data, fail silently or end in a traceback (docs/robustness.md).
 
-Each test reproduces one case as a user meets it (the CLI through ``vpr_ros.cli.main``, a node on a
+Each test reproduces one case as a user meets it (the CLI through ``vpr_ros.cli.main.main``, a node on a
 real rclpy graph) and checks the rule of every entry point: one clear line naming the file and the
 reason, a non-zero exit where the job could not be done, and no good output replaced by a worse one.
 
@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import pytest
 
-from vpr_ros.cli import main
+from vpr_ros.cli.main import main
 from vpr_ros.core.errors import DatasetError, ImageError, ModelError, VprError
 from vpr_ros.core.images import encode_png, load_image
 from vpr_ros.core.mapdb import PlaceMap
@@ -114,7 +114,7 @@ DEGRADE_ON_FULL_DISK = """
     import json, os, sys
     from pathlib import Path
     import numpy as np
-    from vpr_ros.cli import main
+    from vpr_ros.cli.main import main
     from vpr_ros.core.images import load_image, save_image
 
     src, disk = Path(sys.argv[1]), Path(sys.argv[2])
@@ -309,7 +309,7 @@ def test_same_stem_different_suffix_do_not_overwrite_each_other(tmp_path, capsys
     assert np.array_equal(load_image(out / "frame.png.png"), load_image(png))
     assert np.array_equal(load_image(out / "frame.jpg.png"), load_image(jpg))
     # names that would still collide are refused before anything is written
-    from vpr_ros.cli import degrade_targets
+    from vpr_ros.cli.main import degrade_targets
 
     with pytest.raises(VprError, match="would both be written to"):
         degrade_targets([src / "x.png", src / "x.jpg", src / "x.jpg.png"], src)
@@ -421,8 +421,8 @@ def test_sqlite_bag_folder_without_metadata_is_one_clear_error(kitti_dir, tmp_pa
     """Item 11: a rosbag2 folder whose metadata.yaml is gone: DatasetError naming the file and the fix,
     from every reader (the replay's is tested on a graph below)."""
     pytest.importorskip("rosbags")
-    from vpr_ros.core.bags import bag_topics, iter_bag_images
-    from vpr_ros.ros.bag_tools import make_dataset_bag, read_messages
+    from vpr_ros.data.bags import bag_topics, iter_bag_images
+    from vpr_ros.data.dataset_bags import make_dataset_bag, read_messages
 
     bag = Path(make_dataset_bag("kitti", kitti_dir, tmp_path / "k", storage="sqlite3", limit=3)["bag"])
     (bag / "metadata.yaml").unlink()
@@ -559,13 +559,13 @@ def replay_rig(kitti_dir, tmp_path_factory, torch_home):
     file names."""
     pytest.importorskip("ros_support")
     from vpr_ros.core.mapdb import MapEntry
-    from vpr_ros.ros.bag_tools import make_dataset_bag
-    from vpr_ros.ros.localizer import build_extractor
+    from vpr_ros.data.dataset_bags import make_dataset_bag
+    from vpr_ros.ros.localizer_node import build_extractor
 
     tmp = tmp_path_factory.mktemp("bad_inputs_replay")
     bag = Path(make_dataset_bag("kitti", kitti_dir, tmp / "k.mcap", limit=4)["bag"])
     ext, label = build_extractor("imagenet", "", "48x64", "cpu", 8)
-    from vpr_ros.core.bags import read_image_bag
+    from vpr_ros.data.bags import read_image_bag
 
     frames = read_image_bag(bag, "/camera/image_raw", "/odom")
     m = PlaceMap(ext.dim, model=label)
@@ -580,7 +580,7 @@ def replay_rig(kitti_dir, tmp_path_factory, torch_home):
 def test_replay_publishes_matches_for_a_map_with_latin1_sources(replay_rig):
     """Item 1: every frame's PlaceMatch is published (it raised UnicodeEncodeError: 0 of N published,
     exit 0); the recorded sources are the names with \\xNN escapes."""
-    from vpr_ros.ros.bag_tools import read_messages
+    from vpr_ros.data.dataset_bags import read_messages
     from vpr_ros.ros.replay import ReplayConfig, run_replay
 
     rig = replay_rig
@@ -623,7 +623,7 @@ def test_replay_of_a_bag_without_images_exits_2_with_a_strict_report(replay_rig,
 @pytest.mark.usefixtures("ros_env")
 def test_replay_of_a_bag_folder_without_metadata_is_one_line(replay_rig, kitti_dir, capsys):
     """Item 11 in replay: no FileNotFoundError traceback; the bag and the missing file are named."""
-    from vpr_ros.ros.bag_tools import make_dataset_bag
+    from vpr_ros.data.dataset_bags import make_dataset_bag
 
     rig = replay_rig
     bag = Path(make_dataset_bag("kitti", kitti_dir, rig["tmp"] / "nometa", storage="sqlite3", limit=2)["bag"])

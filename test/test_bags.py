@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from vpr_ros.core.bags import EARTH_RADIUS_M, bag_topics, iter_bag_images, read_image_bag, write_image_bag
-from vpr_ros.core.datasets import load_kitti, load_nordland
 from vpr_ros.core.errors import DatasetError
 from vpr_ros.core.models.registry import Preprocess
+from vpr_ros.data.bags import EARTH_RADIUS_M, bag_topics, iter_bag_images, read_image_bag, write_image_bag
+from vpr_ros.data.places import load_kitti, load_nordland
 from vpr_ros.training import config_from_dict, train
 from vpr_ros.training.config import DataConfig, SplitConfig
 from vpr_ros.training.data import Degrader, TupleDataset, bag_places, build_places, split_places

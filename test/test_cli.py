@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vpr_ros.cli import main
+from vpr_ros.cli.main import main
 from vpr_ros.core.mapdb import PlaceMap
 
 
@@ -52,7 +52,7 @@ def test_build_map_with_onnx_backend_matches_torch(rtabmap_dir, torch_home, tmp_
 
 def test_eval_and_demo_take_backend_options(nordland_dir, torch_home, tmp_path, monkeypatch, capsys):
     """eval runs with --backend onnx; demo hands backend/precision/threads to its ROS graph part."""
-    from vpr_ros import cli
+    from vpr_ros.cli import main as cli
 
     monkeypatch.setenv("VPR_ROS_CACHE", str(tmp_path / "cache"))
     rc = main(["eval", "--dataset", "nordland", "--root", str(nordland_dir), "--every", "80", "--model",
@@ -69,7 +69,7 @@ def test_eval_and_demo_take_backend_options(nordland_dir, torch_home, tmp_path, 
 
 
 def test_backend_choices_match_the_library():
-    from vpr_ros.cli import BACKEND_CHOICES, PRECISION_CHOICES
+    from vpr_ros.cli.main import BACKEND_CHOICES, PRECISION_CHOICES
     from vpr_ros.core.backends import BACKENDS, PRECISIONS
 
     assert BACKEND_CHOICES == BACKENDS and PRECISION_CHOICES == PRECISIONS
@@ -124,7 +124,7 @@ def test_ros_commands_without_ros_packages_give_one_clear_line():
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name.split('.')[0] == 'rclpy': raise ModuleNotFoundError(name=name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from vpr_ros.cli import main\n"
+        "from vpr_ros.cli.main import main\n"
         "sys.exit(main(['localize', '--params', 'config/localize.yaml']))\n"
     )
     repo = Path(__file__).resolve().parents[1]

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from vpr_ros.core import cross_domain
 from vpr_ros.core.images import save_image
 from vpr_ros.core.models import create_model, save_checkpoint
 from vpr_ros.core.models.card import (
@@ -21,6 +20,7 @@ from vpr_ros.core.models.card import (
     weights_digest,
     write_card,
 )
+from vpr_ros.studies import cross_domain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def _summary_rows(page: str) -> dict[tuple[str, str], list[str]]:
 
 def test_packaged_model_cards_are_read_from_the_checkpoints(capsys):
     """`vpr-ros models` and docs/results.md show what each packaged checkpoint's meta["card"] holds."""
-    from vpr_ros.cli import main
+    from vpr_ros.cli.main import main
     from vpr_ros.core.models import DEFAULT_WEIGHTS
 
     paths = packaged_checkpoints()
@@ -135,12 +135,12 @@ def _loop_fixture(root: Path) -> Path:
 
 
 def test_one_cross_domain_number_recomputed_through_the_public_api(tmp_path, torch_home):
-    from vpr_ros.core.datasets import load_rtabmap_loop
-    from vpr_ros.core.evaluation import recall_at_n
     from vpr_ros.core.extract import DescriptorExtractor
     from vpr_ros.core.models import load_model
-    from vpr_ros.core.study import StudyConfig
     from vpr_ros.core.transmission import TransmissionConfig, Transmitter
+    from vpr_ros.data.places import load_rtabmap_loop
+    from vpr_ros.eval.metrics import recall_at_n
+    from vpr_ros.studies.accuracy import StudyConfig
 
     shared = _loop_fixture(tmp_path / "shared")
     ckpt = _tiny_checkpoint(tmp_path / "w" / "tiny.pt", {"key": "tiny", "title": "tiny test student",

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vpr_ros.core.datasets import (
+from vpr_ros.core.errors import DatasetError
+from vpr_ros.core.images import save_image
+from vpr_ros.data.places import (
     GroundTruth,
     ImageRecord,
     PlaceDataset,
@@ -21,8 +23,6 @@ from vpr_ros.core.datasets import (
     load_rtabmap_loop,
     parse_utm_name,
 )
-from vpr_ros.core.errors import DatasetError
-from vpr_ros.core.images import save_image
 
 # --------------------------------------------------------------------------- UTM names
 

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from vpr_ros.core.datasets import load_rtabmap_loop
-from vpr_ros.core.evaluation import (
+from vpr_ros.data.places import load_rtabmap_loop
+from vpr_ros.eval.metrics import (
     RECALL_NS,
     EvalResult,
     format_table,
@@ -19,7 +19,7 @@ from vpr_ros.core.evaluation import (
     recall_at_n,
     save_results_json,
 )
-from vpr_ros.core.plots import (
+from vpr_ros.eval.plots import (
     plot_match_montage,
     plot_pr_curves,
     plot_recall_curves,

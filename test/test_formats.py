@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 from numpy.lib import format as npy_format
 
-from vpr_ros.cli import FORMAT_CHOICES, main
+from vpr_ros.cli.main import FORMAT_CHOICES, main
 from vpr_ros.core.errors import DatasetError
-from vpr_ros.core.formats import (
+from vpr_ros.core.images import save_image
+from vpr_ros.core.mapdb import PlaceMap
+from vpr_ros.core.safe_npy import load_npy
+from vpr_ros.data.formats import (
     EARTH_RADIUS_M,
     FORMATS,
     haversine_m,
@@ -30,9 +33,6 @@ from vpr_ros.core.formats import (
     load_vprbench,
     read_pairs,
 )
-from vpr_ros.core.images import save_image
-from vpr_ros.core.mapdb import PlaceMap
-from vpr_ros.core.safe_npy import load_npy
 
 RNG = np.random.default_rng(0)
 

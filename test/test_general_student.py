@@ -1,4 +1,4 @@
-"""The general-student recipe (vpr_ros.training.general): link mix, pool, pre-encoded pairs, a short run."""
+"""The general-student recipe (training.methods.general): link mix, pool, pre-encoded pairs, a short run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vpr_ros.core.images import save_image
 from vpr_ros.core.models import create_model, load_model, save_checkpoint
 from vpr_ros.core.models.card import read_card
 from vpr_ros.training.config import SplitConfig, apply_overrides, build_config
-from vpr_ros.training.general import (
+from vpr_ros.training.methods.general import (
     GeneralConfig,
     LinkMixConfig,
     PairStore,
@@ -62,7 +62,7 @@ def _images(folder: Path, n: int = 12) -> Path:
 
 
 def test_pair_store_is_encoded_once_and_deterministic(tmp_path):
-    from vpr_ros.training.general import SourceConfig
+    from vpr_ros.training.methods.general import SourceConfig
 
     recs = source_records(SourceConfig(kind="images", root=str(_images(tmp_path / "img", 6))))
     mix = LinkMixConfig()
@@ -137,7 +137,7 @@ def test_packaged_students_resolve_by_their_card_key():
 
 
 def test_localizer_takes_a_packaged_student_by_name():
-    localizer = pytest.importorskip("vpr_ros.ros.localizer")
+    localizer = pytest.importorskip("vpr_ros.ros.localizer_node")
     ext, _ = localizer.build_extractor("general", "", "", "cpu", 4, backend="torch")
     assert ext.preprocess.input_size == (240, 320) and ext.dim == 448
     with pytest.raises(Exception, match="does not exist"):

@@ -68,7 +68,8 @@ def _overrides() -> list[tuple[str, str, str, str]]:
 def test_fixed_value_arguments_declare_choices():
     pytest.importorskip("rclpy")
     from vpr_ros.core.models.registry import list_models
-    from vpr_ros.ros import localizer, transmitter
+    from vpr_ros.ros import localizer_node as localizer
+    from vpr_ros.ros import transmitter_node as transmitter
 
     choices = ast.literal_eval(_module_value("CHOICES"))
     specs = {"localizer": {s.name: s for s in localizer.PARAMS},

@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 
-from vpr_ros.core.datasets import load_rtabmap_loop
 from vpr_ros.core.errors import ConfigError
 from vpr_ros.core.geometry import (
     FeatureCache,
@@ -30,6 +29,7 @@ from vpr_ros.core.loop_closure import (
     evaluate_loop_closure,
     with_overrides,
 )
+from vpr_ros.data.places import load_rtabmap_loop
 
 
 def unit(v) -> np.ndarray:

@@ -24,14 +24,14 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from vpr_ros_msgs.msg import LoopClosure, PlaceCandidate, PlaceMatch
 
-from vpr_ros.core.datasets import load_rtabmap_loop
 from vpr_ros.core.errors import ConfigError
 from vpr_ros.core.extract import DescriptorExtractor
 from vpr_ros.core.loop_closure import DEFAULT_MIN_INLIERS
 from vpr_ros.core.mapdb import PlaceMap
 from vpr_ros.core.models import resolve_model
+from vpr_ros.data.places import load_rtabmap_loop
 from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg, stamp_to_float
-from vpr_ros.ros.loop_closure import LoopClosureNode, StampedFeatures
+from vpr_ros.ros.loop_closure_node import LoopClosureNode, StampedFeatures
 from vpr_ros.ros.runner import InProcessGraph
 
 pytestmark = ROS_TESTS
@@ -170,15 +170,16 @@ def test_stamped_feature_cache_nearest_and_bounded():
 
 
 def test_main_exits_2_with_the_reason(tmp_path):
-    out, errors = run_node_main("loop_closure", {"top_k": 2, "max_closures": 3}, ROS_LOG_DIR=str(tmp_path))
+    out, errors = run_node_main("loop_closure_node", {"top_k": 2, "max_closures": 3},
+                                ROS_LOG_DIR=str(tmp_path))
     assert out.returncode == 2, out.stderr
     assert errors == ["loop_closure_node: error: loop_closure: max_closures (3) must not exceed top_k (2)"]
 
 
 def test_docs_parameter_table_in_sync():
-    from vpr_ros.ros.loop_closure import PARAMS
-    from vpr_ros.ros.params import spec_table
+    from vpr_ros.ros.loop_closure_node import PARAMS
+    from vpr_ros.ros.node_kit import spec_table
 
     text = (REPO / "docs" / "loop_closure.md").read_text(encoding="utf-8")
     block = text.split("<!-- loop-closure-params -->\n", 1)[1].split("\n<!-- /loop-closure-params -->", 1)[0]
-    assert block.strip() == spec_table(PARAMS).strip(), "regenerate it with vpr_ros.ros.params.spec_table"
+    assert block.strip() == spec_table(PARAMS).strip(), "regenerate it with vpr_ros.ros.node_kit.spec_table"

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vpr_ros.core.datasets import load_rtabmap_loop
 from vpr_ros.core.errors import MapError
 from vpr_ros.core.geometry import Features, OrbExtractor
 from vpr_ros.core.loop_closure import (
@@ -26,6 +25,7 @@ from vpr_ros.core.loop_closure import (
     map_feature_lookup,
 )
 from vpr_ros.core.mapdb import PlaceMap
+from vpr_ros.data.places import load_rtabmap_loop
 
 FIRST_TRAVERSE = 40  # frames 0..39; 40..83 revisit them (gt_loop_matrix.txt)
 QUERIES = (50, 60, 70)
@@ -76,7 +76,7 @@ def test_map_keeps_local_features_through_save_and_load(tmp_path):
 def loop(rtabmap_dir, tmp_path_factory):
     """The sequence, and two maps of its first traverse built by `vpr-ros build-map`: with and without
     local features."""
-    from vpr_ros.cli import main
+    from vpr_ros.cli.main import main
 
     records, gt = load_rtabmap_loop(rtabmap_dir)
     first = tmp_path_factory.mktemp("first_traverse")
@@ -152,7 +152,7 @@ def _run_node(map_dir: Path, records, student, queries) -> tuple[object, list]:
     from vpr_ros_msgs.msg import LoopClosure, PlaceCandidate, PlaceMatch
 
     from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
-    from vpr_ros.ros.loop_closure import LoopClosureNode
+    from vpr_ros.ros.loop_closure_node import LoopClosureNode
     from vpr_ros.ros.runner import InProcessGraph
 
     ns = fresh_namespace()

@@ -94,7 +94,7 @@ def default_map(images, tmp_path_factory):
     import contextlib
     import io
 
-    from vpr_ros.cli import main
+    from vpr_ros.cli.main import main
 
     out = tmp_path_factory.mktemp("prov_maps") / "site"
     buf = io.StringIO()
@@ -117,9 +117,9 @@ def test_build_map_records_the_weights(default_map):
 
 @pytest.fixture(scope="module")
 def loc():
-    """vpr_ros.ros.localizer (needs rclpy and the built messages, else the test skips saying which)."""
+    """vpr_ros.ros.localizer_node (needs rclpy and the built messages, else the test skips saying which)."""
     pytest.importorskip("ros_support")
-    from vpr_ros.ros import localizer
+    from vpr_ros.ros import localizer_node as localizer
 
     return localizer
 
@@ -145,7 +145,7 @@ def test_localizer_refuses_a_map_of_other_weights(default_map, student, loc, tor
     with pytest.raises(MapError, match="descriptors were made by other weights"):
         loc.open_map(str(default_map), "localize", other.dim, other_label, "flat", descriptor_source(other))
     # the node itself: one line, exit status 2
-    proc, errors = run_node_main("localizer", {"map_path": default_map, "weights": "imagenet",
+    proc, errors = run_node_main("localizer_node", {"map_path": default_map, "weights": "imagenet",
                                                "input_size": size, "device": "cpu"}, timeout=120,
                                  TORCH_HOME=str(torch_home))
     assert proc.returncode == 2, proc.stderr

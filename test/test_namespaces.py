@@ -24,14 +24,16 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from vpr_ros_msgs.msg import PlaceMatch
 
-from vpr_ros.core.datasets import load_nordland
-from vpr_ros.core.experiment import map_from_records
-from vpr_ros.ros import localizer, loop_closure, transmitter
+from vpr_ros.data.places import load_nordland
+from vpr_ros.eval.offline import map_from_records
+from vpr_ros.ros import localizer_node as localizer
+from vpr_ros.ros import loop_closure_node as loop_closure
+from vpr_ros.ros import transmitter_node as transmitter
 from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
-from vpr_ros.ros.localizer import LocalizerNode, build_extractor
-from vpr_ros.ros.loop_closure import LoopClosureNode
+from vpr_ros.ros.localizer_node import LocalizerNode, build_extractor
+from vpr_ros.ros.loop_closure_node import LoopClosureNode
 from vpr_ros.ros.runner import InProcessGraph, apply_sets, load_params_file, overrides_for, wire_graph
-from vpr_ros.ros.transmitter import TransmitterNode
+from vpr_ros.ros.transmitter_node import TransmitterNode
 
 pytestmark = ROS_TESTS
 CONFIG = REPO / "config" / "localize.yaml"

@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vpr_ros.core.bags import bag_topics, read_image_bag
-from vpr_ros.core.datasets import load_kitti, load_nordland, load_rtabmap_loop
 from vpr_ros.core.errors import DatasetError
 from vpr_ros.core.images import load_image
 from vpr_ros.core.transmission import psnr
+from vpr_ros.data.bags import bag_topics, read_image_bag
+from vpr_ros.data.places import load_kitti, load_nordland, load_rtabmap_loop
 
 rosbags = pytest.importorskip("rosbags", reason="needs rosbags (pip install rosbags)")
 
-from vpr_ros.ros.bag_tools import kitti_pose_to_ros, make_dataset_bag  # noqa: E402
+from vpr_ros.data.dataset_bags import kitti_pose_to_ros, make_dataset_bag  # noqa: E402
 
 # --------------------------------------------------------------------------- make-bag round trips
 
@@ -65,7 +65,7 @@ def test_nordland_bag_round_trip_is_lossless(nordland_dir, tmp_path, storage):
 
 
 def test_rtabmap_bag_and_cli(rtabmap_dir, tmp_path, capsys):
-    from vpr_ros.cli import main
+    from vpr_ros.cli.main import main
 
     assert main(["make-bag", "--dataset", "rtabmap_loop", "--root", str(rtabmap_dir), "--out",
                  str(tmp_path / "r.mcap")]) == 0
@@ -88,15 +88,15 @@ ros = pytest.mark.ros
 
 
 def _extractor(torch_home, input_size: str):
-    from vpr_ros.ros.localizer import build_extractor
+    from vpr_ros.ros.localizer_node import build_extractor
 
     return build_extractor("imagenet", "", input_size, "cpu", 8)
 
 
 @ros
 def test_replay_nordland_map_then_localize_equals_offline(ros_env, torch_home, nordland_dir, tmp_path):
-    from vpr_ros.core.evaluation import recall_at_n
-    from vpr_ros.core.experiment import map_from_records
+    from vpr_ros.eval.metrics import recall_at_n
+    from vpr_ros.eval.offline import map_from_records
     from vpr_ros.ros.replay import ReplayConfig, run_replay
 
     ext = _extractor(torch_home, "native")
@@ -126,7 +126,7 @@ def test_replay_nordland_map_then_localize_equals_offline(ros_env, torch_home, n
 
 @ros
 def test_replay_rtabmap_slam_with_loop_closure_records_outputs(ros_env, torch_home, rtabmap_dir, tmp_path):
-    from vpr_ros.ros.bag_tools import read_messages
+    from vpr_ros.data.dataset_bags import read_messages
     from vpr_ros.ros.replay import ReplayConfig, run_replay
 
     every = 2  # 42 frames; the loop matrix is subsampled alike

@@ -6,7 +6,7 @@
   (``rejected_<reason>``; the loop-closure node ``rejected_image_<reason>``) and answer the good
   frame sent right after (PlaceMatch / TransmissionStats / cached features). The localizer's
   accounting stays exact: received = processed + queue drops + rejected.
-* **CLI** (``vpr_ros.cli.main``, what ``vpr-ros`` runs): a bad map, checkpoint, bag or parameter
+* **CLI** (``vpr_ros.cli.main.main``, what ``vpr-ros`` runs): a bad map, checkpoint, bag or parameter
   exits with status 2 and one ``vpr-ros <command>: error: ...`` line naming the problem, no
   traceback.
 * **Crash safety**: training processes killed with SIGKILL inside a checkpoint commit and at
@@ -169,9 +169,9 @@ class Rig:
         from sensor_msgs.msg import CompressedImage, Image
         from vpr_ros_msgs.msg import PlaceMatch, TransmissionStats
 
-        from vpr_ros.ros.localizer import LocalizerNode
-        from vpr_ros.ros.loop_closure import LoopClosureNode
-        from vpr_ros.ros.transmitter import TransmitterNode
+        from vpr_ros.ros.localizer_node import LocalizerNode
+        from vpr_ros.ros.loop_closure_node import LoopClosureNode
+        from vpr_ros.ros.transmitter_node import TransmitterNode
 
         self.graph = graph
         ext, label = model
@@ -240,7 +240,7 @@ def frame(kitti_dir) -> np.ndarray:
 def rig(ros_env, torch_home, kitti_dir, frame, tmp_path_factory):
     pytest.importorskip("ros_support")
     from vpr_ros.core.images import load_image
-    from vpr_ros.ros.localizer import build_extractor
+    from vpr_ros.ros.localizer_node import build_extractor
     from vpr_ros.ros.runner import InProcessGraph
 
     model = build_extractor("imagenet", "", "native", "cpu", 8)
@@ -333,7 +333,7 @@ def test_nan_odometry_is_ignored_and_keyframes_keep_their_poses(rig, frame):
     from std_msgs.msg import Header
 
     from vpr_ros.ros.conversions import float_to_stamp
-    from vpr_ros.ros.localizer import LocalizerNode
+    from vpr_ros.ros.localizer_node import LocalizerNode
 
     ns = fresh_namespace()
     shared = rig.nodes["raw"]["localizer"]
@@ -368,8 +368,8 @@ def bad_files(kitti_dir, tmp_path_factory, torch_home) -> dict[str, Path]:
     """A small KITTI bag and its map, plus broken copies: truncated map, 16-d map, corrupt checkpoint,
     truncated MCAP bag, SQLite bag corrupt in the middle."""
     pytest.importorskip("rosbags")
-    from vpr_ros.ros.bag_tools import make_dataset_bag
-    from vpr_ros.ros.localizer import build_extractor
+    from vpr_ros.data.dataset_bags import make_dataset_bag
+    from vpr_ros.ros.localizer_node import build_extractor
 
     tmp = tmp_path_factory.mktemp("bad_files")
     bag = make_dataset_bag("kitti", kitti_dir, tmp / "k.mcap", limit=6)["bag"]
@@ -405,7 +405,7 @@ def bad_files(kitti_dir, tmp_path_factory, torch_home) -> dict[str, Path]:
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, list[str]]:
-    from vpr_ros.cli import main
+    from vpr_ros.cli.main import main
 
     rc = main([str(a) for a in argv])
     err = capsys.readouterr().err
@@ -514,7 +514,7 @@ KILL_INSIDE_COMMIT = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
         real_replace(src, dst)
     os.replace = replace
-    from vpr_ros.training.cli import main
+    from vpr_ros.cli.train import main
     sys.exit(main(sys.argv[2:]))
     """
 )
@@ -562,7 +562,7 @@ def test_sigkill_during_training_checkpoints_loses_nothing_committed(nordland_di
     # 2. killed at random moments, resuming each time
     rng = np.random.default_rng(11)
     kills = 0
-    cmd = [sys.executable, "-m", "vpr_ros.training", *train, "--resume"]
+    cmd = [sys.executable, "-m", "vpr_ros.cli", *train, "--resume"]
     for _ in range(2):
         proc = subprocess.Popen(
             cmd, env=_train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO

@@ -27,10 +27,11 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from vpr_ros_msgs.msg import PlaceMatch
 
-from vpr_ros.core.datasets import load_nordland
 from vpr_ros.core.errors import ConfigError
 from vpr_ros.core.mapdb import PlaceMap
-from vpr_ros.ros import localizer, transmitter
+from vpr_ros.data.places import load_nordland
+from vpr_ros.ros import localizer_node as localizer
+from vpr_ros.ros import transmitter_node as transmitter
 from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
 from vpr_ros.ros.runner import InProcessGraph, apply_sets, load_params_file, overrides_for, wire_graph
 
@@ -62,7 +63,7 @@ def test_params_file_is_valid_for_every_node():
         for p in over:
             assert specs[p.name].check(p.value) is None, (name, p.name, p.value)
     try:
-        from vpr_ros.ros import loop_closure
+        from vpr_ros.ros import loop_closure_node as loop_closure
     except ImportError:
         return
     specs = {s.name: s for s in loop_closure.PARAMS}
@@ -236,7 +237,7 @@ def test_runner_from_config_maps_localizes_and_saves_on_sigterm(nordland_dir, to
 
 
 def test_runner_refuses_bad_configuration(capsys):
-    from vpr_ros.cli import main
+    from vpr_ros.cli.main import main
 
     assert main(["localize", "--params", str(CONFIG), "--set", "localizer.top_k=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -266,7 +267,7 @@ def test_graph_demo_agrees_with_offline(nordland_dir, torch_home, tmp_path):
 def test_docs_parameter_tables_match_the_code():
     import re
 
-    from vpr_ros.ros.params import spec_table
+    from vpr_ros.ros.node_kit import spec_table
 
     doc = (REPO / "docs" / "ros.md").read_text()
     for name, module in (("localizer", localizer), ("transmitter", transmitter)):

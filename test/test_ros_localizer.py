@@ -31,13 +31,13 @@ from std_msgs.msg import Header
 from vpr_ros_msgs.msg import PlaceMatch, TransmissionStats
 from vpr_ros_msgs.srv import SaveMap
 
-from vpr_ros.core.datasets import load_kitti, load_nordland
 from vpr_ros.core.errors import ConfigError, MapError, ModelError, VprError
-from vpr_ros.core.experiment import map_from_records
 from vpr_ros.core.images import decode_image
 from vpr_ros.core.mapdb import PlaceMap
+from vpr_ros.data.places import load_kitti, load_nordland
+from vpr_ros.eval.offline import map_from_records
 from vpr_ros.ros.conversions import float_to_stamp, rgb_to_compressed_msg, rgb_to_image_msg
-from vpr_ros.ros.localizer import LocalizerNode, build_extractor
+from vpr_ros.ros.localizer_node import LocalizerNode, build_extractor
 from vpr_ros.ros.runner import InProcessGraph
 
 pytestmark = ROS_TESTS
@@ -431,7 +431,7 @@ def test_fp16_on_cpu_refused_with_the_reason(summer_map, torch_home):
 
 def test_main_refuses_unknown_backend_in_one_line(summer_map, torch_home):
     path, _, _ = summer_map
-    out, errors = run_node_main("localizer", {"map_path": path, "backend": "tensorrt"}, timeout=120,
+    out, errors = run_node_main("localizer_node", {"map_path": path, "backend": "tensorrt"}, timeout=120,
                                 TORCH_HOME=str(torch_home))
     assert out.returncode == 2, out.stderr
     assert errors == ["localizer_node: error: localizer: parameter 'backend' = 'tensorrt' is not one of: "
@@ -444,7 +444,7 @@ def test_main_spins_single_threaded_with_short_switch_interval(monkeypatch):
 
     from rclpy.executors import SingleThreadedExecutor
 
-    from vpr_ros.ros import params as ros_params
+    from vpr_ros.ros import node_kit as ros_params
 
     assert inspect.signature(ros_params.run_node).parameters["executor_factory"].default \
         is SingleThreadedExecutor
@@ -530,7 +530,7 @@ def test_main_prints_one_line_and_exits_2(tmp_path, torch_home):
     """``localizer_node`` with a missing map: exit status 2 and one 'error:' line naming the map."""
     missing = tmp_path / "nowhere"
     params = {"map_path": missing, "weights": "imagenet", "input_size": "native"}
-    out, errors = run_node_main("localizer", params, timeout=120, TORCH_HOME=str(torch_home))
+    out, errors = run_node_main("localizer_node", params, timeout=120, TORCH_HOME=str(torch_home))
     assert out.returncode == 2, out.stderr
     assert errors == [f"localizer_node: error: no place map at {missing}.vprmap (mode 'localize' needs one; "
                       "build it with `vpr-ros build-map` or run with mode: map)"], out.stderr
@@ -542,7 +542,7 @@ def test_node_main_serves_then_saves_map_on_sigint(nordland_dir, torch_home, tmp
     tp = topics()
     target = tmp_path / "main_map"
     env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "vpr_ros.ros.localizer", "--ros-args", "-p", f"map_path:={target}",
+    cmd = [sys.executable, "-m", "vpr_ros.ros.localizer_node", "--ros-args", "-p", f"map_path:={target}",
            "-p", "mode:=both", "-p", "weights:=imagenet", "-p", "input_size:=native", "-p", "device:=cpu",
            "-p", f"image_topic:={tp['image_topic']}", "-p", f"match_topic:={tp['match_topic']}"]
     frames = [r.load() for r in load_nordland(nordland_dir, every=300).queries][:4]

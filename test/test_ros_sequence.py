@@ -25,12 +25,12 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from vpr_ros_msgs.msg import LoopClosure, PlaceCandidate, PlaceMatch
 
-from vpr_ros.core.datasets import load_nordland
-from vpr_ros.core.experiment import map_from_records
 from vpr_ros.core.sequence import SequenceConfig, match_stream
+from vpr_ros.data.places import load_nordland
+from vpr_ros.eval.offline import map_from_records
 from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
-from vpr_ros.ros.localizer import LocalizerNode, build_extractor
-from vpr_ros.ros.loop_closure import LoopClosureNode
+from vpr_ros.ros.localizer_node import LocalizerNode, build_extractor
+from vpr_ros.ros.loop_closure_node import LoopClosureNode
 from vpr_ros.ros.runner import InProcessGraph
 
 pytestmark = ROS_TESTS

@@ -19,12 +19,12 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 from vpr_ros_msgs.msg import TransmissionStats
 
-from vpr_ros.core.datasets import load_kitti
 from vpr_ros.core.errors import ConfigError
 from vpr_ros.core.transmission import TransmissionConfig, Transmitter
+from vpr_ros.data.places import load_kitti
 from vpr_ros.ros.conversions import float_to_stamp, image_msg_to_rgb, rgb_to_image_msg
 from vpr_ros.ros.runner import InProcessGraph
-from vpr_ros.ros.transmitter import TransmitterNode
+from vpr_ros.ros.transmitter_node import TransmitterNode
 
 pytestmark = ROS_TESTS
 BEST_EFFORT = QoSProfile(depth=200, reliability=ReliabilityPolicy.BEST_EFFORT)
@@ -162,7 +162,7 @@ def test_bad_configuration_refuses_to_start(params, words):
 
 
 def test_main_prints_one_line_and_exits_2():
-    out, errors = run_node_main("transmitter", {"mode": "bitrate"})
+    out, errors = run_node_main("transmitter_node", {"mode": "bitrate"})
     assert out.returncode == 2, out.stderr
     assert len(errors) == 1 and errors[0].startswith("transmitter_node: error: transmitter: invalid "
                                                      "transmission settings: mode 'bitrate' needs a budget")

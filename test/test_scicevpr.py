@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpr_ros.core.datasets import ImageRecord
 from vpr_ros.core.errors import ConfigError, ModelError
 from vpr_ros.core.extract import DescriptorExtractor
 from vpr_ros.core.models import create_model, list_models, load_model, read_checkpoint, save_checkpoint
@@ -24,6 +23,7 @@ from vpr_ros.core.models.scicevpr import (
     TokenMixer,
     region_edges,
 )
+from vpr_ros.data.places import ImageRecord
 
 SMALL = {"arch": "vits14", "image_size": [56, 56]}  # ViT-S/14, a 4x4 token grid: quick on a CPU
 
@@ -149,7 +149,7 @@ def _four():
 
 
 def test_ms_miner_keeps_the_hand_computed_pairs():
-    from vpr_ros.training.scicevpr import ms_mine
+    from vpr_ros.training.methods.scicevpr import ms_mine
 
     e, labels = _four()
     pos, neg = ms_mine(e @ e.T, labels, epsilon=0.1)
@@ -161,7 +161,7 @@ def test_ms_miner_keeps_the_hand_computed_pairs():
 
 
 def test_ms_loss_matches_the_hand_computation():
-    from vpr_ros.training.scicevpr import multi_similarity_loss
+    from vpr_ros.training.methods.scicevpr import multi_similarity_loss
 
     e, labels = _four()
     a, b, lam = 2.0, 10.0, 0.5
@@ -307,7 +307,7 @@ def _recipe(tmp_path: Path, stage: str, **over) -> dict:
 
 
 def test_config_errors_name_the_key(tmp_path):
-    from vpr_ros.training.scicevpr import scice_config
+    from vpr_ros.training.methods.scicevpr import scice_config
 
     with pytest.raises(ConfigError, match="model.teacher"):
         scice_config(_recipe(tmp_path, "student"))
@@ -321,7 +321,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_place_batches_hold_distinct_places_and_are_reproducible():
     from vpr_ros.training.data import PlaceSet, Relation
-    from vpr_ros.training.scicevpr import PlaceBatchSampler
+    from vpr_ros.training.methods.scicevpr import PlaceBatchSampler
 
     recs = [ImageRecord(path=Path(f"{i}.png"), name=str(i), frame_index=i) for i in range(200)]
     places = PlaceSet("frames", recs, list(recs), Relation("frame", 2, 10))
@@ -343,7 +343,7 @@ def test_place_batches_hold_distinct_places_and_are_reproducible():
 
 
 def test_two_stages_train_export_and_load(tmp_path):
-    from vpr_ros.training.scicevpr import load_scice_config, scice_config, train_scicevpr
+    from vpr_ros.training.methods.scicevpr import load_scice_config, scice_config, train_scicevpr
 
     _synthetic_places(tmp_path / "places")
     torch.manual_seed(0)
@@ -372,7 +372,7 @@ def test_two_stages_train_export_and_load(tmp_path):
     assert torch.equal(student.backbone.pos_embed, teacher.backbone.pos_embed)
     assert bool(student.reduce_fitted) and ckpt["kind"] == "training"
 
-    from vpr_ros.training.scicevpr import main
+    from vpr_ros.training.methods.scicevpr import main
 
     out = tmp_path / "scicevpr.pt"
     assert main(["export", str(r2.checkpoint), str(out)]) == 0

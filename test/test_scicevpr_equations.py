@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from vpr_ros.core.models import create_model
 from vpr_ros.core.models.scicevpr import SciceStudent
-from vpr_ros.training.scicevpr import build_models, scice_config
+from vpr_ros.training.methods.scicevpr import build_models, scice_config
 
 SMALL = {"arch": "vits14", "image_size": [56, 56]}
 

@@ -218,7 +218,7 @@ def test_malicious_checkpoint_is_refused_by_every_loader(evil, tmp_path):
 
 def test_malicious_checkpoint_refused_by_cli_node_and_training(evil, tmp_path, capsys, nordland_dir):
     path, marker = evil
-    from vpr_ros.cli import main
+    from vpr_ros.cli.main import main
 
     assert main(["export", str(path), str(tmp_path / "o.pt")]) == 2
     assert (
@@ -228,7 +228,7 @@ def test_malicious_checkpoint_refused_by_cli_node_and_training(evil, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("not a readable vpr_ros checkpoint") == 2 and "Traceback" not in err
     with pytest.raises(ModelError, match="not a readable"):  # what the localizer node builds its model with
-        pytest.importorskip("vpr_ros.ros.localizer").build_extractor(str(path), "", "native", "cpu")
+        pytest.importorskip("vpr_ros.ros.localizer_node").build_extractor(str(path), "", "native", "cpu")
     from test_training import tiny_recipe
 
     from vpr_ros.training import config_from_dict, train
@@ -257,7 +257,7 @@ def test_poisoned_torchvision_cache_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     with pytest.raises(ModelError, match="could not load torchvision's ImageNet MobileNetV2 weights"):
         create_model("structvpr_mobilenetv2", pretrained=True)
-    from vpr_ros.core.segmentation import TorchvisionSegmenter
+    from vpr_ros.training.methods.structvpr.segmentation import TorchvisionSegmenter
 
     with pytest.raises(ModelError, match="lraspp_mobilenet_v3_large"):
         TorchvisionSegmenter("lraspp_mobilenet_v3_large")
@@ -330,7 +330,7 @@ def test_save_map_service_cannot_write_outside_the_map_folder(tmp_path):
     from vpr_ros_msgs.srv import SaveMap
 
     from vpr_ros.core.extract import DescriptorExtractor
-    from vpr_ros.ros.localizer import LocalizerNode
+    from vpr_ros.ros.localizer_node import LocalizerNode
     from vpr_ros.ros.runner import InProcessGraph
 
     folder, outside = tmp_path / "maps", tmp_path / "outside"
@@ -411,7 +411,7 @@ def test_map_manifest_cannot_name_files_outside_the_map(tmp_path):
 
 
 def test_label_cache_ids_cannot_leave_the_cache(tmp_path):
-    from vpr_ros.core.segmentation import LabelCache
+    from vpr_ros.training.methods.structvpr.segmentation import LabelCache
 
     image = tmp_path / "frame.png"
     image.write_bytes(b"x")

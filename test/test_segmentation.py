@@ -9,7 +9,7 @@ import torch
 
 from vpr_ros.core.errors import DatasetError, ImageError, ModelError
 from vpr_ros.core.images import load_image, save_image
-from vpr_ros.core.segmentation import (
+from vpr_ros.training.methods.structvpr.segmentation import (
     CITYSCAPES_CLASSES,
     ESPNetv2Seg,
     ESPNetv2Segmenter,
@@ -137,7 +137,7 @@ def test_label_folder_source(tmp_path):
 
 
 def test_torchvision_plug_without_downloads():
-    from vpr_ros.core.segmentation import TorchvisionSegmenter
+    from vpr_ros.training.methods.structvpr.segmentation import TorchvisionSegmenter
 
     seg = TorchvisionSegmenter("lraspp_mobilenet_v3_large", weights=None, num_classes=4, short_side=64)
     out = seg.segment(np.zeros((40, 72, 3), np.uint8))

@@ -212,11 +212,11 @@ _SEGMENTS = ["forward"] * 41 + ["stop"] * 15 + ["reverse"] * 15 + ["stop"] * 10 
 @pytest.fixture(scope="module")
 def nordland_similarities(nordland_dir):
     """Held-out Nordland places, winter queries through JPEG q10, the packaged student: (S, truth)."""
-    from vpr_ros.core.datasets import load_nordland
     from vpr_ros.core.extract import DescriptorExtractor
     from vpr_ros.core.models import DEFAULT_WEIGHTS, resolve_model
-    from vpr_ros.core.study import _is_held_out, held_out_split
     from vpr_ros.core.transmission import TransmissionConfig, Transmitter
+    from vpr_ros.data.places import load_nordland
+    from vpr_ros.studies.accuracy import _is_held_out, held_out_split
 
     split = held_out_split()
     if split is None or not DEFAULT_WEIGHTS.is_file():
@@ -282,7 +282,7 @@ def test_stop_and_go_on_nordland_loses_nothing_against_single_frames(nordland_si
 def test_eval_sequence_lengths_table_json_and_plot(nordland_dir, torch_home, tmp_path, capsys):
     import json
 
-    from vpr_ros.cli import main
+    from vpr_ros.cli.main import main
 
     out = tmp_path / "eval"
     rc = main(["eval", "--dataset", "nordland", "--root", str(nordland_dir), "--every", "20",

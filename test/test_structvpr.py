@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from vpr_ros.core.errors import ConfigError
-from vpr_ros.core.segmentation import CITYSCAPES_CLASSES
-from vpr_ros.training.structvpr.partition import (
+from vpr_ros.training.methods.structvpr.partition import (
     Pairs,
     group_of,
     group_shares,
     keep_mask,
 )
-from vpr_ros.training.structvpr.seg_branch import SegBranch
-from vpr_ros.training.structvpr.slme import SLMEConfig, SLMEncoder
-from vpr_ros.training.structvpr.weighted_kd import (
+from vpr_ros.training.methods.structvpr.seg_branch import SegBranch
+from vpr_ros.training.methods.structvpr.segmentation import CITYSCAPES_CLASSES
+from vpr_ros.training.methods.structvpr.slme import SLMEConfig, SLMEncoder
+from vpr_ros.training.methods.structvpr.weighted_kd import (
     PairWeights,
     StructVPRDistill,
     WeightingConfig,
@@ -169,7 +169,7 @@ def test_stage2_trains_student_and_T_never_the_seg_branch():
 def test_recipe_loads_and_rejects_bad_keys():
     from pathlib import Path
 
-    from vpr_ros.training.structvpr.pipeline import config_from_dict, load_config
+    from vpr_ros.training.methods.structvpr.pipeline import config_from_dict, load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "training" / "structvpr_kitti.yaml")
     assert cfg.stage2.weighting.n_t == 10 and cfg.stage2.weighting.n_m == 20
@@ -191,7 +191,7 @@ def test_recipe_loads_and_rejects_bad_keys():
 
 
 def test_projection_starts_at_the_least_squares_map():
-    from vpr_ros.training.structvpr.weighted_kd import init_projection
+    from vpr_ros.training.methods.structvpr.weighted_kd import init_projection
 
     rng = np.random.default_rng(0)
     t = rng.normal(size=(200, 6)).astype(np.float32)
@@ -210,7 +210,7 @@ def test_paper_defaults_and_the_cpu_budget_recipe():
     from dataclasses import asdict
     from pathlib import Path
 
-    from vpr_ros.training.structvpr.pipeline import config_from_dict, load_config
+    from vpr_ros.training.methods.structvpr.pipeline import config_from_dict, load_config
 
     cfg = config_from_dict({})
     assert cfg.input_size == [480, 640] and cfg.slme.size is None  # 640x480; SLME as large as the input
@@ -233,7 +233,7 @@ def test_pair_sampling_covers_every_group(kitti_dir):
     the hardest-positive option is the engine's one tuple per query."""
     from vpr_ros.core.models.registry import Preprocess
     from vpr_ros.training.data import Degrader
-    from vpr_ros.training.structvpr.pipeline import PlacesConfig, StructTuples, kitti_train_places
+    from vpr_ros.training.methods.structvpr.pipeline import PlacesConfig, StructTuples, kitti_train_places
 
     places = kitti_train_places(PlacesConfig(root=str(kitti_dir), every=3))
     q = np.concatenate([np.full(len(p), i) for i, p in enumerate(places.positives)])

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from vpr_ros.training.structvpr.partition import Pairs, keep_mask, positive_ranks, rank_pairs
-from vpr_ros.training.structvpr.weighted_kd import (
+from vpr_ros.training.methods.structvpr.partition import Pairs, keep_mask, positive_ranks, rank_pairs
+from vpr_ros.training.methods.structvpr.weighted_kd import (
     StructVPRDistill,
     WeightingConfig,
     pair_weights,
@@ -171,7 +171,7 @@ def test_stage2_T_maps_the_student_into_the_seg_branch_space():
     """T embeds the student's x^D (448) in the seg-branch's space (480); the loss is Eq. 6:
     L_vpr(x^D) + phi * sum_I ||x^S_I - T(x^D_I)||^2, with T and the student trained, the seg-branch not."""
     from vpr_ros.core.models import create_model
-    from vpr_ros.training.structvpr.seg_branch import SegBranch
+    from vpr_ros.training.methods.structvpr.seg_branch import SegBranch
 
     torch.manual_seed(0)
     student, seg = create_model("structvpr_mobilenetv2"), SegBranch()

@@ -33,7 +33,7 @@ def tiny_config(kitti_dir, shared_dir, tmp_path) -> dict:
 
 
 def test_structvpr_end_to_end(kitti_dir, shared_dir, torch_home, tmp_path):
-    from vpr_ros.training.structvpr.pipeline import StructVPR, config_from_dict
+    from vpr_ros.training.methods.structvpr.pipeline import StructVPR, config_from_dict
 
     t0 = time.perf_counter()
     sv = StructVPR(config_from_dict(tiny_config(kitti_dir, shared_dir, tmp_path)))
@@ -95,7 +95,7 @@ def test_stage2_initialisation(kitti_dir, shared_dir, torch_home, tmp_path):
     """The Stage II student starts from ImageNet (the paper); ``stage2.init: rgb-branch`` from the Stage-I
     rgb-branch. One step at a vanishing learning rate leaves the starting weights in the checkpoint."""
     from vpr_ros.core.models import create_model
-    from vpr_ros.training.structvpr.pipeline import StructVPR, config_from_dict, load_trained
+    from vpr_ros.training.methods.structvpr.pipeline import StructVPR, config_from_dict, load_trained
 
     cfg = tiny_config(kitti_dir, shared_dir, tmp_path)
     sv = StructVPR(config_from_dict(cfg))

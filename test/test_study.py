@@ -1,4 +1,4 @@
-"""The accuracy study (vpr_ros.core.study, scripts/accuracy_study.py): formula, tables, the --quick path."""
+"""The accuracy study (vpr_ros.studies.accuracy, scripts/accuracy_study.py): formula, tables, --quick."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vpr_ros.core import study
-from vpr_ros.core.evaluation import EvalResult
+from vpr_ros.eval.metrics import EvalResult
+from vpr_ros.studies import accuracy as study
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from vpr_ros.core.models.registry import Preprocess
 from vpr_ros.training import config_from_dict, export_deployed, train
 from vpr_ros.training.data import Degrader, TupleDataset, nordland_places, split_places
 from vpr_ros.training.engine import Trainer
-from vpr_ros.training.loqi import LoQI, build_branches
+from vpr_ros.training.methods.loqi import LoQI, build_branches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def test_resume_after_sigkill(nordland_dir, torch_home, tmp_path):
     run = tmp_path / "run"
     recipe = tiny_recipe(nordland_dir, run, max_steps=24, ckpt_every=2)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    cmd = [sys.executable, "-m", "vpr_ros.training", "train", "--config", str(tmp_path / "r.yaml")]
+    cmd = [sys.executable, "-m", "vpr_ros.cli", "train", "--config", str(tmp_path / "r.yaml")]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ckpt, deadline = run / "last.pt", time.time() + 300
     try:
@@ -165,7 +165,7 @@ def test_torchrun_two_processes_gloo(nordland_dir, torch_home, tmp_path):
         "--master_port",
         str(port),
         "-m",
-        "vpr_ros.training",
+        "vpr_ros.cli",
         "train",
         "--config",
         str(tmp_path / "d.yaml"),
@@ -203,7 +203,7 @@ def test_errors_before_training(nordland_dir, torch_home, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**tiny_recipe(nordland_dir, tmp_path / "f"), "optimizer": {"lr": 1}}))
     done = subprocess.run(
-        [sys.executable, "-m", "vpr_ros.training", "train", "--config", str(bad)],
+        [sys.executable, "-m", "vpr_ros.cli", "train", "--config", str(bad)],
         env=_env(),
         capture_output=True,
         text=True,

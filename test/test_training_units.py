@@ -14,8 +14,8 @@ from vpr_ros.core.errors import ConfigError, ModelError
 from vpr_ros.core.models import create_model, save_checkpoint
 from vpr_ros.training.config import TrainConfig, config_from_dict, expand_env, load_config
 from vpr_ros.training.engine import LrSchedule
-from vpr_ros.training.loqi import LoQI, build_branches
 from vpr_ros.training.losses import channel_correlation, correlation, ickd_loss, mse_loss, triplet_loss
+from vpr_ros.training.methods.loqi import LoQI, build_branches
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"data": {"root": "/data/x"}, "model": {"teacher": "imagenet"}}

@@ -37,9 +37,10 @@ import cv2
 import numpy as np
 import torch
 
-from .errors import ModelError
-from .fileio import atomic_path
-from .models.registry import VprModel, select_device
+from vpr_ros import paths
+from vpr_ros.core.errors import ModelError
+from vpr_ros.core.fileio import atomic_path
+from vpr_ros.core.models.registry import VprModel, select_device
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,7 @@ def default_backend(device: str | torch.device = "auto") -> str:
 
 def default_cache_dir() -> Path:
     """``$VPR_ROS_CACHE/onnx``, else ``$XDG_CACHE_HOME/vpr_ros/onnx``, else ``~/.cache/vpr_ros/onnx``."""
-    if os.environ.get("VPR_ROS_CACHE"):
-        return Path(os.environ["VPR_ROS_CACHE"]) / "onnx"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "vpr_ros" / "onnx"
+    return paths.cache_dir("onnx")
 
 
 def model_hash(model: VprModel) -> str:
@@ -425,7 +423,7 @@ def quantize_int8(model: VprModel, calibration: Sequence[np.ndarray], out: str |
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from .extract import to_tensor_batch
+    from vpr_ros.core.extract import to_tensor_batch
 
     if not calibration:
         raise ModelError("int8 calibration needs at least one image")

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .backends import InferenceBackend, make_backend
-from .errors import ImageError
-from .images import as_rgb8, load_image
-from .models.registry import Preprocess, VprModel
+from vpr_ros.core.backends import InferenceBackend, make_backend
+from vpr_ros.core.errors import ImageError
+from vpr_ros.core.images import as_rgb8, load_image
+from vpr_ros.core.models.registry import Preprocess, VprModel
 
 log = logging.getLogger(__name__)
 

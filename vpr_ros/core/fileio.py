@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ConfigError, OutputError
+from vpr_ros.core.errors import ConfigError, OutputError
 
 
 @contextlib.contextmanager

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .errors import ConfigError
-from .images import as_rgb8
+from vpr_ros.core.errors import ConfigError
+from vpr_ros.core.images import as_rgb8
 
 VERIFICATION_MODELS = ("essential", "fundamental")
 #: Robust estimator: OpenCV's USAC with MAGSAC++ scoring. About 5x faster than classic RANSAC with the

@@ -15,8 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import ImageError
-from .fileio import display_path, write_file_checked
+from vpr_ros.core.errors import ImageError
+from vpr_ros.core.fileio import display_path, write_file_checked
 
 #: Frames larger than this (pixels, 67.1 M) are refused rather than risking memory exhaustion:
 #: arrays by :func:`as_rgb8`, encoded PNG/JPEG/BMP data from its header before decoding.

@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
-from .geometry import (
+from vpr_ros.core.errors import ConfigError
+from vpr_ros.core.geometry import (
     DEFAULT_VERIFY_MIN_INLIERS,
     FeatureCache,
     Features,
@@ -195,7 +195,7 @@ def map_feature_lookup(place_map: Any, *, stamp_tolerance_s: float = 0.001) -> F
     none; None for an id the map does not hold, or whose stamp differs from the candidate's by more
     than ``stamp_tolerance_s`` (the candidate came from another map).
     """
-    from .mapdb import UnknownEntryError
+    from vpr_ros.core.mapdb import UnknownEntryError
 
     def lookup(cand: LoopCandidate) -> Features | str | None:
         try:
@@ -457,8 +457,8 @@ def operating_stats(run: SequenceRun, *, top_k: int, min_inliers: int | None, sc
 
 
 def pr_curve(run: SequenceRun, *, top_k: int, min_inliers: int | None):
-    """:class:`~vpr_ros.core.evaluation.PRCurve` over the score threshold (None when nothing is detected)."""
-    from .evaluation import precision_recall
+    """:class:`~vpr_ros.eval.metrics.PRCurve` over the score threshold (None when nothing is detected)."""
+    from vpr_ros.eval.metrics import precision_recall
 
     pairs, scores, correct = decisions(run, top_k=top_k, min_inliers=min_inliers)
     if len(scores) == 0:
@@ -573,12 +573,12 @@ def evaluate_loop_closure(
     would. The operating point is chosen on ``ship_model`` (default: the model ``resolve_model()`` picks
     by default) over all degradations together.
     """
-    from .datasets import load_rtabmap_loop
-    from .evaluation import loop_closure_pr
-    from .extract import DescriptorExtractor
-    from .models import DEFAULT_WEIGHTS, resolve_model
-    from .plots import plot_pr_curves
-    from .transmission import TransmissionConfig, Transmitter
+    from vpr_ros.core.extract import DescriptorExtractor
+    from vpr_ros.core.models import DEFAULT_WEIGHTS, resolve_model
+    from vpr_ros.core.transmission import TransmissionConfig, Transmitter
+    from vpr_ros.data.places import load_rtabmap_loop
+    from vpr_ros.eval.metrics import loop_closure_pr
+    from vpr_ros.eval.plots import plot_pr_curves
 
     vcfg = verification or VerificationConfig()
     # Verify with the lowest inlier threshold of the sweep; higher ones are applied afterwards.

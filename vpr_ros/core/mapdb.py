@@ -75,7 +75,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .errors import MapError
+from vpr_ros.core.errors import MapError
 
 __all__ = [
     "FORMAT_NAME",
@@ -576,7 +576,7 @@ class PlaceMap:
     def _check_features(self, features: Sequence[Any] | None, n: int) -> list[Any]:
         if features is None:
             return [None] * n
-        from .geometry import Features
+        from vpr_ros.core.geometry import Features
 
         features = list(features)
         if len(features) != n:
@@ -1034,7 +1034,7 @@ def _read_entries(path: Path, count: int) -> dict[str, np.ndarray]:
 
 def _read_features(path: Path, count: int) -> list[Any]:
     """Per-row :class:`~vpr_ros.core.geometry.Features` (views into the file's arrays) or None."""
-    from .geometry import Features
+    from vpr_ros.core.geometry import Features
 
     try:
         with np.load(path, allow_pickle=False) as npz:

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import VprError
-from .fileio import atomic_path
+from vpr_ros.core.errors import VprError
+from vpr_ros.core.fileio import atomic_path
 
 __all__ = ["FORMAT", "PCA", "ReductionError"]
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .errors import DatasetError
+from vpr_ros.core.errors import DatasetError
 
 #: The largest file read (bytes); a ground-truth list is far smaller.
 MAX_BYTES = 512 * 1024 * 1024

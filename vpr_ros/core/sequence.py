@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
+from vpr_ros.core.errors import ConfigError
 
 __all__ = [
     "SequenceConfig",
@@ -402,10 +402,10 @@ def sequence_recall(ids: np.ndarray, scores: np.ndarray, positives: Sequence[np.
 
     ``ids`` / ``scores``: ``(Q, K)`` top-K database indices (in route order) and similarities of the
     queries in stream order; ``positives``: per query, the correct database indices (as for
-    :func:`~vpr_ros.core.evaluation.recall_at_n`); ``config``: further :class:`SequenceConfig` fields
+    :func:`~vpr_ros.eval.metrics.recall_at_n`); ``config``: further :class:`SequenceConfig` fields
     (``candidates`` defaults to K). Returns ``{L: RecallResult}``; L = 1 is the single frame.
     """
-    from .evaluation import recall_at_n
+    from vpr_ros.eval.metrics import recall_at_n
 
     ids, scores = np.asarray(ids), np.asarray(scores)
     options = {"candidates": int(ids.shape[1]), **config}

@@ -34,8 +34,8 @@ import av
 import cv2
 import numpy as np
 
-from .errors import TransmissionError
-from .images import as_rgb8
+from vpr_ros.core.errors import TransmissionError
+from vpr_ros.core.images import as_rgb8
 
 MODES = ("none", "jpeg", "resize", "h264", "h265", "bitrate")
 BITRATE_CODECS = ("jpeg", "h264", "h265")

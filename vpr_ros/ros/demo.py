@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from vpr_ros.core.datasets import PlaceDataset, load_nordland
-from vpr_ros.core.evaluation import recall_at_n
-from vpr_ros.core.experiment import map_from_records
 from vpr_ros.core.extract import DescriptorExtractor
 from vpr_ros.core.fileio import atomic_write_text
 from vpr_ros.core.mapdb import PlaceMap, map_path
 from vpr_ros.core.transmission import TransmissionConfig, Transmitter
+from vpr_ros.data.places import PlaceDataset, load_nordland
+from vpr_ros.eval.metrics import recall_at_n
+from vpr_ros.eval.offline import map_from_records
 
 __all__ = ["run_graph_demo"]
 
@@ -143,9 +143,9 @@ def _graph_runs(ext: DescriptorExtractor, label: str, map_dir: Path, frames: lis
     from vpr_ros_msgs.msg import PlaceMatch, TransmissionStats
 
     from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
-    from vpr_ros.ros.localizer import LocalizerNode
+    from vpr_ros.ros.localizer_node import LocalizerNode
     from vpr_ros.ros.runner import InProcessGraph
-    from vpr_ros.ros.transmitter import TransmitterNode
+    from vpr_ros.ros.transmitter_node import TransmitterNode
 
     ns = f"/vpr_demo_{uuid.uuid4().hex[:8]}"
     tx_params = {"image_topic": f"{ns}/camera/image_raw", "output_topic": f"{ns}/link/image",
@@ -232,7 +232,7 @@ def run_graph_demo(*, nordland_root: str | os.PathLike, out_dir: str | os.PathLi
     ``graph_demo.png`` (latency histogram, recall graph vs offline) under ``out_dir``.
     ``backend`` / ``precision`` / ``threads``: how the model runs (the localizer's parameters).
     """
-    from vpr_ros.ros.localizer import build_extractor
+    from vpr_ros.ros.localizer_node import build_extractor
 
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     out = Path(out_dir)

@@ -1,8 +1,8 @@
 """Bag replay through the real nodes, dataset bags, and the loop-closure evaluation: ``vpr-ros`` subcommands.
 
 ``vpr-ros replay --bag B --map M``: the bag's camera frames (and Odometry, for keyframe poses in map
-modes) are published in bag order to a real :class:`~vpr_ros.ros.localizer.LocalizerNode` (and, with
-``--loop-closure``, a :class:`~vpr_ros.ros.loop_closure.LoopClosureNode`) running in-process on a
+modes) are published in bag order to a real :class:`~vpr_ros.ros.localizer_node.LocalizerNode` (and, with
+``--loop-closure``, a :class:`~vpr_ros.ros.loop_closure_node.LoopClosureNode`) running in-process on a
 private rclpy context, at bag rate (``--rate`` times real time) or as fast as the nodes go (``--fast``:
 flow control, each frame waits for its result). Odometry is published up to 1 s of bag time ahead of the
 images, so the localizer has a keyframe's pose when it describes the frame. The outputs (``PlaceMatch``,
@@ -18,7 +18,7 @@ In ``--mode both`` candidates less than the exclusion window old are ignored whe
 just before a query are trivially similar). The report (``report.json``, ``recall_at_n.png``, ``pr.png``)
 gives recall@N, the top-1 precision-recall curve, latency, drops and the loop-closure precision/recall.
 
-``vpr-ros make-bag``: shared datasets -> rosbag2 (:mod:`vpr_ros.ros.bag_tools`). ``vpr-ros loop-eval``:
+``vpr-ros make-bag``: shared datasets -> rosbag2 (:mod:`vpr_ros.data.dataset_bags`). ``vpr-ros loop-eval``:
 loop-closure precision-recall on ``rtabmap_loop`` (:func:`vpr_ros.core.loop_closure.evaluate_loop_closure`).
 """
 
@@ -108,7 +108,7 @@ class _BagInput:
 
 
 def _pick_connections(reader: Any, cfg: ReplayConfig) -> _BagInput:
-    from vpr_ros.core.bags import COMPRESSED_TYPE, IMAGE_TYPE, NAVSAT_TYPE, ODOMETRY_TYPE
+    from vpr_ros.data.bags import COMPRESSED_TYPE, IMAGE_TYPE, NAVSAT_TYPE, ODOMETRY_TYPE
 
     conns = list(reader.connections)
     listing = ", ".join(f"{c.topic} ({c.msgtype})" for c in conns) or "none"
@@ -145,7 +145,7 @@ def write_record(path: Path, place_matches: Sequence[Any], closures: Sequence[An
     from rclpy.serialization import serialize_message
     from rosbags.rosbag2 import StoragePlugin, Writer
 
-    from vpr_ros.ros.bag_tools import vpr_typestore
+    from vpr_ros.data.dataset_bags import vpr_typestore
 
     ts = vpr_typestore()
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
@@ -221,9 +221,9 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
     """Replay ``cfg.bag`` through the real nodes; write the report (and ``cfg.record``); return the report."""
     from rclpy.qos import QoSProfile, qos_profile_sensor_data
 
-    from vpr_ros.core.bags import open_reader
-    from vpr_ros.ros.bag_tools import vpr_typestore
-    from vpr_ros.ros.localizer import LocalizerNode, build_extractor
+    from vpr_ros.data.bags import open_reader
+    from vpr_ros.data.dataset_bags import vpr_typestore
+    from vpr_ros.ros.localizer_node import LocalizerNode, build_extractor
     from vpr_ros.ros.runner import InProcessGraph, overrides_for
 
     cfg.validate()
@@ -272,7 +272,7 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
                                                                for k, v in loc_over.items()]))
             lc = None
             if cfg.loop_closure:
-                from vpr_ros.ros.loop_closure import LoopClosureNode
+                from vpr_ros.ros.loop_closure_node import LoopClosureNode
 
                 lc_over = {p.name: p.value for p in overrides_for("loop_closure", params)}
                 lc_over.update(lc_params)
@@ -430,9 +430,9 @@ def _drain(graph: Any, loc: Any, lc: Any, coll: _Collector, publishing: bool, ti
 
 def _score(cfg: ReplayConfig, published: list[int], coll: _Collector, entries: list[Any],
            params: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    from vpr_ros.core.evaluation import EvalResult, precision_recall, recall_at_n
     from vpr_ros.core.loop_closure import DEFAULT_EXCLUSION_WINDOW_S
-    from vpr_ros.ros.bag_tools import read_positions
+    from vpr_ros.data.dataset_bags import read_positions
+    from vpr_ros.eval.metrics import EvalResult, precision_recall, recall_at_n
 
     window = 0.0
     if cfg.mode == "both":
@@ -463,7 +463,7 @@ def _score(cfg: ReplayConfig, published: list[int], coll: _Collector, entries: l
     else:
         pos_topic = report_topic = cfg.position_topic
         if not pos_topic:
-            from vpr_ros.core.bags import bag_topics
+            from vpr_ros.data.bags import bag_topics
 
             pos = [t for t, ty in bag_topics(cfg.bag).items() if ty.endswith(("Odometry", "NavSatFix"))]
             if len(pos) != 1:
@@ -558,7 +558,7 @@ def _has_position(entries: list[Any]) -> bool:
 
 
 def _plots(report: dict[str, Any], out: Path, label: str) -> dict[str, Any]:
-    from vpr_ros.core.plots import plot_pr_curves, plot_recall_curves
+    from vpr_ros.eval.plots import plot_pr_curves, plot_recall_curves
 
     paths: dict[str, Any] = {}
     ev = report.pop("_eval", None)
@@ -577,7 +577,7 @@ def _plots(report: dict[str, Any], out: Path, label: str) -> dict[str, Any]:
 
 
 def cmd_make_bag(args: argparse.Namespace) -> int:
-    from vpr_ros.ros.bag_tools import make_dataset_bag
+    from vpr_ros.data.dataset_bags import make_dataset_bag
 
     info = make_dataset_bag(args.dataset, args.root, args.out, storage=args.storage,
                             compressed=args.compressed, jpeg_quality=args.jpeg_quality,
@@ -659,7 +659,7 @@ def cmd_loop_eval(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``make-bag``, ``replay`` and ``loop-eval`` to ``vpr-ros``."""
-    from vpr_ros.ros.bag_tools import BAG_DATASETS
+    from vpr_ros.data.dataset_bags import BAG_DATASETS
 
     p = sub.add_parser("make-bag", help="write a shared dataset as a rosbag2 bag (images + Odometry)")
     p.add_argument("--dataset", required=True, choices=BAG_DATASETS)

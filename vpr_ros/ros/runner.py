@@ -34,7 +34,7 @@ from rclpy.signals import SignalHandlerOptions
 
 from vpr_ros.core.errors import ConfigError, VprError
 from vpr_ros.core.fileio import display_path
-from vpr_ros.ros.params import SWITCH_INTERVAL_S
+from vpr_ros.ros.node_kit import SWITCH_INTERVAL_S
 
 __all__ = [
     "EXECUTORS",
@@ -49,9 +49,9 @@ __all__ = [
 
 #: Node name -> (module, class) of the graph's nodes, in start order.
 NODES: dict[str, tuple[str, str]] = {
-    "transmitter": ("vpr_ros.ros.transmitter", "TransmitterNode"),
-    "localizer": ("vpr_ros.ros.localizer", "LocalizerNode"),
-    "loop_closure": ("vpr_ros.ros.loop_closure", "LoopClosureNode"),
+    "transmitter": ("vpr_ros.ros.transmitter_node", "TransmitterNode"),
+    "localizer": ("vpr_ros.ros.localizer_node", "LocalizerNode"),
+    "loop_closure": ("vpr_ros.ros.loop_closure_node", "LoopClosureNode"),
 }
 
 
@@ -163,8 +163,8 @@ def wire_graph(params: dict[str, dict[str, Any]], *, use_transmitter: bool) -> d
     names others.
     """
     out = {k: dict(v) for k, v in params.items()}
-    from vpr_ros.ros.localizer import PARAMS as LOC
-    from vpr_ros.ros.transmitter import PARAMS as TX
+    from vpr_ros.ros.localizer_node import PARAMS as LOC
+    from vpr_ros.ros.transmitter_node import PARAMS as TX
 
     loc_d = {s.name: s.default for s in LOC}
     tx_d = {s.name: s.default for s in TX}
@@ -437,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m vpr_ros.ros.runner --params FILE ...`` (same options as ``vpr-ros localize``)."""
     import argparse
 
-    from vpr_ros.ros.cli import add_localize_args
+    from vpr_ros.cli.ros import add_localize_args
 
     p = argparse.ArgumentParser(prog="vpr_ros.ros.runner", description=__doc__.splitlines()[0])
     add_localize_args(p)

@@ -6,8 +6,8 @@ degradation), :mod:`.losses` (ICKD, MSE, triplet), :mod:`.loqi` (the method), :m
 :mod:`.study` (the ablation table), :mod:`.cli` (subcommands).
 """
 
-from .config import TrainConfig, config_from_dict, load_config
-from .engine import TrainResult, train
-from .export import export_deployed
+from vpr_ros.training.config import TrainConfig, config_from_dict, load_config
+from vpr_ros.training.engine import TrainResult, train
+from vpr_ros.training.export import export_deployed
 
 __all__ = ["TrainConfig", "TrainResult", "config_from_dict", "export_deployed", "load_config", "train"]

@@ -1,7 +1,7 @@
-"""``python -m vpr_ros.training train --config recipe.yaml`` (and export, bag-dataset)."""
+"""`python -m vpr_ros.training` moved: use `vpr-ros train` (`python -m vpr_ros.cli train`)."""
 
 import sys
 
-from .cli import main
-
-sys.exit(main())
+print("python -m vpr_ros.training moved: use `vpr-ros train ...` (or `python -m vpr_ros.cli train ...`)",
+      file=sys.stderr)
+sys.exit(2)

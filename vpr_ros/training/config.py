@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from ..core.errors import ConfigError, TransmissionError
-from ..core.fileio import atomic_write_text
-from ..core.transmission import TransmissionConfig
+from vpr_ros.core.errors import ConfigError, TransmissionError
+from vpr_ros.core.fileio import atomic_write_text
+from vpr_ros.core.transmission import TransmissionConfig
 
 DATA_KINDS = ("nordland", "folder", "bags")
 MINING = ("random", "hard")

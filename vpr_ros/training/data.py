@@ -1,6 +1,6 @@
 """Training data: place sets with positives/negatives, a split by place, tuples with degraded student input.
 
-A :class:`PlaceSet` is queries + database records (core :class:`~vpr_ros.core.datasets.ImageRecord`)
+A :class:`PlaceSet` is queries + database records (core :class:`~vpr_ros.data.places.ImageRecord`)
 and a :class:`Relation` that says which database images show the same place as a query (positives),
 which are too close to serve as negatives (near), and which must be ignored altogether (the query's own
 traverse a few seconds around it, for single-traverse bags). Sources:
@@ -8,7 +8,7 @@ traverse a few seconds around it, for single-traverse bags). Sources:
 * :func:`nordland_places`: frame-aligned seasons, positives within +-``pos_frames`` (the "by frame"
   ground truth), negatives beyond +-``neg_frames``;
 * :func:`folder_places`: ``database/`` + ``queries/`` folders with ``@utm_e@utm_n@`` names or a CSV;
-* :func:`bag_places`: recorded rosbag2 bags (images + Odometry/NavSatFix) via :mod:`vpr_ros.core.bags`;
+* :func:`bag_places`: recorded rosbag2 bags (images + Odometry/NavSatFix) via :mod:`vpr_ros.data.bags`;
   positives within ``pos_radius_m``, negatives beyond ``neg_radius_m``, and frames of the same bag less
   than ``min_time_gap_s`` apart never count as revisits.
 
@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..core.bags import read_image_bag
-from ..core.datasets import GroundTruth, ImageRecord, load_image_folder, load_nordland
-from ..core.errors import DatasetError
-from ..core.extract import to_tensor_batch
-from ..core.models.registry import Preprocess
-from ..core.transmission import TransmissionConfig, degrade_image
-from .config import DataConfig, SplitConfig
+from vpr_ros.core.errors import DatasetError
+from vpr_ros.core.extract import to_tensor_batch
+from vpr_ros.core.models.registry import Preprocess
+from vpr_ros.core.transmission import TransmissionConfig, degrade_image
+from vpr_ros.data.bags import read_image_bag
+from vpr_ros.data.places import GroundTruth, ImageRecord, load_image_folder, load_nordland
+from vpr_ros.training.config import DataConfig, SplitConfig
 
 log = logging.getLogger(__name__)
 

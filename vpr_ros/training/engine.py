@@ -3,8 +3,8 @@ checkpoints, resume and DDP.
 
 :class:`Trainer` is the loop; a method plugs in through its public hooks (data, models, objective,
 parameters, validation, checkpoint contents), and its defaults are LoQI's. SciceVPR
-(:class:`~vpr_ros.training.scicevpr.SciceTrainer`) and StructVPR's stages
-(:mod:`vpr_ros.training.structvpr.pipeline`) are subclasses. Public helpers for methods:
+(:class:`~vpr_ros.training.methods.scicevpr.SciceTrainer`) and StructVPR's stages
+(:mod:`vpr_ros.training.methods.structvpr.pipeline`) are subclasses. Public helpers for methods:
 :func:`make_optimizer`, :class:`LrSchedule`, :class:`CsvLog`, :func:`run_trainer`, and
 :func:`~vpr_ros.training.config.build_config` for their recipe dataclasses.
 
@@ -47,14 +47,21 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from ..core.errors import ConfigError, DatasetError, ModelError
-from ..core.fileio import atomic_write_text, remove_stale_temps
-from ..core.models import read_checkpoint, save_checkpoint, select_device
-from ..core.models.registry import VprModel
-from .config import OptimConfig, TrainConfig
-from .data import Degrader, PlaceSet, TupleDataset, build_places, degrade_queries, split_places
-from .evaluate import describe, evaluate_model
-from .loqi import LoQI, build_branches
+from vpr_ros.core.errors import ConfigError, DatasetError, ModelError
+from vpr_ros.core.fileio import atomic_write_text, remove_stale_temps
+from vpr_ros.core.models import read_checkpoint, save_checkpoint, select_device
+from vpr_ros.core.models.registry import VprModel
+from vpr_ros.training.config import OptimConfig, TrainConfig
+from vpr_ros.training.data import (
+    Degrader,
+    PlaceSet,
+    TupleDataset,
+    build_places,
+    degrade_queries,
+    split_places,
+)
+from vpr_ros.training.evaluate import describe, evaluate_model
+from vpr_ros.training.methods.loqi import LoQI, build_branches
 
 log = logging.getLogger("vpr_ros.training")
 
@@ -221,7 +228,7 @@ class Trainer:
     """One run of a recipe: the loop, logs, validation, atomic checkpoints, resume and DDP.
 
     :func:`train` is the usual entry point. The method is plugged in through the hooks below; the
-    defaults are LoQI's, so ``Trainer`` itself trains LoQI (:class:`~vpr_ros.training.loqi.LoQI`).
+    defaults are LoQI's, so ``Trainer`` itself trains LoQI (:class:`~vpr_ros.training.methods.loqi.LoQI`).
     A method subclasses ``Trainer`` and overrides only what differs (SciceVPR's place batches and
     multi-similarity objective, StructVPR's stages); the loop itself is never copied.
 

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..core.evaluation import RecallResult, recall_at_n
-from ..core.extract import DescriptorExtractor
-from ..core.models.registry import VprModel
-from .data import PlaceSet
+from vpr_ros.core.extract import DescriptorExtractor
+from vpr_ros.core.models.registry import VprModel
+from vpr_ros.eval.metrics import RecallResult, recall_at_n
+from vpr_ros.training.data import PlaceSet
 
 
 def describe(

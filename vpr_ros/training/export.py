@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ModelError
-from ..core.fileio import atomic_write_text
-from ..core.models import model_from_checkpoint, read_checkpoint, save_checkpoint
+from vpr_ros.core.errors import ModelError
+from vpr_ros.core.fileio import atomic_write_text
+from vpr_ros.core.models import model_from_checkpoint, read_checkpoint, save_checkpoint
 
 
 def export_deployed(

@@ -1,7 +1,7 @@
 """Registered VPR models, self-describing checkpoints and device selection."""
 
-from .checkpoint import load_model, model_from_checkpoint, read_checkpoint, save_checkpoint
-from .registry import (
+from vpr_ros.core.models.checkpoint import load_model, model_from_checkpoint, read_checkpoint, save_checkpoint
+from vpr_ros.core.models.registry import (
     Preprocess,
     VprModel,
     create_model,
@@ -10,7 +10,7 @@ from .registry import (
     register_model,
     select_device,
 )
-from .resolve import DEFAULT_WEIGHTS, parse_size, resolve_model
+from vpr_ros.core.models.resolve import DEFAULT_WEIGHTS, parse_size, resolve_model
 
 __all__ = [
     "DEFAULT_WEIGHTS",

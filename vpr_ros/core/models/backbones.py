@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from ..errors import ModelError
+from vpr_ros import paths
+from vpr_ros.core.errors import ModelError
 
 #: Indices into torchvision's ``mobilenet_v2().features`` that end the stages whose
 #: outputs StructVPR concatenates: 32 channels at stride 8, 96 at 16, 320 at 32.
@@ -36,7 +37,7 @@ def mobilenet_v2_features(pretrained: bool) -> nn.Sequential:
                                                                       weights_only=True)
             net.load_state_dict(state)
     except Exception as exc:  # network or file errors from torch.hub, a file that is not plain weights
-        home = os.environ.get("TORCH_HOME", "~/.cache/torch")
+        home = paths.torch_home()
         raise ModelError(
             "could not load torchvision's ImageNet MobileNetV2 weights "
             f"(looked in {home}/hub/checkpoints, then tried to download): {exc}. "

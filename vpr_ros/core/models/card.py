@@ -13,7 +13,7 @@ is copied; ``vpr-ros models`` and docs/results.md read it from there. Its fields
 ``train_sets``
     study sets whose very images it trained on (e.g. ``kitti05``): reported as training data, not a test;
 ``cross_domain``
-    written by the accuracy study (:mod:`vpr_ros.core.cross_domain`): R@1 / R@5 per study set and link,
+    written by the accuracy study (:mod:`vpr_ros.studies.cross_domain`): R@1 / R@5 per study set and link,
     each set's domain, and the in / out-of-domain means.
 
 The input size is not repeated in the card: it is the checkpoint's preprocessing (``model.preprocess``).
@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelError
-from ..fileio import atomic_path, atomic_write_text
-from .checkpoint import read_checkpoint
+from vpr_ros.core.errors import ModelError
+from vpr_ros.core.fileio import atomic_path, atomic_write_text
+from vpr_ros.core.models.checkpoint import read_checkpoint
 
 #: Study set -> dataset family (the unit of "in domain").
 SET_FAMILY = {
@@ -128,8 +128,8 @@ def write_card(path: str | os.PathLike, updates: dict[str, Any]) -> bool:
 
 def weights_digest(path: str | os.PathLike) -> str:
     """sha256 of the model a checkpoint holds (description + every tensor), unchanged by its ``meta``."""
-    from ..backends import model_hash
-    from .checkpoint import model_from_checkpoint
+    from vpr_ros.core.backends import model_hash
+    from vpr_ros.core.models.checkpoint import model_from_checkpoint
 
     path = Path(path)
     return model_hash(model_from_checkpoint(read_checkpoint(path), source=str(path)))

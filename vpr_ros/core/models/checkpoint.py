@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from ... import __version__
-from ..errors import ModelError
-from ..fileio import atomic_path
-from .registry import Preprocess, VprModel, create_model
+from vpr_ros import __version__
+from vpr_ros.core.errors import ModelError
+from vpr_ros.core.fileio import atomic_path
+from vpr_ros.core.models.registry import Preprocess, VprModel, create_model
 
 FORMAT = "vpr_ros.checkpoint"
 VERSION = 1

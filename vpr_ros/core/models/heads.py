@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import MOBILENETV2_STAGE_CHANNELS, mobilenet_v2_features
-from .registry import VprModel, register_model
+from vpr_ros.core.models.backbones import MOBILENETV2_STAGE_CHANNELS, mobilenet_v2_features
+from vpr_ros.core.models.registry import VprModel, register_model
 
 
 class GeM(nn.Module):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ModelError
+from vpr_ros.core.errors import ModelError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -129,7 +129,7 @@ def register_model(
 
 def _ensure_builtin() -> None:
     # Importing the model modules registers them.
-    from . import heads, scicevpr, structvpr  # noqa: F401
+    from vpr_ros.core.models import heads, scicevpr, structvpr  # noqa: F401
 
 
 def list_models() -> list[str]:

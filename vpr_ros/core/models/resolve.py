@@ -5,15 +5,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
 
-from ..errors import ModelError
-from .checkpoint import load_model
-from .registry import VprModel, check_input_size, create_model
+from vpr_ros import paths
+from vpr_ros.core.errors import ModelError
+from vpr_ros.core.models.checkpoint import load_model
+from vpr_ros.core.models.registry import VprModel, check_input_size, create_model
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "weights"
+WEIGHTS_DIR = paths.WEIGHTS_DIR
 #: The students shipped with the package (produced by ``vpr_ros.training``), by their model card's key:
 #: ``weights="loqi"`` etc. picks one (``vpr-ros models`` prints their cards).
 PACKAGED = {

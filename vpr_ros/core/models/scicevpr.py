@@ -22,7 +22,7 @@ Learning for Visual Place Recognition" (CVPR 2024). One image batch (B, 3, H, W)
    * :class:`SciceStudent` (SciceVPR): the *self-enhanced* encoder, transformer layers (1 in the authors'
      code) applied to every regional feature of every image on its own (a sequence of one token: no
      attention across images, nor across an image's regions); descriptors do not depend on the batch.
-     Trained to match the teacher's descriptors (``vpr_ros.training.scicevpr``). The deployable model.
+     Trained to match the teacher's descriptors (``vpr_ros.training.methods.scicevpr``). The deployable model.
 
 5. **Descriptor**: the 14 encoded features concatenated and L2-normalised (14·C: 10752-d for ViT-B/14),
    optionally projected to ``reduce_dim`` by a PCA fitted after training (:meth:`SciceStudent.fit_reduction`)
@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelError
-from .heads import GeM
-from .registry import Preprocess, VprModel, register_model
+from vpr_ros.core.errors import ModelError
+from vpr_ros.core.models.heads import GeM
+from vpr_ros.core.models.registry import Preprocess, VprModel, register_model
 
 PATCH = 14
 #: arch -> (timm model name, token width C)

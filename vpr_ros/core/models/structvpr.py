@@ -11,8 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backbones import MOBILENETV2_STAGE_CHANNELS, MOBILENETV2_STAGE_ENDS, mobilenet_v2_features
-from .registry import VprModel, register_model
+from vpr_ros.core.models.backbones import (
+    MOBILENETV2_STAGE_CHANNELS,
+    MOBILENETV2_STAGE_ENDS,
+    mobilenet_v2_features,
+)
+from vpr_ros.core.models.registry import VprModel, register_model
 
 
 class StructVPRStudent(VprModel):

@@ -29,9 +29,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import DatasetError, ImageError
-from .fileio import display_path
-from .images import as_rgb8, decode_image
+from vpr_ros.core.errors import DatasetError, ImageError
+from vpr_ros.core.fileio import display_path
+from vpr_ros.core.images import as_rgb8, decode_image
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"

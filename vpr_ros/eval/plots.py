@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .evaluation import EvalResult, PRCurve
+from vpr_ros.eval.metrics import EvalResult, PRCurve
 
 CORRECT_COLOR = "#1a9850"
 WRONG_COLOR = "#d73027"

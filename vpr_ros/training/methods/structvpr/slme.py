@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from ...core.errors import ConfigError
+from vpr_ros.core.errors import ConfigError
 
 #: The paper's six groups over the Cityscapes classes, with their weights.
 SLME6_GROUPS: dict[str, list[str]] = {

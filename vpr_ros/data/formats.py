@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import (
+from vpr_ros.core.errors import DatasetError
+from vpr_ros.core.safe_npy import load_npy
+from vpr_ros.data.places import (
     IMAGE_SUFFIXES,
     GroundTruth,
     ImageRecord,
@@ -43,8 +45,6 @@ from .datasets import (
     _require_nonempty,
     parse_utm_name,
 )
-from .errors import DatasetError
-from .safe_npy import load_npy
 
 log = logging.getLogger(__name__)
 

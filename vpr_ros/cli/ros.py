@@ -1,4 +1,4 @@
-"""``vpr-ros`` subcommands of the ROS layer (registered lazily by :mod:`vpr_ros.cli`).
+"""``vpr-ros`` subcommands of the ROS layer (registered lazily by :mod:`vpr_ros.cli.main`).
 
 ``vpr-ros localize``: run the localizer graph in-process from a ROS 2 params file (see
 :mod:`vpr_ros.ros.runner`). The bag replay / dataset-to-bag subcommands of
@@ -31,7 +31,7 @@ def add_localize_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_localize(args: argparse.Namespace) -> int:
-    from .runner import run_graph
+    from vpr_ros.ros.runner import run_graph
 
     return run_graph(args.params, args.set or (), use_transmitter=args.transmitter,
                      use_loop_closure=args.loop_closure, duration=args.duration)

@@ -29,10 +29,17 @@ from typing import Any
 
 import numpy as np
 
-from .evaluation import RECALL_NS, recall_at_n
-from .fileio import atomic_write_text
-from .loop_closure import json_default
-from .models.card import CARD_LINKS, ModelCard, packaged_checkpoints, read_card, weights_digest, write_card
+from vpr_ros.core.fileio import atomic_write_text
+from vpr_ros.core.loop_closure import json_default
+from vpr_ros.core.models.card import (
+    CARD_LINKS,
+    ModelCard,
+    packaged_checkpoints,
+    read_card,
+    weights_digest,
+    write_card,
+)
+from vpr_ros.eval.metrics import RECALL_NS, recall_at_n
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +86,7 @@ class Column:
         return f"cross:{self.key}:{self.digest}:{self.size}:{backend}{tail}"
 
     def load(self) -> Any:
-        from .models import create_model, load_model
+        from vpr_ros.core.models import create_model, load_model
 
         if self.weights is None:
             net = create_model("structvpr_mobilenetv2", pretrained=True).eval()
@@ -110,7 +117,7 @@ def build_columns(cx: CrossConfig) -> list[Column]:
 
 
 def resolve_backend(backend: str) -> str:
-    from .backends import default_backend
+    from vpr_ros.core.backends import default_backend
 
     return default_backend() if backend == "auto" else backend
 
@@ -122,8 +129,8 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
     """R@N of every column on every set and link (cached); see the module docstring. Returns the raw
     results: ``results[column][set][link]`` = ``{"R@1", "R@5", "R@10", "queries"}`` (similarity sets:
     ``{"cos"}``), ``links[set][link]`` = bytes per frame, and the columns and sets."""
-    from .study import _Cache, _hash, _send, _top_k, load_sets
-    from .transmission import TransmissionConfig
+    from vpr_ros.core.transmission import TransmissionConfig
+    from vpr_ros.studies.accuracy import _Cache, _hash, _send, _top_k, load_sets
 
     t0 = time.perf_counter()
     backend = resolve_backend(cx.backend)
@@ -146,7 +153,7 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
     def describe(c: Column, images: list, desc: str) -> np.ndarray:
         from tqdm import tqdm
 
-        from .extract import DescriptorExtractor
+        from vpr_ros.core.extract import DescriptorExtractor
 
         if c.key not in extractors:
             extractors[c.key] = DescriptorExtractor(c.load(), device=study_cfg.device,
@@ -335,7 +342,7 @@ def run_cross_domain(study_cfg: Any, cx: CrossConfig) -> dict[str, Any]:
     cols: list[Column] = raw.pop("_cols")
     default = cx.default
     if default is None:
-        from .models.resolve import DEFAULT_WEIGHTS
+        from vpr_ros.core.models.resolve import DEFAULT_WEIGHTS
 
         default = DEFAULT_WEIGHTS
     default_key = next((c.key for c in cols if c.weights is not None and c.weights.resolve() == Path(

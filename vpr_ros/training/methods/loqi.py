@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError, ModelError
-from ..core.models import create_model, model_from_checkpoint, read_checkpoint
-from ..core.models.registry import VprModel
-from .config import LossConfig, ModelConfig
-from .losses import Correlation, correlation, ickd_loss, mse_loss, triplet_loss
+from vpr_ros.core.errors import ConfigError, ModelError
+from vpr_ros.core.models import create_model, model_from_checkpoint, read_checkpoint
+from vpr_ros.core.models.registry import VprModel
+from vpr_ros.training.config import LossConfig, ModelConfig
+from vpr_ros.training.losses import Correlation, correlation, ickd_loss, mse_loss, triplet_loss
 
 
 def forward_outputs(

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 
-from ...core.errors import ModelError
-from ...core.models.registry import Preprocess, VprModel, get_spec, register_model
-from ...core.models.structvpr import StructVPRStudent
+from vpr_ros.core.errors import ModelError
+from vpr_ros.core.models.registry import Preprocess, VprModel, get_spec, register_model
+from vpr_ros.core.models.structvpr import StructVPRStudent
 
 SEG_CHANNELS = (16, 32, 96, 128, 256)
 SEG_BLOCKS = (1, 2, 2, 2, 1)

@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from .datasets import ImageRecord, PlaceDataset
-from .errors import DatasetError
-from .evaluation import RECALL_NS, EvalResult, recall_at_n, save_results_json
-from .extract import DescriptorExtractor
-from .geometry import Features, OrbExtractor
-from .mapdb import MapEntry, PlaceMap
-from .provenance import descriptor_source
-from .transmission import TransmissionConfig, Transmitter
+from vpr_ros.core.errors import DatasetError
+from vpr_ros.core.extract import DescriptorExtractor
+from vpr_ros.core.geometry import Features, OrbExtractor
+from vpr_ros.core.mapdb import MapEntry, PlaceMap
+from vpr_ros.core.provenance import descriptor_source
+from vpr_ros.core.transmission import TransmissionConfig, Transmitter
+from vpr_ros.data.places import ImageRecord, PlaceDataset
+from vpr_ros.eval.metrics import RECALL_NS, EvalResult, recall_at_n, save_results_json
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def write_report(
     runs: Sequence[DegradationRun], dataset: PlaceDataset, out_dir: str | os.PathLike, *, top_k: int = 4
 ) -> dict[str, Path]:
     """Write results JSON, recall@N and recall-vs-bytes plots, and one match montage per run."""
-    from .plots import plot_match_montage, plot_recall_curves, plot_recall_vs_bytes
+    from vpr_ros.eval.plots import plot_match_montage, plot_recall_curves, plot_recall_vs_bytes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

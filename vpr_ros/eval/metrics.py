@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .fileio import atomic_write_text
+from vpr_ros.core.fileio import atomic_write_text
 
 RECALL_NS = (1, 5, 10, 20)
 

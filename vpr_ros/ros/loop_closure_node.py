@@ -69,7 +69,7 @@ from vpr_ros.core.loop_closure import (
 )
 from vpr_ros.core.mapdb import PlaceMap, map_path
 from vpr_ros.ros.conversions import float_to_stamp, stamp_to_float
-from vpr_ros.ros.params import (
+from vpr_ros.ros.node_kit import (
     DropOldestQueue,
     LatencyWindow,
     ParamSpec,

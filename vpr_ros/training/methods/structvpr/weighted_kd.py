@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .partition import GROUPS, MODES, RANKS, Pairs, group_of, keep_mask
+from vpr_ros.training.methods.structvpr.partition import GROUPS, MODES, RANKS, Pairs, group_of, keep_mask
 
 WEIGHTINGS = ("phi", "phi-prime", "constant", "ones")
 

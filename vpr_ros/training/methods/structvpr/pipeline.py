@@ -1,9 +1,9 @@
 """The StructVPR pipeline: segment -> SLME -> Stage I (both branches) -> partition -> Stage II -> export.
 
-    python -m vpr_ros.training.structvpr.pipeline --config training/structvpr_kitti.yaml [--set key=value]
+    python -m vpr_ros.training.methods.structvpr.pipeline --config training/structvpr_kitti.yaml
 
 1. **Segment** every training (and evaluation) image once with the configured segmenter; label maps are
-   cached as PNGs keyed by image path and segmenter id (:class:`~vpr_ros.core.segmentation.LabelCache`).
+   cached as PNGs keyed by image path and segmenter id (:class:`.segmentation.LabelCache`).
 2. **SLME**: class maps -> weighted one-hot group maps at the student's input size (:mod:`.slme`).
 3. **Stage I**: the rgb-branch (``structvpr_mobilenetv2``, ImageNet init) on RGB tuples and the seg-branch
    (``structvpr_segbranch``, random init) on the SLME maps of the same tuples, each with the triplet loss.
@@ -42,22 +42,14 @@ import torch
 import yaml
 from torch import nn
 
-from ...core.datasets import ImageRecord, load_kitti
-from ...core.errors import ConfigError
-from ...core.fileio import atomic_path, atomic_write_text
-from ...core.images import save_image
-from ...core.models import create_model, model_from_checkpoint, read_checkpoint
-from ...core.models.registry import Preprocess, VprModel
-from ...core.segmentation import (
-    ESPNetv2Segmenter,
-    LabelCache,
-    LabelFolderSegmenter,
-    Segmenter,
-    read_label_map,
-)
-from ...core.segmentation import segment_files as _segment_files
-from ...core.transmission import TransmissionConfig, degrade_image
-from ..config import (
+from vpr_ros.core.errors import ConfigError
+from vpr_ros.core.fileio import atomic_path, atomic_write_text
+from vpr_ros.core.images import save_image
+from vpr_ros.core.models import create_model, model_from_checkpoint, read_checkpoint
+from vpr_ros.core.models.registry import Preprocess, VprModel
+from vpr_ros.core.transmission import TransmissionConfig, degrade_image
+from vpr_ros.data.places import ImageRecord, load_kitti
+from vpr_ros.training.config import (
     DataConfig,
     DegradationConfig,
     LossConfig,
@@ -69,7 +61,7 @@ from ..config import (
     apply_overrides,
     build_config,
 )
-from ..data import (
+from vpr_ros.training.data import (
     Degrader,
     PlaceSet,
     Relation,
@@ -79,13 +71,29 @@ from ..data import (
     sample_rng,
     split_places,
 )
-from ..engine import Trainer, run_trainer
-from ..evaluate import describe, recall_on_places
-from ..export import export_deployed
-from .partition import GROUPS, MODES, RANKS, Pairs, group_of, group_shares, rank_pairs
-from .seg_branch import SegBranch  # noqa: F401  (registers structvpr_segbranch)
-from .slme import SLMEConfig, SLMEncoder
-from .weighted_kd import (
+from vpr_ros.training.engine import Trainer, run_trainer
+from vpr_ros.training.evaluate import describe, recall_on_places
+from vpr_ros.training.export import export_deployed
+from vpr_ros.training.methods.structvpr.partition import (
+    GROUPS,
+    MODES,
+    RANKS,
+    Pairs,
+    group_of,
+    group_shares,
+    rank_pairs,
+)
+from vpr_ros.training.methods.structvpr.seg_branch import SegBranch  # noqa: F401  (registers structvpr_segbranch)
+from vpr_ros.training.methods.structvpr.segmentation import (
+    ESPNetv2Segmenter,
+    LabelCache,
+    LabelFolderSegmenter,
+    Segmenter,
+    read_label_map,
+)
+from vpr_ros.training.methods.structvpr.segmentation import segment_files as _segment_files
+from vpr_ros.training.methods.structvpr.slme import SLMEConfig, SLMEncoder
+from vpr_ros.training.methods.structvpr.weighted_kd import (
     WEIGHTINGS,
     PairWeights,
     StructVPRDistill,
@@ -96,7 +104,7 @@ from .weighted_kd import (
     triplet_eq3,
 )
 
-log = logging.getLogger("vpr_ros.training.structvpr")
+log = logging.getLogger("vpr_ros.training.methods.structvpr")
 
 # --------------------------------------------------------------------------- configuration
 
@@ -937,7 +945,7 @@ def describe_slme(
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m vpr_ros.training.structvpr.pipeline", description=__doc__.split("\n")[0]
+        prog="python -m vpr_ros.training.methods.structvpr.pipeline", description=__doc__.split("\n")[0]
     )
     ap.add_argument("--config", required=True, help="StructVPR recipe (training/structvpr_*.yaml)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

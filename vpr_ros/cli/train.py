@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..core.errors import VprError
-from ..core.fileio import display_path
+from vpr_ros.core.errors import VprError
+from vpr_ros.core.fileio import display_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,8 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .engine import train
+    from vpr_ros.training.config import load_config
+    from vpr_ros.training.engine import train
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume)
@@ -71,7 +71,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_deployed
+    from vpr_ros.training.export import export_deployed
 
     path = export_deployed(args.checkpoint, args.out, sidecar=args.sidecar)
     print(f"wrote {path}")
@@ -79,9 +79,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bag_dataset(args: argparse.Namespace) -> int:
-    from ..core.fileio import check_output_dir, write_file_checked
-    from ..core.images import save_image
-    from .data import bag_places
+    from vpr_ros.core.fileio import check_output_dir, write_file_checked
+    from vpr_ros.core.images import save_image
+    from vpr_ros.training.data import bag_places
 
     out = check_output_dir(Path(args.out) / "images").parent if args.out else None  # before reading bags
     places = bag_places(

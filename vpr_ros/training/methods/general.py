@@ -5,7 +5,7 @@ one domain and lose what the ImageNet backbone knew elsewhere. This recipe keeps
 frozen ImageNet-initialised model at the deployment size (240x320 by default), the student starts as a
 copy of it, and every training image is sent through a random link (JPEG q 5-50, resolution 1/4-1/2,
 H.264 / H.265 QP 30-50, or clean) before the student sees it. The student is distilled to the teacher's
-view of the high-quality image with the LoQI losses (:class:`~vpr_ros.training.loqi.LoQI`: ICKD on the
+view of the high-quality image with the LoQI losses (:class:`~vpr_ros.training.methods.loqi.LoQI`: ICKD on the
 latent maps + MSE on the descriptor); no labels are used, so any image may train it. Clean images are in
 the mix (student input = teacher input, loss 0 at the start) so the clean descriptor is held in place,
 and the student's BatchNorm statistics stay the teacher's (``model.freeze_bn``).
@@ -23,8 +23,8 @@ Validation (``val.csv``): a fixed set of pool images held out of training, at th
 on the clean image) and ``self_r1_lq`` (each received image finds its own clean original among the
 validation images, student descriptors), with the teacher's ``cos_lq`` / ``self_r1_lq`` as reference.
 
-    python -m vpr_ros.training.general train --config training/general_student.yaml [--threads 2]
-    python -m vpr_ros.training.general export runs/general_student/last.pt student.pt
+    python -m vpr_ros.training.methods.general train --config training/general_student.yaml [--threads 2]
+    python -m vpr_ros.training.methods.general export runs/general_student/last.pt student.pt
 """
 
 from __future__ import annotations
@@ -48,7 +48,12 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from ..core.datasets import (
+from vpr_ros.core.errors import ConfigError, DatasetError, VprError
+from vpr_ros.core.extract import resize_rgb, to_tensor_batch
+from vpr_ros.core.fileio import atomic_path, atomic_write_text, remove_stale_temps
+from vpr_ros.core.models.registry import VprModel
+from vpr_ros.core.transmission import TransmissionConfig, degrade_image
+from vpr_ros.data.places import (
     IMAGE_SUFFIXES,
     ImageRecord,
     load_ie_tower,
@@ -56,12 +61,7 @@ from ..core.datasets import (
     load_nordland,
     load_rtabmap_loop,
 )
-from ..core.errors import ConfigError, DatasetError, VprError
-from ..core.extract import resize_rgb, to_tensor_batch
-from ..core.fileio import atomic_path, atomic_write_text, remove_stale_temps
-from ..core.models.registry import VprModel
-from ..core.transmission import TransmissionConfig, degrade_image
-from .config import (
+from vpr_ros.training.config import (
     DegradationConfig,
     LossConfig,
     ModelConfig,
@@ -74,10 +74,10 @@ from .config import (
     build_config,
     validate,
 )
-from .engine import LOSS_TERMS, Trainer, TrainResult, run_trainer
-from .loqi import LoQI, load_branch
+from vpr_ros.training.engine import LOSS_TERMS, Trainer, TrainResult, run_trainer
+from vpr_ros.training.methods.loqi import LoQI, load_branch
 
-log = logging.getLogger("vpr_ros.training.general")
+log = logging.getLogger("vpr_ros.training.methods.general")
 
 SOURCE_KINDS = ("nordland", "ie_tower", "kitti", "rtabmap_loop", "images", "bags")
 #: The domain (dataset family) each source kind belongs to; ``images`` / ``bags`` name theirs.
@@ -296,8 +296,8 @@ def source_records(src: SourceConfig) -> list[ImageRecord]:
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         lists = [[ImageRecord(path=p, name=str(p.relative_to(root))) for p in files]]
     else:  # bags: every frame of each bag, no positions needed
-        from ..core.bags import read_image_bag
-        from .data import MemoryImageRecord
+        from vpr_ros.data.bags import read_image_bag
+        from vpr_ros.training.data import MemoryImageRecord
 
         lists = []
         for b in src.bags:
@@ -436,7 +436,7 @@ class LinkPairs(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        from .data import sample_rng
+        from vpr_ros.training.data import sample_rng
 
         rng = sample_rng(self.seed, self.epoch, k)
         h, w = self.store.hq.shape[1:3]
@@ -596,8 +596,8 @@ def train_general(cfg: GeneralConfig, *, resume: bool = False) -> TrainResult:
 def export_general(checkpoint: str | os.PathLike, out: str | os.PathLike, *, sidecar: bool = True) -> Path:
     """Training checkpoint -> deployed student whose ``meta["card"]`` names its training data and input size
     (the study adds the cross-domain numbers)."""
-    from ..core.models import read_checkpoint
-    from .export import export_deployed
+    from vpr_ros.core.models import read_checkpoint
+    from vpr_ros.training.export import export_deployed
 
     ckpt = read_checkpoint(checkpoint)
     meta = ckpt.get("meta", {})
@@ -621,8 +621,8 @@ def export_general(checkpoint: str | os.PathLike, out: str | os.PathLike, *, sid
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vpr_ros.training.general {train,export}``."""
-    ap = argparse.ArgumentParser(prog="python -m vpr_ros.training.general",
+    """``python -m vpr_ros.training.methods.general {train,export}``."""
+    ap = argparse.ArgumentParser(prog="python -m vpr_ros.training.methods.general",
                                  description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train the recipe (training/general_student.yaml)")

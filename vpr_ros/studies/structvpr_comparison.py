@@ -1,6 +1,6 @@
 """The StructVPR comparison on real data: regenerate the table, the group shares and the SLME picture.
 
-    python -m vpr_ros.training.structvpr.study --out results/structvpr [--config RECIPE] [--set k=v]
+    python -m vpr_ros.studies.structvpr_comparison --out results/structvpr [--config RECIPE] [--set k=v]
 
 Rows (all RGB rows are MobileNetV2 students evaluated alone, as deployed), after the paper's ablation
 (Sec. 4.4, Tables 5 and 6):
@@ -39,14 +39,20 @@ from typing import Any
 
 import numpy as np
 
-from ...core.fileio import atomic_write_text
-from ...core.models import create_model
-from ...core.segmentation import CITYSCAPES_PALETTE, colorize
-from .partition import GROUPS, group_shares
-from .pipeline import PAPER_SHARES, Stage2Config, StructVPR, load_config, load_trained
-from .weighted_kd import WeightingConfig
+from vpr_ros.core.fileio import atomic_write_text
+from vpr_ros.core.models import create_model
+from vpr_ros.training.methods.structvpr.partition import GROUPS, group_shares
+from vpr_ros.training.methods.structvpr.pipeline import (
+    PAPER_SHARES,
+    Stage2Config,
+    StructVPR,
+    load_config,
+    load_trained,
+)
+from vpr_ros.training.methods.structvpr.segmentation import CITYSCAPES_PALETTE, colorize
+from vpr_ros.training.methods.structvpr.weighted_kd import WeightingConfig
 
-log = logging.getLogger("vpr_ros.training.structvpr.study")
+log = logging.getLogger("vpr_ros.studies.structvpr_comparison")
 
 #: Stage II variants: name -> (kd weight multiplier, weighting)
 VARIANTS: dict[str, tuple[float, WeightingConfig | None]] = {
@@ -110,7 +116,7 @@ def slme_picture(sv: StructVPR, out: Path, frames: int = 4) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from ...core.segmentation import read_label_map
+    from vpr_ros.training.methods.structvpr.segmentation import read_label_map
 
     recs = sv.train_places.queries
     picks = [recs[int(i)] for i in np.linspace(0, len(recs) - 1, frames).round()]
@@ -330,7 +336,7 @@ def run_study(
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m vpr_ros.training.structvpr.study",
+        prog="python -m vpr_ros.studies.structvpr_comparison",
         description="StructVPR comparison table, group shares and SLME picture",
     )
     ap.add_argument("--out", default="results/structvpr")

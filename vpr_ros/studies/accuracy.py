@@ -31,16 +31,24 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .datasets import GroundTruth, ImageRecord, load_ie_tower, load_kitti, load_nordland, load_rtabmap_loop
-from .errors import DatasetError
-from .evaluation import RECALL_NS, EvalResult, PRCurve, loop_closure_pr, recall_at_n
-from .fileio import atomic_write_text
-from .loop_closure import json_default
-from .models.card import weights_digest
+from vpr_ros import paths
+from vpr_ros.core.errors import DatasetError
+from vpr_ros.core.fileio import atomic_write_text
+from vpr_ros.core.loop_closure import json_default
+from vpr_ros.core.models.card import weights_digest
+from vpr_ros.data.places import (
+    GroundTruth,
+    ImageRecord,
+    load_ie_tower,
+    load_kitti,
+    load_nordland,
+    load_rtabmap_loop,
+)
+from vpr_ros.eval.metrics import RECALL_NS, EvalResult, PRCurve, loop_closure_pr, recall_at_n
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+WEIGHTS_DIR = paths.WEIGHTS_DIR
 LOQI_WEIGHTS = WEIGHTS_DIR / "structvpr_mobilenetv2_loqi.pt"
 STRUCTVPR_WEIGHTS = WEIGHTS_DIR / "structvpr_mobilenetv2_kitti.pt"
 SCICEVPR_WEIGHTS = WEIGHTS_DIR / "scicevpr_dinov2.pt"
@@ -96,7 +104,7 @@ CACHE_VERSION = 1
 
 
 def _default_shared() -> Path:
-    return Path(os.environ.get("VPR_ROS_SHARED", Path.cwd().parent / "shared"))
+    return paths.shared_root()
 
 
 @dataclass
@@ -157,7 +165,7 @@ class StudyModel:
 
     def load(self, size: tuple[int, int]) -> Any:
         """The eval-mode model (checkpoint input size; ``size`` for the ImageNet model)."""
-        from .models import create_model, load_model
+        from vpr_ros.core.models import create_model, load_model
 
         if self.weights is None:
             net = create_model("structvpr_mobilenetv2", pretrained=True).eval()
@@ -423,7 +431,7 @@ class _Cache:
             return None
 
     def put_array(self, set_key: str, link: str, name: str, key: str, array: np.ndarray) -> None:
-        from .fileio import atomic_path
+        from vpr_ros.core.fileio import atomic_path
 
         path = self._dir(set_key, link) / f"{name}.npz"
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -511,7 +519,7 @@ class _Link:
 
 
 def _send(stream: Sequence[np.ndarray], spec: str, *, desc: str, progress: bool) -> _Link:
-    from .transmission import TransmissionConfig, Transmitter
+    from vpr_ros.core.transmission import TransmissionConfig, Transmitter
 
     cfg = TransmissionConfig.parse(spec)
     tx = Transmitter(cfg)
@@ -538,7 +546,7 @@ def _send(stream: Sequence[np.ndarray], spec: str, *, desc: str, progress: bool)
 def _describe(
     model: Any, images: Sequence[np.ndarray], *, batch: int, device: str, desc: str, progress: bool
 ) -> np.ndarray:
-    from .extract import DescriptorExtractor
+    from vpr_ros.core.extract import DescriptorExtractor
 
     ext = DescriptorExtractor(model, device=device, batch_size=batch)
     out = np.empty((len(images), ext.dim), dtype=np.float32)
@@ -614,7 +622,7 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
         hq_stream: list[np.ndarray] | None = None
         links[s.key] = {}
         for spec in cfg.degradations:
-            from .transmission import TransmissionConfig
+            from vpr_ros.core.transmission import TransmissionConfig
 
             label = TransmissionConfig.parse(spec).label
             link_key = _hash(s.identity(), spec)
@@ -748,7 +756,7 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
     pairs: dict[str, tuple[str, str]] = {}
     figures = _figures(cfg, sets, results, preds_by, hits, loop, pairs)
     if sequence:
-        from .plots import plot_recall_vs_sequence_length
+        from vpr_ros.eval.plots import plot_recall_vs_sequence_length
 
         figures["sequence"] = shrink_png(plot_recall_vs_sequence_length(
             {lb: {int(n): v for n, v in c.items()} for lb, c in sequence.items()},
@@ -775,7 +783,7 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
 def _sequence_curve(cache: _Cache, s: StudySet, label: str, desc_key: str, q: np.ndarray,
                     db: np.ndarray) -> dict[str, float]:
     """R@1 of sequence matching for each of SEQUENCE_LENGTHS on one link (cached by the descriptors' key)."""
-    from .sequence import sequence_recall
+    from vpr_ros.core.sequence import sequence_recall
 
     key = _hash(desc_key, "sequence", SEQUENCE_LENGTHS, SEQUENCE_CANDIDATES)
     curve = cache.get_json(s.key, label, "sequence", key)
@@ -803,8 +811,8 @@ def _loop_closure(
     progress: bool,
 ) -> None:
     """Loop-closure P/R of every model on the degraded sequence at the shipped operating point."""
-    from .geometry import OrbExtractor, VerificationConfig, verify_pair
-    from .loop_closure import (
+    from vpr_ros.core.geometry import OrbExtractor, VerificationConfig, verify_pair
+    from vpr_ros.core.loop_closure import (
         DEFAULT_EXCLUSION_WINDOW_S,
         DEFAULT_MIN_INLIERS,
         DEFAULT_SCORE_THRESHOLD,
@@ -887,7 +895,7 @@ def _loop_closure(
 
 def _shipped_point() -> dict[str, Any]:
     """The loop-closure operating point the package ships (core defaults = config/localize.yaml)."""
-    from .loop_closure import (
+    from vpr_ros.core.loop_closure import (
         DEFAULT_EXCLUSION_WINDOW_S,
         DEFAULT_MIN_INLIERS,
         DEFAULT_SCORE_THRESHOLD,
@@ -909,7 +917,7 @@ RETUNE_LINKS = ("none", "jpeg_q10", "h264_qp40")
 def _retune(loop: dict[str, Any]) -> dict[str, Any]:
     """Per model, the point ``choose_operating_point`` picks on :data:`RETUNE_LINKS` (the shipped point's
     protocol), with its precision / recall on every link of the study."""
-    from .loop_closure import choose_operating_point, operating_stats
+    from vpr_ros.core.loop_closure import choose_operating_point, operating_stats
 
     out = {}
     models = list(dict.fromkeys(m for v in loop.values() for m in v["models"]))
@@ -1100,7 +1108,7 @@ def plot_recall_n(
     results: Sequence[EvalResult], path: Path, *, title: str, links: Sequence[str] = CURVE_LINKS
 ) -> Path:
     """Recall@N curves (N = 1, 5, 10, 20), one panel per link, one line per model."""
-    from .transmission import TransmissionConfig
+    from vpr_ros.core.transmission import TransmissionConfig
 
     labels = [TransmissionConfig.parse(x).label for x in links]
     labels = [lb for lb in labels if any(r.degradation == lb for r in results)]
@@ -1173,7 +1181,7 @@ def plot_loop_pr(loop: dict[str, Any], path: Path) -> Path:
 
 def plot_link_gallery(image: np.ndarray, specs: Sequence[str], path: Path, *, title: str) -> Path:
     """One frame as received through each link, titled with its size on the link."""
-    from .transmission import TransmissionConfig, Transmitter
+    from vpr_ros.core.transmission import TransmissionConfig, Transmitter
 
     cols = 5
     rows = math.ceil(len(specs) / cols)
@@ -1196,8 +1204,8 @@ def plot_link_gallery(image: np.ndarray, specs: Sequence[str], path: Path, *, ti
 
 def _montage(s: StudySet, a: str, b: str, preds: dict, hits: dict, path: Path, n: int = 3) -> Path | None:
     """Wins (``a`` right at R@1, ``b`` wrong) and failures (``a`` wrong) at :data:`MONTAGE_LINK`."""
-    from .plots import plot_match_montage
-    from .transmission import TransmissionConfig, Transmitter
+    from vpr_ros.core.transmission import TransmissionConfig, Transmitter
+    from vpr_ros.eval.plots import plot_match_montage
 
     label = TransmissionConfig.parse(MONTAGE_LINK).label
     if (s.key, label, a) not in hits or s.positives is None:

@@ -26,7 +26,7 @@ fp32/fp16 (fp16 needs CUDA) or int8 (onnx on CPU, a calibrated export), ``thread
 backend's intra-op threads; the worker sets faiss to ``faiss_threads`` OpenMP threads (1 by
 default: single-query search gains nothing from more, and OpenMP spin-waits collapse on busy
 shared cores). ``main`` spins a ``SingleThreadedExecutor`` (callbacks only queue) with a
-0.5 ms GIL switch interval (see :func:`vpr_ros.ros.params.run_node`).
+0.5 ms GIL switch interval (see :func:`vpr_ros.ros.node_kit.run_node`).
 
 Sequence matching (``sequence_length`` > 0; :mod:`vpr_ros.core.sequence`, docs/sequence.md): each
 frame's top ``sequence_candidates`` places go into a rolling buffer and a SeqSLAM-style line search
@@ -72,7 +72,7 @@ from vpr_ros.core.models.resolve import DEFAULT_MODEL, PACKAGED
 from vpr_ros.core.provenance import descriptor_source, source_mismatch
 from vpr_ros.core.sequence import SequenceConfig, SequenceMatcher, SequenceResult, signed_step
 from vpr_ros.ros.conversions import float_to_stamp, stamp_to_float
-from vpr_ros.ros.params import (
+from vpr_ros.ros.node_kit import (
     DropOldestQueue,
     LatencyWindow,
     ParamSpec,

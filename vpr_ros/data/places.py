@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DatasetError
-from .fileio import display_path
-from .images import load_image
+from vpr_ros.core.errors import DatasetError
+from vpr_ros.core.fileio import display_path
+from vpr_ros.core.images import load_image
 
 #: File suffixes treated as images by the folder loaders (case-insensitive).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")

@@ -12,7 +12,6 @@ import importlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -20,8 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .core.errors import VprError
-from .core.fileio import display_path
+from vpr_ros import paths
+from vpr_ros.core.errors import VprError
+from vpr_ros.core.fileio import display_path
 
 log = logging.getLogger("vpr_ros")
 
@@ -33,13 +33,13 @@ SEQUENCE_CANDIDATES = 50
 #: ``vpr_ros.core.backends.BACKENDS`` / ``PRECISIONS`` (spelled out: parsing must not import torch).
 BACKEND_CHOICES = ("auto", "torch", "onnx")
 PRECISION_CHOICES = ("fp32", "fp16", "int8")
-#: ``vpr_ros.core.formats.FORMATS`` (spelled out for the same reason).
+#: ``vpr_ros.data.formats.FORMATS`` (spelled out for the same reason).
 FORMAT_CHOICES = ("vprbench", "aligned", "positions", "msls")
 
 
 def default_shared() -> Path:
     """``$VPR_ROS_SHARED``, else ``../shared`` beside the current directory."""
-    return Path(os.environ.get("VPR_ROS_SHARED", Path.cwd().parent / "shared"))
+    return paths.shared_root()
 
 
 # --------------------------------------------------------------------------- shared options
@@ -117,8 +117,8 @@ def _add_dataset_args(p: argparse.ArgumentParser, *, default_name: str | None = 
 
 
 def _extractor(args: argparse.Namespace):
-    from .core.extract import DescriptorExtractor
-    from .core.models import parse_size, resolve_model
+    from vpr_ros.core.extract import DescriptorExtractor
+    from vpr_ros.core.models import parse_size, resolve_model
 
     size = "keep" if args.input_size is None else parse_size(args.input_size)
     model = resolve_model(args.weights, args.model, input_size=size)
@@ -138,12 +138,12 @@ def _model_label(args: argparse.Namespace, ext) -> str:
 
 
 def _dataset(args: argparse.Namespace):
-    from .core.datasets import load_dataset
+    from vpr_ros.data.places import load_dataset
 
     if args.root is None:
         raise VprError("--root is required (the dataset folder)")
     if getattr(args, "format", None):
-        from .core.formats import load_format
+        from vpr_ros.data.formats import load_format
 
         ds = load_format(args.format, args.root, tolerance=args.tolerance, radius_m=args.radius,
                          ground_truth=args.ground_truth, positions=args.positions)
@@ -174,13 +174,13 @@ def _dataset(args: argparse.Namespace):
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .core.models import DEFAULT_WEIGHTS, get_spec, list_models
+    from vpr_ros.core.models import DEFAULT_WEIGHTS, get_spec, list_models
 
     for name in list_models():
         print(f"{name:24s} {get_spec(name).description}")
     state = "present" if DEFAULT_WEIGHTS.is_file() else "not built"
     print(f"\npackaged default weights: {DEFAULT_WEIGHTS} ({state})")
-    from .core.models.card import format_card, packaged_checkpoints, read_card
+    from vpr_ros.core.models.card import format_card, packaged_checkpoints, read_card
 
     paths = packaged_checkpoints()
     if paths:
@@ -225,10 +225,10 @@ def degrade_targets(files: Sequence[Path], src: Path) -> dict[Path, Path]:
 def cmd_degrade(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .core.errors import OutputError
-    from .core.fileio import check_output_dir
-    from .core.images import ImageError, load_image, save_image
-    from .core.transmission import TransmissionConfig, Transmitter, budget_summary
+    from vpr_ros.core.errors import OutputError
+    from vpr_ros.core.fileio import check_output_dir
+    from vpr_ros.core.images import ImageError, load_image, save_image
+    from vpr_ros.core.transmission import TransmissionConfig, Transmitter, budget_summary
 
     src = Path(args.images)
     files = _image_files(src)
@@ -273,11 +273,11 @@ def cmd_degrade(args: argparse.Namespace) -> int:
 
 
 def cmd_build_map(args: argparse.Namespace) -> int:
-    from .core.datasets import ImageRecord
-    from .core.experiment import map_from_records
-    from .core.fileio import check_output_dir
-    from .core.mapdb import map_path
-    from .core.provenance import describe_source
+    from vpr_ros.core.fileio import check_output_dir
+    from vpr_ros.core.mapdb import map_path
+    from vpr_ros.core.provenance import describe_source
+    from vpr_ros.data.places import ImageRecord
+    from vpr_ros.eval.offline import map_from_records
 
     check_output_dir(map_path(args.out).parent)  # an unwritable --out is found before the images are read
     ext = _extractor(args)
@@ -289,7 +289,7 @@ def cmd_build_map(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     orb = None
     if args.local_features:
-        from .core.geometry import OrbExtractor
+        from vpr_ros.core.geometry import OrbExtractor
 
         orb = OrbExtractor()  # the loop-closure node's default ORB settings
     place_map, _, skipped = map_from_records(ext, records, model=ext.model.name, index=args.index,
@@ -314,10 +314,10 @@ def cmd_build_map(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace, specs: Sequence[str]) -> tuple[list, dict]:
-    from .core.evaluation import RECALL_NS, format_table
-    from .core.experiment import evaluate_dataset, write_report
-    from .core.fileio import check_output_dir
-    from .core.transmission import TransmissionConfig, budget_summary
+    from vpr_ros.core.fileio import check_output_dir
+    from vpr_ros.core.transmission import TransmissionConfig, budget_summary
+    from vpr_ros.eval.metrics import RECALL_NS, format_table
+    from vpr_ros.eval.offline import evaluate_dataset, write_report
 
     configs = [TransmissionConfig.parse(s) for s in specs]  # fail on a bad spec before any work
     lengths = sorted(set(getattr(args, "sequence_length", None) or ()))
@@ -360,7 +360,7 @@ def _sequence_velocity(args: argparse.Namespace) -> tuple[float, float]:
 def _sequence_eval(runs: list, ds: Any, lengths: list[int],
                    velocity: tuple[float, float]) -> dict[str, dict[int, float]]:
     """R@1 of sequence matching per link and length, stored in each run's results (``extra``)."""
-    from .core.sequence import sequence_recall
+    from vpr_ros.core.sequence import sequence_recall
 
     v_min, v_max = velocity
     positives = ds.positives()
@@ -377,7 +377,7 @@ def _sequence_eval(runs: list, ds: Any, lengths: list[int],
 
 def _sequence_report(curves: dict[str, dict[int, float]], lengths: list[int],
                      out: str | Path) -> dict[str, Path]:
-    from .core.plots import plot_recall_vs_sequence_length
+    from vpr_ros.eval.plots import plot_recall_vs_sequence_length
 
     print("\nsequence matching, R@1 (%) against sequence length L (L = 1: single frame):")
     print(f"{'link':20s}" + "".join(f"{'L=' + str(n):>8s}" for n in lengths))
@@ -400,7 +400,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     root = shared / "data" / "nordland_64x32"
     if not root.is_dir():
         raise VprError(f"the demo needs the Nordland data at {root}; pass --shared or set VPR_ROS_SHARED")
-    from .core.models import DEFAULT_WEIGHTS
+    from vpr_ros.core.models import DEFAULT_WEIGHTS
 
     packaged = not args.weights and not args.model and DEFAULT_WEIGHTS.is_file()
     if args.input_size is None and not packaged:
@@ -417,7 +417,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.frame_filter = _held_out_filter(split) if split else None
     _, paths = run_eval(args, args.degrade or list(DEMO_DEGRADATIONS))
     if packaged:  # Nordland is the default student's domain: its card says how it does elsewhere
-        from .core.models.card import format_card, read_card
+        from vpr_ros.core.models.card import format_card, read_card
 
         print("\nthe packaged default in and out of its training domain (model card, `make study`; "
               "docs/results.md):")
@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sequence_args(p)
     p.set_defaults(func=cmd_demo)
 
-    for module in ("vpr_ros.training.cli", "vpr_ros.ros.cli"):
+    for module in ("vpr_ros.cli.train", "vpr_ros.cli.ros"):
         try:
             importlib.import_module(module).register(sub)
         except ImportError as exc:  # optional rooms (training extras, rclpy) not installed

@@ -1,6 +1,6 @@
 """The LoQI ablation study: regenerate the recall table of every loss combination on one place split.
 
-    python -m vpr_ros.training.study --out results/loqi [--recipe training/loqi_nordland_jpeg10.yaml]
+    python -m vpr_ros.studies.loqi_ablation --out results/loqi [--recipe training/loqi_nordland_jpeg10.yaml]
 
 1. the teacher: no VPR-trained weights can be had here, so an ImageNet model is first fine-tuned for
    place recognition on high-quality images with the triplet loss (``--teacher-recipe``, same split),
@@ -34,17 +34,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..core.evaluation import EvalResult, save_results_json
-from ..core.fileio import atomic_write_text
-from ..core.models import create_model, load_model, select_device
-from ..core.plots import plot_recall_curves
-from .config import TrainConfig, load_config
-from .data import Degrader, build_places, degrade_queries, split_places
-from .engine import train
-from .evaluate import evaluate_model
-from .export import export_deployed
+from vpr_ros.core.fileio import atomic_write_text
+from vpr_ros.core.models import create_model, load_model, select_device
+from vpr_ros.eval.metrics import EvalResult, save_results_json
+from vpr_ros.eval.plots import plot_recall_curves
+from vpr_ros.training.config import TrainConfig, load_config
+from vpr_ros.training.data import Degrader, build_places, degrade_queries, split_places
+from vpr_ros.training.engine import train
+from vpr_ros.training.evaluate import evaluate_model
+from vpr_ros.training.export import export_deployed
 
-log = logging.getLogger("vpr_ros.training.study")
+log = logging.getLogger("vpr_ros.studies.loqi_ablation")
 
 #: loss combinations of the paper's ablation (ickd, mse, triplet)
 VARIANTS: dict[str, tuple[bool, bool, bool]] = {
@@ -316,9 +316,9 @@ def term_balance(recipe: TrainConfig, teacher: str, *, batches: int = 10) -> dic
     authors' ratio ICKD : MSE : triplet."""
     import torch
 
-    from .data import TupleDataset
-    from .evaluate import describe
-    from .loqi import LoQI, build_branches, forward_outputs
+    from vpr_ros.training.data import TupleDataset
+    from vpr_ros.training.evaluate import describe
+    from vpr_ros.training.methods.loqi import LoQI, build_branches, forward_outputs
 
     cfg = load_config_copy(recipe)
     cfg.model.teacher, cfg.model.init = teacher, "teacher"
@@ -362,13 +362,14 @@ def term_balance(recipe: TrainConfig, teacher: str, *, batches: int = 10) -> dic
 
 def load_config_copy(cfg: TrainConfig) -> TrainConfig:
     """A deep copy of a config (variants change a few keys)."""
-    from .config import config_from_dict
+    from vpr_ros.training.config import config_from_dict
 
     return config_from_dict(cfg.to_dict())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vpr_ros.training.study", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m vpr_ros.studies.loqi_ablation",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/loqi", help="output folder (table.md, results.json, recall.png)")
     p.add_argument("--recipe", default="training/loqi_nordland_jpeg10.yaml", help="student recipe")
     p.add_argument("--teacher-recipe", default="training/teacher_nordland.yaml", help="teacher recipe")

@@ -15,9 +15,9 @@ The loop, logs, validation, atomic checkpoints, resume and DDP are the engine's 
 ``data``, ``degradation``, ``optim``, ``schedule`` and ``run`` sections and its own ``stage``, ``model``,
 ``places`` and ``loss`` (see ``training/scicevpr_*.yaml`` and ``docs/scicevpr.md``)::
 
-    python -m vpr_ros.training.scicevpr train --config training/scicevpr_stage1.yaml
-    python -m vpr_ros.training.scicevpr train --config training/scicevpr_stage2.yaml
-    python -m vpr_ros.training.scicevpr export runs/scicevpr_stage2/last.pt scicevpr.pt
+    python -m vpr_ros.training.methods.scicevpr train --config training/scicevpr_stage1.yaml
+    python -m vpr_ros.training.methods.scicevpr train --config training/scicevpr_stage2.yaml
+    python -m vpr_ros.training.methods.scicevpr export runs/scicevpr_stage2/last.pt scicevpr.pt
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ import yaml
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
-from ..core.errors import ConfigError, DatasetError, ModelError, VprError
-from ..core.extract import to_tensor_batch
-from ..core.fileio import atomic_write_text
-from ..core.models import create_model, model_from_checkpoint, read_checkpoint
-from ..core.models.registry import VprModel
-from ..core.models.scicevpr import CricaTeacher, RegionalDinoV2, SciceStudent
-from .config import (
+from vpr_ros.core.errors import ConfigError, DatasetError, ModelError, VprError
+from vpr_ros.core.extract import to_tensor_batch
+from vpr_ros.core.fileio import atomic_write_text
+from vpr_ros.core.models import create_model, model_from_checkpoint, read_checkpoint
+from vpr_ros.core.models.registry import VprModel
+from vpr_ros.core.models.scicevpr import CricaTeacher, RegionalDinoV2, SciceStudent
+from vpr_ros.training.config import (
     DataConfig,
     DegradationConfig,
     LossConfig,
@@ -60,13 +60,13 @@ from .config import (
     build_config,
     validate,
 )
-from .data import Degrader, ImageCache, PlaceSet, sample_rng
-from .engine import Trainer, TrainResult
-from .evaluate import describe, evaluate_model
-from .export import export_deployed
-from .losses import mse_loss
+from vpr_ros.training.data import Degrader, ImageCache, PlaceSet, sample_rng
+from vpr_ros.training.engine import Trainer, TrainResult
+from vpr_ros.training.evaluate import describe, evaluate_model
+from vpr_ros.training.export import export_deployed
+from vpr_ros.training.losses import mse_loss
 
-log = logging.getLogger("vpr_ros.training.scicevpr")
+log = logging.getLogger("vpr_ros.training.methods.scicevpr")
 
 STAGES = ("teacher", "student")
 LOSS_TERMS = ("loss", "ms", "distill", "pos_pairs", "neg_pairs")
@@ -596,7 +596,7 @@ class SciceTrainer(Trainer):
 
     def validate(self) -> dict[str, float]:
         """Recall@N of the trained model's unreduced descriptor (degraded queries, high-quality database)."""
-        from .data import degrade_queries
+        from vpr_ros.training.data import degrade_queries
 
         cfg = self.cfg
         if self.val_queries is None:
@@ -703,9 +703,9 @@ def plot_losses(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vpr_ros.training.scicevpr {train,export,plot}``."""
+    """``python -m vpr_ros.training.methods.scicevpr {train,export,plot}``."""
     ap = argparse.ArgumentParser(
-        prog="python -m vpr_ros.training.scicevpr", description=__doc__.split("\n")[0]
+        prog="python -m vpr_ros.training.methods.scicevpr", description=__doc__.split("\n")[0]
     )
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train one stage (teacher or student) from a recipe")

@@ -32,7 +32,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from vpr_ros.core.errors import ConfigError, TransmissionError, VprError
 from vpr_ros.core.transmission import BITRATE_CODECS, MODES, PRESETS, TransmissionConfig, Transmitter
 from vpr_ros.ros.conversions import rgb_to_compressed_msg, rgb_to_image_msg
-from vpr_ros.ros.params import (
+from vpr_ros.ros.node_kit import (
     DropOldestQueue,
     ParamSpec,
     ReasonCounter,

@@ -1,7 +1,7 @@
 """Dataset -> rosbag2 bags, and the bag side of replays (ROS-free: rosbags only, no rclpy).
 
 :func:`make_dataset_bag` writes the shared datasets as a robot would have recorded them, with
-:func:`vpr_ros.core.bags.write_image_bag`: ``sensor_msgs/Image`` (rgb8) or ``CompressedImage`` (JPEG)
+:func:`vpr_ros.data.bags.write_image_bag`: ``sensor_msgs/Image`` (rgb8) or ``CompressedImage`` (JPEG)
 at a realistic rate, and ``nav_msgs/Odometry`` positions where the dataset has them.
 
 * ``kitti``: one sequence at 10 Hz (KITTI's camera rate); Odometry from the official poses, converted
@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from vpr_ros.core.bags import (
+from vpr_ros.core.errors import DatasetError
+from vpr_ros.data.bags import (
     COMPRESSED_TYPE,
     IMAGE_TYPE,
     NAVSAT_TYPE,
@@ -41,8 +42,7 @@ from vpr_ros.core.bags import (
     open_reader,
     write_image_bag,
 )
-from vpr_ros.core.datasets import load_kitti, load_nordland, load_rtabmap_loop
-from vpr_ros.core.errors import DatasetError
+from vpr_ros.data.places import load_kitti, load_nordland, load_rtabmap_loop
 
 __all__ = [
     "BAG_DATASETS",
@@ -182,7 +182,7 @@ def _msg_dirs() -> list[Path]:
 
 
 def vpr_typestore():
-    """A rosbags typestore (ROS 2 Humble base, as :mod:`vpr_ros.core.bags`) with the vpr_ros_msgs types."""
+    """A rosbags typestore (ROS 2 Humble base, as :mod:`vpr_ros.data.bags`) with the vpr_ros_msgs types."""
     from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
     folder = next((d for d in _msg_dirs() if (d / "PlaceMatch.msg").is_file()), None)

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .errors import DatasetError, ImageError, ModelError
-from .fileio import confined_path, write_file_checked
-from .images import as_rgb8, check_encoded_size, load_image
-from .models.backbones import weights_only_loads
-from .models.registry import IMAGENET_MEAN, IMAGENET_STD, select_device
+from vpr_ros.core.errors import DatasetError, ImageError, ModelError
+from vpr_ros.core.fileio import confined_path, write_file_checked
+from vpr_ros.core.images import as_rgb8, check_encoded_size, load_image
+from vpr_ros.core.models.backbones import weights_only_loads
+from vpr_ros.core.models.registry import IMAGENET_MEAN, IMAGENET_STD, select_device
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""One module per distillation method (LoQI, StructVPR, SciceVPR, general student), run by the engine."""
