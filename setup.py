@@ -46,7 +46,7 @@ setup(
     maintainer_email="vpr_ros@example.org",
     entry_points={
         "console_scripts": [
-            "vpr-ros = vpr_ros.cli:main",
+            "vpr-ros = vpr_ros.cli.main:main",
             # ROS 2 nodes (installed to lib/vpr_ros for `ros2 run vpr_ros <node>` and launch files)
             "localizer_node = vpr_ros.ros.localizer_node:main",
             "transmitter_node = vpr_ros.ros.transmitter_node:main",
