@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import rclpy
-import yaml
 from rclpy.context import Context
 from rclpy.executors import Executor, ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
+from vpr_ros.core.config_file import load_yaml, parse_value
 from vpr_ros.core.errors import ConfigError, VprError
 from vpr_ros.core.fileio import display_path
 from vpr_ros.ros.node_kit import SWITCH_INTERVAL_S
@@ -74,14 +74,9 @@ def load_params_file(path: str | Path) -> dict[str, dict[str, Any]]:
     Nested mappings under ``ros__parameters`` become dotted names, as ROS 2 reads them.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read params file {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"params file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"params file {path}: expected a mapping of node names")
+    data = load_yaml(path, what="params file")
+    if not data:
+        raise ConfigError(f"params file {path}: empty; expected a mapping of node names")
     out: dict[str, dict[str, Any]] = {}
     for key, body in data.items():
         name = str(key).strip("/") if key != "/**" else "*"
@@ -114,11 +109,11 @@ def _specs(name: str) -> dict[str, Any]:
 
 def _typed(spec: Any, text: str) -> Any:
     if spec is None:
-        return yaml.safe_load(text)
+        return parse_value(text, where="--set")
     if spec.type is str:
         return text
     if spec.type is bool:
-        v = yaml.safe_load(text)
+        v = parse_value(text, where=f"--set {spec.name}")
         if not isinstance(v, bool):
             raise ConfigError(f"--set {spec.name}={text}: expected true or false")
         return v
