@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from vpr_ros.core.backends import make_backend
-from vpr_ros.core.extract import to_tensor_batch
 from vpr_ros.core.images import load_image
 from vpr_ros.core.models import create_model
 from vpr_ros.core.models.registry import Preprocess
+from vpr_ros.core.preprocess import to_tensor_batch
 
 NAME = "extraction"
 

@@ -194,7 +194,7 @@ def bare_rates(backend_name: str, size: tuple[int, int], weights: str, frames: l
     included, built as the node builds it) and as a plain eager forward on ready tensors."""
     import torch
 
-    from vpr_ros.core.extract import to_tensor_batch
+    from vpr_ros.core.preprocess import to_tensor_batch
     from vpr_ros.ros.localizer_node import build_extractor
 
     ext, _ = build_extractor(weights, "", f"{size[0]}x{size[1]}", "cpu", 1, backend=backend_name,

@@ -41,10 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vpr_ros.core.extract import to_tensor_batch
 from vpr_ros.core.images import load_image
 from vpr_ros.core.models import create_model
 from vpr_ros.core.models.registry import Preprocess
+from vpr_ros.core.preprocess import to_tensor_batch
 from vpr_ros.core.transmission import TransmissionConfig, Transmitter
 
 NAME = "training"

@@ -24,9 +24,10 @@ from vpr_ros.core.backends import (
     onnx_cache_path,
 )
 from vpr_ros.core.errors import ModelError
-from vpr_ros.core.extract import DescriptorExtractor, to_tensor_batch
+from vpr_ros.core.extract import DescriptorExtractor
 from vpr_ros.core.images import load_image
 from vpr_ros.core.models import Preprocess, create_model
+from vpr_ros.core.preprocess import to_tensor_batch
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from vpr_ros.core.errors import ImageError
-from vpr_ros.core.extract import DescriptorExtractor, resize_rgb, to_tensor_batch
+from vpr_ros.core.extract import DescriptorExtractor
 from vpr_ros.core.images import load_image
 from vpr_ros.core.models import Preprocess, create_model
+from vpr_ros.core.preprocess import resize_rgb, to_tensor_batch
 
 
 @pytest.fixture(scope="module")

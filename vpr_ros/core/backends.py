@@ -41,6 +41,7 @@ from vpr_ros import paths
 from vpr_ros.core.errors import ModelError
 from vpr_ros.core.fileio import atomic_path
 from vpr_ros.core.models.registry import VprModel, select_device
+from vpr_ros.core.preprocess import to_tensor_batch
 
 log = logging.getLogger(__name__)
 
@@ -422,8 +423,6 @@ def quantize_int8(model: VprModel, calibration: Sequence[np.ndarray], out: str |
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from vpr_ros.core.extract import to_tensor_batch
 
     if not calibration:
         raise ModelError("int8 calibration needs at least one image")

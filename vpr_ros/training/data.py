@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vpr_ros.core.errors import DatasetError
-from vpr_ros.core.extract import to_tensor_batch
+from vpr_ros.core.preprocess import to_tensor_batch
 from vpr_ros.core.models.registry import Preprocess
 from vpr_ros.core.transmission import TransmissionConfig, degrade_image
 from vpr_ros.data.bags import read_image_bag

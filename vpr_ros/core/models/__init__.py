@@ -1,5 +1,9 @@
-"""Registered VPR models, self-describing checkpoints and device selection."""
+"""Registered VPR models, self-describing checkpoints and device selection.
 
+Importing this package registers the built-in models (each model module registers itself on import).
+"""
+
+from vpr_ros.core.models import heads, scicevpr, structvpr  # noqa: F401  (registers the built-in models)
 from vpr_ros.core.models.checkpoint import load_model, model_from_checkpoint, read_checkpoint, save_checkpoint
 from vpr_ros.core.models.registry import (
     Preprocess,

@@ -127,18 +127,11 @@ def register_model(
     return wrap
 
 
-def _ensure_builtin() -> None:
-    # Importing the model modules registers them.
-    from vpr_ros.core.models import heads, scicevpr, structvpr  # noqa: F401
-
-
 def list_models() -> list[str]:
-    _ensure_builtin()
     return sorted(_REGISTRY)
 
 
 def get_spec(name: str) -> ModelSpec:
-    _ensure_builtin()
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -49,7 +49,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vpr_ros.core.errors import ConfigError, DatasetError, VprError
-from vpr_ros.core.extract import resize_rgb, to_tensor_batch
+from vpr_ros.core.preprocess import resize_rgb, to_tensor_batch
 from vpr_ros.core.fileio import atomic_path, atomic_write_text, remove_stale_temps
 from vpr_ros.core.models.registry import VprModel
 from vpr_ros.core.transmission import TransmissionConfig, degrade_image

@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from vpr_ros.core.errors import ConfigError, DatasetError, ModelError, VprError
-from vpr_ros.core.extract import to_tensor_batch
+from vpr_ros.core.preprocess import to_tensor_batch
 from vpr_ros.core.fileio import atomic_write_text
 from vpr_ros.core.models import create_model, model_from_checkpoint, read_checkpoint
 from vpr_ros.core.models.registry import VprModel
