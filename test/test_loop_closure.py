@@ -26,10 +26,10 @@ from vpr_ros.core.loop_closure import (
     DEFAULT_TOP_K,
     LoopClosureConfig,
     LoopClosureDetector,
-    evaluate_loop_closure,
     with_overrides,
 )
 from vpr_ros.data.places import load_rtabmap_loop
+from vpr_ros.eval.loop_closure import evaluate_loop_closure
 
 
 def unit(v) -> np.ndarray:

@@ -360,7 +360,7 @@ def _sequence_velocity(args: argparse.Namespace) -> tuple[float, float]:
 def _sequence_eval(runs: list, ds: Any, lengths: list[int],
                    velocity: tuple[float, float]) -> dict[str, dict[int, float]]:
     """R@1 of sequence matching per link and length, stored in each run's results (``extra``)."""
-    from vpr_ros.core.sequence import sequence_recall
+    from vpr_ros.eval.metrics import sequence_recall
 
     v_min, v_max = velocity
     positives = ds.positives()

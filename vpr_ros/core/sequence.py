@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -60,7 +59,6 @@ __all__ = [
     "contrast_normalise",
     "dense_sequence_scores",
     "match_stream",
-    "sequence_recall",
     "signed_step",
     "velocities",
 ]
@@ -394,23 +392,3 @@ def match_stream(ids: np.ndarray, scores: np.ndarray, config: SequenceConfig,
         out_ids[t, :n], out_scores[t, :n] = res.ids[:n], res.scores[:n]
     return out_ids, out_scores
 
-
-def sequence_recall(ids: np.ndarray, scores: np.ndarray, positives: Sequence[np.ndarray],
-                    lengths: Sequence[int], *, ns: Sequence[int] = (1, 5),
-                    **config: object) -> dict[int, Any]:
-    """Recall@N of sequence matching over one query stream, for each sequence length in ``lengths``.
-
-    ``ids`` / ``scores``: ``(Q, K)`` top-K database indices (in route order) and similarities of the
-    queries in stream order; ``positives``: per query, the correct database indices (as for
-    :func:`~vpr_ros.eval.metrics.recall_at_n`); ``config``: further :class:`SequenceConfig` fields
-    (``candidates`` defaults to K). Returns ``{L: RecallResult}``; L = 1 is the single frame.
-    """
-    from vpr_ros.eval.metrics import recall_at_n
-
-    ids, scores = np.asarray(ids), np.asarray(scores)
-    options = {"candidates": int(ids.shape[1]), **config}
-    out = {}
-    for length in lengths:
-        seq, _ = match_stream(ids, scores, SequenceConfig(length=int(length), **options), k=max(ns))
-        out[int(length)] = recall_at_n(seq, positives, ns)
-    return out

@@ -1,4 +1,5 @@
-"""Place-recognition metrics: recall@N for retrieval, precision-recall for loop closure, result tables.
+"""Place-recognition metrics: recall@N for retrieval and sequence matching, precision-recall for loop closure,
+result tables.
 
 Recalls are fractions in [0, 1] everywhere; tables print them as percentages.
 """
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from vpr_ros.core.fileio import atomic_write_text
+from vpr_ros.core.sequence import SequenceConfig, match_stream
 
 RECALL_NS = (1, 5, 10, 20)
 
@@ -76,6 +78,25 @@ def recall_at_n(
     evaluated = first_hit[has_pos]
     recalls = {n: float(((evaluated >= 0) & (evaluated < min(n, k))).sum() / n_eval) for n in ns}
     return RecallResult(recalls, n_eval, q - n_eval, first_hit)
+
+
+def sequence_recall(ids: np.ndarray, scores: np.ndarray, positives: Sequence[np.ndarray],
+                    lengths: Sequence[int], *, ns: Sequence[int] = (1, 5),
+                    **config: object) -> dict[int, RecallResult]:
+    """Recall@N of sequence matching over one query stream, for each sequence length in ``lengths``.
+
+    ``ids`` / ``scores``: ``(Q, K)`` top-K database indices (in route order) and similarities of the
+    queries in stream order; ``positives``: per query, the correct database indices (as for
+    :func:`recall_at_n`); ``config``: further :class:`~vpr_ros.core.sequence.SequenceConfig` fields
+    (``candidates`` defaults to K). Returns ``{L: RecallResult}``; L = 1 is the single frame.
+    """
+    ids, scores = np.asarray(ids), np.asarray(scores)
+    options = {"candidates": int(ids.shape[1]), **config}
+    out = {}
+    for length in lengths:
+        seq, _ = match_stream(ids, scores, SequenceConfig(length=int(length), **options), k=max(ns))
+        out[int(length)] = recall_at_n(seq, positives, ns)
+    return out
 
 
 # --------------------------------------------------------------------------- precision-recall
@@ -274,6 +295,17 @@ def format_table(results: Sequence[EvalResult]) -> str:
 
     lines = [fmt(header), "-" * len(fmt(header)), *(fmt(r) for r in rows[1:])]
     return "\n".join(lines)
+
+
+def json_default(obj: Any) -> Any:
+    """``json.dumps`` ``default=``: numpy scalars and arrays as Python values, paths as strings."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def _jsonable(obj: Any) -> Any:

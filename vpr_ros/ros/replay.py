@@ -19,7 +19,7 @@ just before a query are trivially similar). The report (``report.json``, ``recal
 gives recall@N, the top-1 precision-recall curve, latency, drops and the loop-closure precision/recall.
 
 ``vpr-ros make-bag``: shared datasets -> rosbag2 (:mod:`vpr_ros.data.dataset_bags`). ``vpr-ros loop-eval``:
-loop-closure precision-recall on ``rtabmap_loop`` (:func:`vpr_ros.core.loop_closure.evaluate_loop_closure`).
+loop-closure precision-recall on ``rtabmap_loop`` (:func:`vpr_ros.eval.loop_closure.evaluate_loop_closure`).
 """
 
 from __future__ import annotations
@@ -359,7 +359,7 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
     if cfg.record is not None:
         write_record(cfg.record, coll.order, coll.closures)
         report["record"] = str(cfg.record)
-    from vpr_ros.core.loop_closure import json_default
+    from vpr_ros.eval.metrics import json_default
 
     # strict JSON: a statistic of zero samples (no frames, no latencies) is null, never NaN
     plain = json.loads(json.dumps(report, default=json_default))
@@ -629,7 +629,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_loop_eval(args: argparse.Namespace) -> int:
-    from vpr_ros.core.loop_closure import evaluate_loop_closure
+    from vpr_ros.eval.loop_closure import evaluate_loop_closure
 
     models = None
     if args.weights:

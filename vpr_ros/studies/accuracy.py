@@ -34,7 +34,6 @@ from tqdm import tqdm
 from vpr_ros import paths
 from vpr_ros.core.errors import DatasetError
 from vpr_ros.core.fileio import atomic_write_text
-from vpr_ros.core.loop_closure import json_default
 from vpr_ros.core.models.card import weights_digest
 from vpr_ros.data.places import (
     GroundTruth,
@@ -44,7 +43,15 @@ from vpr_ros.data.places import (
     load_nordland,
     load_rtabmap_loop,
 )
-from vpr_ros.eval.metrics import RECALL_NS, EvalResult, PRCurve, loop_closure_pr, recall_at_n
+from vpr_ros.eval.metrics import (
+    RECALL_NS,
+    EvalResult,
+    PRCurve,
+    json_default,
+    loop_closure_pr,
+    recall_at_n,
+    sequence_recall,
+)
 
 log = logging.getLogger(__name__)
 
@@ -783,8 +790,6 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
 def _sequence_curve(cache: _Cache, s: StudySet, label: str, desc_key: str, q: np.ndarray,
                     db: np.ndarray) -> dict[str, float]:
     """R@1 of sequence matching for each of SEQUENCE_LENGTHS on one link (cached by the descriptors' key)."""
-    from vpr_ros.core.sequence import sequence_recall
-
     key = _hash(desc_key, "sequence", SEQUENCE_LENGTHS, SEQUENCE_CANDIDATES)
     curve = cache.get_json(s.key, label, "sequence", key)
     if curve is None:
@@ -819,10 +824,8 @@ def _loop_closure(
         DEFAULT_TOP_K,
         Detection,
         LoopCandidate,
-        SequenceRun,
-        operating_stats,
-        pr_curve,
     )
+    from vpr_ros.eval.loop_closure import SequenceRun, operating_stats, pr_curve
 
     assert s.loop_gt is not None
     window = int(DEFAULT_EXCLUSION_WINDOW_S)  # 10 s = 10 frames at the sequence's 1 Hz
@@ -917,7 +920,7 @@ RETUNE_LINKS = ("none", "jpeg_q10", "h264_qp40")
 def _retune(loop: dict[str, Any]) -> dict[str, Any]:
     """Per model, the point ``choose_operating_point`` picks on :data:`RETUNE_LINKS` (the shipped point's
     protocol), with its precision / recall on every link of the study."""
-    from vpr_ros.core.loop_closure import choose_operating_point, operating_stats
+    from vpr_ros.eval.loop_closure import choose_operating_point, operating_stats
 
     out = {}
     models = list(dict.fromkeys(m for v in loop.values() for m in v["models"]))

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from vpr_ros.core.fileio import atomic_write_text
-from vpr_ros.core.loop_closure import json_default
 from vpr_ros.core.models.card import (
     CARD_LINKS,
     ModelCard,
@@ -39,7 +38,7 @@ from vpr_ros.core.models.card import (
     weights_digest,
     write_card,
 )
-from vpr_ros.eval.metrics import RECALL_NS, recall_at_n
+from vpr_ros.eval.metrics import RECALL_NS, json_default, recall_at_n
 
 log = logging.getLogger(__name__)
 
