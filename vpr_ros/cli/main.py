@@ -1,8 +1,9 @@
-"""``vpr-ros``: the command-line front end.
+"""``vpr-ros``: the one command line, a single argparse tree over the runtime, ROS, study and training
+subcommands.
 
-Subcommands translate arguments into explicit library calls; nothing here is imported by
-the library. Training (``vpr_ros.training``) and ROS (``vpr_ros.ros``) subcommands are
-registered lazily so the core CLI works without torch-training extras or rclpy.
+Runtime subcommands live here; :mod:`vpr_ros.cli.ros`, :mod:`vpr_ros.cli.study` and
+:mod:`vpr_ros.cli.train` register theirs. Each command turns its arguments into explicit library calls and
+imports the heavy modules it needs (torch, faiss, rclpy) when it runs, so building the tree stays light.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from vpr_ros import paths
-from vpr_ros.core.errors import VprError
-from vpr_ros.core.fileio import display_path
+from vpr_ros.cli import ros as ros_commands
+from vpr_ros.cli import study as study_commands
+from vpr_ros.cli import train as train_commands
+from vpr_ros.core.errors import OutputError, VprError
+from vpr_ros.core.fileio import check_output_dir, display_path
 
 log = logging.getLogger("vpr_ros")
 
@@ -51,7 +55,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="registered model name (ImageNet-initialised unless --weights)")
     g.add_argument("--input-size", default=None, help="preprocessing size HxW (e.g. 240x320) or 'native'")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="inference backend: auto (onnx on CPU, torch on CUDA), torch (eager) or onnx (ONNX "
                         "Runtime, 2-5x faster on CPU; the export is cached in $VPR_ROS_CACHE/onnx or "
@@ -117,6 +121,7 @@ def _add_dataset_args(p: argparse.ArgumentParser, *, default_name: str | None = 
 
 
 def _extractor(args: argparse.Namespace):
+    # torch loads only for the commands that describe images
     from vpr_ros.core.extract import DescriptorExtractor
     from vpr_ros.core.models import parse_size, resolve_model
 
@@ -138,6 +143,7 @@ def _model_label(args: argparse.Namespace, ext) -> str:
 
 
 def _dataset(args: argparse.Namespace):
+    # the dataset readers (OpenCV) load only for the commands that read a dataset
     from vpr_ros.data.places import load_dataset
 
     if args.root is None:
@@ -174,6 +180,7 @@ def _dataset(args: argparse.Namespace):
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    # the model registry imports torch
     from vpr_ros.core.models import DEFAULT_WEIGHTS, get_spec, list_models
 
     for name in list_models():
@@ -223,10 +230,9 @@ def degrade_targets(files: Sequence[Path], src: Path) -> dict[Path, Path]:
 
 
 def cmd_degrade(args: argparse.Namespace) -> int:
+    # OpenCV, PyAV and tqdm load only when images are degraded
     from tqdm import tqdm
 
-    from vpr_ros.core.errors import OutputError
-    from vpr_ros.core.fileio import check_output_dir
     from vpr_ros.core.images import ImageError, load_image, save_image
     from vpr_ros.core.transmission import TransmissionConfig, Transmitter, budget_summary
 
@@ -273,7 +279,7 @@ def cmd_degrade(args: argparse.Namespace) -> int:
 
 
 def cmd_build_map(args: argparse.Namespace) -> int:
-    from vpr_ros.core.fileio import check_output_dir
+    # torch and faiss load only when a map is built
     from vpr_ros.core.mapdb import map_path
     from vpr_ros.core.provenance import describe_source
     from vpr_ros.data.places import ImageRecord
@@ -314,7 +320,7 @@ def cmd_build_map(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace, specs: Sequence[str]) -> tuple[list, dict]:
-    from vpr_ros.core.fileio import check_output_dir
+    # torch, faiss and the codecs load only when a model is evaluated
     from vpr_ros.core.transmission import TransmissionConfig, budget_summary
     from vpr_ros.eval.metrics import RECALL_NS, format_table
     from vpr_ros.eval.offline import evaluate_dataset, write_report
@@ -360,7 +366,7 @@ def _sequence_velocity(args: argparse.Namespace) -> tuple[float, float]:
 def _sequence_eval(runs: list, ds: Any, lengths: list[int],
                    velocity: tuple[float, float]) -> dict[str, dict[int, float]]:
     """R@1 of sequence matching per link and length, stored in each run's results (``extra``)."""
-    from vpr_ros.eval.metrics import sequence_recall
+    from vpr_ros.eval.metrics import sequence_recall  # numpy-heavy metrics load only with --sequence-length
 
     v_min, v_max = velocity
     positives = ds.positives()
@@ -377,7 +383,7 @@ def _sequence_eval(runs: list, ds: Any, lengths: list[int],
 
 def _sequence_report(curves: dict[str, dict[int, float]], lengths: list[int],
                      out: str | Path) -> dict[str, Path]:
-    from vpr_ros.eval.plots import plot_recall_vs_sequence_length
+    from vpr_ros.eval.plots import plot_recall_vs_sequence_length  # matplotlib loads only to draw
 
     print("\nsequence matching, R@1 (%) against sequence length L (L = 1: single frame):")
     print(f"{'link':20s}" + "".join(f"{'L=' + str(n):>8s}" for n in lengths))
@@ -400,7 +406,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     root = shared / "data" / "nordland_64x32"
     if not root.is_dir():
         raise VprError(f"the demo needs the Nordland data at {root}; pass --shared or set VPR_ROS_SHARED")
-    from vpr_ros.core.models import DEFAULT_WEIGHTS
+    from vpr_ros.core.models import DEFAULT_WEIGHTS  # the model registry imports torch
 
     packaged = not args.weights and not args.model and DEFAULT_WEIGHTS.is_file()
     if args.input_size is None and not packaged:
@@ -449,7 +455,7 @@ def _held_out_filter(split: dict):
 
 
 def _demo_ros(args: argparse.Namespace, root: Path) -> dict[str, Path]:
-    try:
+    try:  # rclpy is optional: without it the demo skips its graph part
         demo = importlib.import_module("vpr_ros.ros.demo")
     except ImportError as exc:
         print(f"\n(ROS graph part skipped: {exc})")
@@ -463,7 +469,9 @@ def _demo_ros(args: argparse.Namespace, root: Path) -> dict[str, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vpr-ros", description=__doc__.splitlines()[0])
+    """The whole ``vpr-ros`` argparse tree (each leaf sets ``func``, the command to run)."""
+    parser = argparse.ArgumentParser(prog="vpr-ros", description="Visual place recognition over low-quality "
+                                     "image links: maps, evaluation, the ROS graph, studies and training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -475,14 +483,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", action="append", required=True,
                    help="transmission spec, repeatable: none, jpeg:10, resize:0.25, h264:40, kbps:200@10")
     p.add_argument("--out", required=True, help="output folder (one subfolder per spec)")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted)")
     p.set_defaults(func=cmd_degrade)
 
     p = sub.add_parser("build-map", help="describe images and write a place map (.vprmap)")
     p.add_argument("--images", help="folder of images (else --dataset/--root database images)")
     _add_dataset_args(p)
     _add_model_args(p)
-    p.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq", "auto"])
+    p.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq", "auto"],
+                   help="search index of the map: flat (exact), hnsw / ivfpq (approximate), auto (flat, HNSW "
+                        "from 30 000 places)")
     p.add_argument("--local-features", action="store_true",
                    help="also store each place's ORB features (~40 kB per place), so the loop-closure node "
                         "can verify loop closures against this map geometrically")
@@ -499,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="Nordland winter->summer at high and low quality (+ the ROS graph)")
     p.add_argument("--shared", help="shared data folder (default $VPR_ROS_SHARED or ../shared)")
-    p.add_argument("--out", default="results/demo")
+    p.add_argument("--out", default="results/demo", help="folder for results.json and plots")
     p.add_argument("--every", type=int, default=None,
                    help="use every N-th Nordland place (default 1 on held-out places, else 3)")
     p.add_argument("--places", choices=["held-out", "all"], default="held-out",
@@ -510,11 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sequence_args(p)
     p.set_defaults(func=cmd_demo)
 
-    for module in ("vpr_ros.cli.train", "vpr_ros.cli.ros"):
-        try:
-            importlib.import_module(module).register(sub)
-        except ImportError as exc:  # optional rooms (training extras, rclpy) not installed
-            log.debug("subcommands of %s unavailable: %s", module, exc)
+    train_commands.register(sub)
+    ros_commands.register(sub)
+    study_commands.register(sub)
     return parser
 
 

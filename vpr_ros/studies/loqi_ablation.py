@@ -1,6 +1,6 @@
 """The LoQI ablation study: regenerate the recall table of every loss combination on one place split.
 
-    python -m vpr_ros.studies.loqi_ablation --out results/loqi [--recipe training/loqi_nordland_jpeg10.yaml]
+    vpr-ros study loqi-ablation --out results/loqi [--recipe training/loqi_nordland_jpeg10.yaml]
 
 1. the teacher: no VPR-trained weights can be had here, so an ImageNet model is first fine-tuned for
    place recognition on high-quality images with the triplet loss (``--teacher-recipe``, same split),
@@ -25,7 +25,7 @@ study can be re-run after a stop and only does what is missing.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -34,15 +34,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
+from vpr_ros.core.errors import ConfigError
 from vpr_ros.core.fileio import atomic_write_text
 from vpr_ros.core.models import create_model, load_model, select_device
 from vpr_ros.eval.metrics import EvalResult, save_results_json
 from vpr_ros.eval.plots import plot_recall_curves
-from vpr_ros.training.config import TrainConfig, load_config
-from vpr_ros.training.data import Degrader, build_places, degrade_queries, split_places
+from vpr_ros.training.config import TrainConfig, config_from_dict
+from vpr_ros.training.data import Degrader, TupleDataset, build_places, degrade_queries, split_places
 from vpr_ros.training.engine import train
-from vpr_ros.training.evaluate import evaluate_model
+from vpr_ros.training.evaluate import describe, evaluate_model
 from vpr_ros.training.export import export_deployed
+from vpr_ros.training.methods.loqi import LoQI, build_branches, forward_outputs
 
 log = logging.getLogger("vpr_ros.studies.loqi_ablation")
 
@@ -125,6 +130,12 @@ def markdown_table(rows: list[dict[str, Any]], ns: Sequence[int], *, title: str)
     return "\n".join(lines) + "\n"
 
 
+def _check_names(kind: str, names: Sequence[str], known: dict[str, Any]) -> None:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"unknown {kind}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+
+
 def run_study(
     recipe: TrainConfig,
     out: str | Path,
@@ -135,7 +146,12 @@ def run_study(
     options: Sequence[str] = (),
     install: str | Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the study (see the module docstring) and return its rows."""
+    """Run the study (see the module docstring) and return its rows.
+
+    ``variants`` are keys of :data:`VARIANTS`, ``options`` keys of :data:`OPTIONS` (ConfigError otherwise).
+    """
+    _check_names("variant", variants, VARIANTS)
+    _check_names("option", options, OPTIONS)
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     ns = recipe.run.recall_ns
@@ -160,8 +176,6 @@ def run_study(
     size = recipe.model.input_size
     imagenet = create_model(recipe.model.name, pretrained=True, **recipe.model.config)
     if size:
-        import dataclasses
-
         imagenet.preprocess = dataclasses.replace(imagenet.preprocess, input_size=tuple(size))
     teacher_model = load_model(teacher)
     bs = recipe.run.val_batch_size
@@ -292,9 +306,6 @@ def _authors_terms(s_z, t_z, s_desc, t_desc, tuples: int):
     ICKD over the whole batch (channels L2-normalised over space, correlation rows L2-normalised, Frobenius
     norm of the difference, not squared) / 1000; ``nn.MSELoss`` (per-element mean) x 100; the triplet with
     Euclidean distances and margin sqrt(0.1), mean over the negatives, summed over the tuples, / 10."""
-    import torch
-    import torch.nn.functional as F
-
     def corr(f: torch.Tensor) -> torch.Tensor:
         f = F.normalize(f.flatten(2).float(), dim=2)
         return F.normalize(torch.bmm(f, f.transpose(1, 2)), dim=2)
@@ -314,12 +325,6 @@ def term_balance(recipe: TrainConfig, teacher: str, *, batches: int = 10) -> dic
     code's forms, the same batches' terms as the authors' trainer weights and computes them
     (:func:`_authors_terms`), and the ``alpha`` / ``beta`` that give this code's weighted terms the
     authors' ratio ICKD : MSE : triplet."""
-    import torch
-
-    from vpr_ros.training.data import TupleDataset
-    from vpr_ros.training.evaluate import describe
-    from vpr_ros.training.methods.loqi import LoQI, build_branches, forward_outputs
-
     cfg = load_config_copy(recipe)
     cfg.model.teacher, cfg.model.init = teacher, "teacher"
     cfg.loss.ickd = cfg.loss.mse = cfg.loss.triplet = True
@@ -362,71 +367,8 @@ def term_balance(recipe: TrainConfig, teacher: str, *, batches: int = 10) -> dic
 
 def load_config_copy(cfg: TrainConfig) -> TrainConfig:
     """A deep copy of a config (variants change a few keys)."""
-    from vpr_ros.training.config import config_from_dict
-
     return config_from_dict(cfg.to_dict())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vpr_ros.studies.loqi_ablation",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="results/loqi", help="output folder (table.md, results.json, recall.png)")
-    p.add_argument("--recipe", default="training/loqi_nordland_jpeg10.yaml", help="student recipe")
-    p.add_argument("--teacher-recipe", default="training/teacher_nordland.yaml", help="teacher recipe")
-    p.add_argument("--teacher", help="use this teacher checkpoint instead of training one")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of both recipes (e.g. data.root=...)",
-    )
-    p.add_argument(
-        "--set-student",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the student recipe only",
-    )
-    p.add_argument("--options", default="", help=f"comma list of earlier term forms: {', '.join(OPTIONS)}")
-    p.add_argument("--install", help="export the best student here (e.g. vpr_ros/weights/..._loqi.pt)")
-    p.add_argument(
-        "--balance",
-        action="store_true",
-        help="only print the start-of-training loss terms and the alpha / beta that balance them (--teacher)",
-    )
-    args = p.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    options = [v.strip() for v in args.options.split(",") if v.strip()]
-    unknown = [v for v in options if v not in OPTIONS]
-    if unknown:
-        p.error(f"unknown options {unknown}; choose from {', '.join(OPTIONS)}")
-    recipe = load_config(args.recipe, [*args.overrides, *args.set_student])
-    if args.balance:
-        if not args.teacher:
-            p.error("--balance needs --teacher CKPT")
-        print(json.dumps(term_balance(recipe, args.teacher), indent=2))
-        return 0
-    teacher_recipe = None if args.teacher else load_config(args.teacher_recipe, args.overrides)
-    rows = run_study(
-        recipe,
-        args.out,
-        teacher_recipe=teacher_recipe,
-        teacher=args.teacher,
-        variants=variants,
-        options=options,
-        install=args.install,
-    )
-    print((Path(args.out) / "table.md").read_text())
-    return 0 if rows else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("moved: use `vpr-ros study loqi-ablation ...`")

@@ -1,6 +1,6 @@
 """The StructVPR comparison on real data: regenerate the table, the group shares and the SLME picture.
 
-    python -m vpr_ros.studies.structvpr_comparison --out results/structvpr [--config RECIPE] [--set k=v]
+    vpr-ros study structvpr-comparison --out results/structvpr [--config RECIPE] [--set k=v]
 
 Rows (all RGB rows are MobileNetV2 students evaluated alone, as deployed), after the paper's ablation
 (Sec. 4.4, Tables 5 and 6):
@@ -27,7 +27,6 @@ live in ``OUT/runs``; finished stages are reused, so the study can be re-run aft
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from vpr_ros.core.errors import ConfigError
 from vpr_ros.core.fileio import atomic_write_text
 from vpr_ros.core.models import create_model
 from vpr_ros.training.methods.structvpr.partition import GROUPS, group_shares
@@ -49,7 +49,7 @@ from vpr_ros.training.methods.structvpr.pipeline import (
     load_config,
     load_trained,
 )
-from vpr_ros.training.methods.structvpr.segmentation import CITYSCAPES_PALETTE, colorize
+from vpr_ros.training.methods.structvpr.segmentation import CITYSCAPES_PALETTE, colorize, read_label_map
 from vpr_ros.training.methods.structvpr.weighted_kd import WeightingConfig
 
 log = logging.getLogger("vpr_ros.studies.structvpr_comparison")
@@ -110,13 +110,11 @@ def _summary(run_dir: Path) -> dict[str, Any]:
 def slme_picture(sv: StructVPR, out: Path, frames: int = 4) -> Path:
     """Frames of the training sequence: image | segmenter classes | SLME groups (colour = group,
     brightness = weight)."""
-    import matplotlib
+    import matplotlib  # matplotlib loads only when a picture is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
-
-    from vpr_ros.training.methods.structvpr.segmentation import read_label_map
 
     recs = sv.train_places.queries
     picks = [recs[int(i)] for i in np.linspace(0, len(recs) - 1, frames).round()]
@@ -188,6 +186,11 @@ def run_study(
     overrides: Sequence[str] = (),
     variants: Sequence[str] = DEFAULT_VARIANTS,
 ) -> dict[str, Any]:
+    """Train and evaluate the ``variants`` (keys of :data:`VARIANTS`) of recipe ``config`` with
+    ``key=value`` ``overrides``; write ``table.md`` and ``results.json`` in ``out`` and return the results."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     out = Path(out)
     cfg = load_config(config, [*overrides, f"dir={out / 'runs'}"])
     sv = StructVPR(cfg)
@@ -334,22 +337,5 @@ def run_study(
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m vpr_ros.studies.structvpr_comparison",
-        description="StructVPR comparison table, group shares and SLME picture",
-    )
-    ap.add_argument("--out", default="results/structvpr")
-    ap.add_argument(
-        "--config", default=str(Path(__file__).resolve().parents[3] / "training" / "structvpr_kitti_cpu.yaml")
-    )
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_study(args.config, args.out, args.overrides, args.variants)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("moved: use `vpr-ros study structvpr-comparison ...`")
