@@ -72,3 +72,17 @@ def test_old_module_entry_points_name_the_new_command(module, new):
                          timeout=120, cwd=REPO)
     assert out.returncode == 1
     assert f"moved: use `{new} ...`" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["study", "loqi-ablation", "--variants", "triplet,bogus"], "unknown variant(s) bogus; choose from "),
+    (["study", "loqi-ablation", "--options", "nope"], "unknown option(s) nope; choose from "),
+    (["study", "loqi-ablation", "--balance"], "--balance needs --teacher CKPT"),
+    (["study", "structvpr-comparison", "--variants", "gp-x"], "unknown variant(s) gp-x; choose from none, "),
+])
+def test_study_commands_refuse_bad_names_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)  # the default recipes are paths relative to the checkout
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # refused before a run folder was made
