@@ -1,6 +1,6 @@
 """package.xml and setup.py against what the package imports.
 
-Every third-party module the package imports at run time (vpr_ros/core, vpr_ros/ros, the CLI and
+Every third-party module the package imports at run time (vpr_ros/core, data, eval, ros, cli, paths and
 the launch files) must map to a dependency: a rosdep key declared in package.xml, or, where
 rosdistro has no key, a pip requirement documented in docs/colcon.md. Optional features import
 their module inside a function (a clear error when it is missing) and are not exec_depends.
@@ -54,7 +54,8 @@ TEST_KEYS = {"python3-pytest"}
 
 def _runtime_sources() -> list[Path]:
     pkg = REPO / "vpr_ros"
-    files = [*sorted((pkg / "core").rglob("*.py")), *sorted((pkg / "ros").rglob("*.py")), pkg / "cli.py"]
+    rooms = ("core", "data", "eval", "ros", "cli")  # what `vpr-ros` and the nodes run; not training, studies
+    files = [pkg / "paths.py", *(f for room in rooms for f in sorted((pkg / room).rglob("*.py")))]
     return [*files, *sorted((REPO / "launch").glob("*.launch.py"))]
 
 
