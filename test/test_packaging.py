@@ -29,7 +29,6 @@ ROSDEP_KEYS: dict[str, str] = {
     "yaml": "python3-yaml",
     "tqdm": "python3-tqdm",
     "matplotlib": "python3-matplotlib",
-    "PIL": "python3-pil",
     "faiss": "python3-faiss",
     "torch": "python3-torch",
     "torchvision": "python3-torchvision",
