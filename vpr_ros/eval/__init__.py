@@ -1,1 +1,2 @@
-"""Evaluation: recall and precision metrics, offline evaluation under links, loop-closure scoring, plots."""
+"""Evaluation: recall and precision metrics, offline evaluation under links, loop-closure evaluation,
+replay scoring, plots."""
