@@ -31,7 +31,7 @@ from vpr_ros.core.mapdb import PlaceMap
 from vpr_ros.core.models import resolve_model
 from vpr_ros.data.places import load_rtabmap_loop
 from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg, stamp_to_float
-from vpr_ros.ros.loop_closure_node import LoopClosureNode, StampedFeatures
+from vpr_ros.ros.loop_closure_node import LoopClosureNode
 from vpr_ros.ros.runner import InProcessGraph
 
 pytestmark = ROS_TESTS
@@ -157,16 +157,18 @@ def test_bad_configuration_refuses_to_start_and_runtime_changes_are_checked():
         assert not res[0].successful and "read-only" in res[0].reason
 
 
-def test_stamped_feature_cache_nearest_and_bounded():
+def test_feature_cache_nearest_and_bounded():
     from vpr_ros.core.geometry import Features
+    from vpr_ros.core.timeline import NearestStampBuffer
 
     f = [Features(np.zeros((i + 1, 2), np.float32), np.zeros((i + 1, 32), np.uint8), (10, 10))
          for i in range(4)]
-    cache = StampedFeatures(3)
+    cache: NearestStampBuffer[Features] = NearestStampBuffer(3)
     for i, ns in enumerate((1000, 3000, 2000, 4000)):
         cache.put(ns, f[i])
-    assert len(cache) == 3 and cache.evicted == 1 and cache.get(1000, 10) is None
-    assert cache.get(2004, 10) is f[2] and cache.get(2996, 10) is f[1] and cache.get(2500, 10) is None
+    assert len(cache) == 3 and cache.evicted == 1 and cache.nearest(1000, 10) is None
+    assert cache.nearest(2004, 10) == (2000, f[2]) and cache.nearest(2996, 10) == (3000, f[1])
+    assert cache.nearest(2500, 10) is None
 
 
 def test_main_exits_2_with_the_reason(tmp_path):

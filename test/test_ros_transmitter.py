@@ -20,9 +20,10 @@ from std_msgs.msg import Header
 from vpr_ros_msgs.msg import TransmissionStats
 
 from vpr_ros.core.errors import ConfigError
+from vpr_ros.core.images import decode_image_msg
 from vpr_ros.core.transmission import TransmissionConfig, Transmitter
 from vpr_ros.data.places import load_kitti
-from vpr_ros.ros.conversions import float_to_stamp, image_msg_to_rgb, rgb_to_image_msg
+from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
 from vpr_ros.ros.runner import InProcessGraph
 from vpr_ros.ros.transmitter_node import TransmitterNode
 
@@ -83,7 +84,7 @@ def test_jpeg_payloads_sizes_and_stamps(frames):
         assert jpeg.format == "rgb8; jpeg compressed bgr8" and jpeg.header.frame_id == "cam"
         assert stats.frame_bytes == len(exp.payload) and stats.mode == "jpeg_q10"
         # the decoded Image goes out too while someone subscribes to it
-        np.testing.assert_array_equal(image_msg_to_rgb(probe.images[s]), exp.image)
+        np.testing.assert_array_equal(decode_image_msg(probe.images[s]), exp.image)
     sizes = np.array([len(e.payload) for e in expected])
     raw = frames[0].nbytes
     assert sizes.max() < raw / 10  # q=10 JPEG of a 640x193 frame: a few kB against 370 kB raw
@@ -107,7 +108,7 @@ def test_h264_sizes_pixels_and_stamps(frames):
     for s, exp in zip(stamps, expected, strict=True):
         img = probe.images[s]
         assert img.encoding == "rgb8" and (img.height, img.width) == exp.image.shape[:2]
-        np.testing.assert_array_equal(image_msg_to_rgb(img), exp.image)
+        np.testing.assert_array_equal(decode_image_msg(img), exp.image)
         assert probe.stats[s].mode == "h264_qp35_gop5"
 
 

@@ -1,16 +1,19 @@
-"""Image loading and validation.
+"""Image loading, decoding and validation: files, encoded bytes and ``sensor_msgs`` image layouts.
 
-The core's one image convention: a C-contiguous ``numpy.uint8`` array of shape
-``(H, W, 3)`` in RGB order. Everything that enters the core (files, ROS messages,
-decoded video frames) passes through :func:`as_rgb8`, so bad input is rejected once,
-here, with a reason.
+The core's one image convention: a C-contiguous ``numpy.uint8`` array of shape ``(H, W, 3)`` in RGB
+order. Everything that enters the core (files, ROS messages of rclpy or rosbags, decoded video frames)
+passes through :func:`as_rgb8`; image messages are decoded by :func:`decode_image_msg` alone, which
+rejects a bad one with an :class:`ImageRejected` carrying a :class:`RejectReason`.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -195,3 +198,169 @@ def save_image(path: str | os.PathLike, image: np.ndarray) -> Path:
     if not ok:
         raise ImageError(f"{display_path(path)}: encoding failed")
     return write_file_checked(path, buf.tobytes())
+
+
+# --------------------------------------------------------------------------- image messages
+
+
+class RejectReason(StrEnum):
+    """Why an image message was rejected; the value is the key nodes count it under
+    (``rejected_<reason>`` on ``/diagnostics``)."""
+
+    UNSUPPORTED_ENCODING = "unsupported_encoding"  # unknown raw encoding, or a compressedDepth payload
+    EMPTY = "empty"  # zero width/height, or no data bytes
+    SIZE_MISMATCH = "size_mismatch"  # step too short, data not step*height bytes, odd YUV width
+    TOO_LARGE = "too_large"  # over max_pixels (raw: from width*height; compressed: from the header)
+    NAN = "nan"  # a float image holding NaN or infinity
+    CORRUPT = "corrupt"  # compressed bytes that do not decode
+    INVALID = "invalid"  # anything else (e.g. data that is not a byte sequence)
+
+
+class ImageRejected(ImageError):
+    """An image message that cannot be used; :attr:`reason` says why, the message names the source."""
+
+    def __init__(self, reason: RejectReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = RejectReason(reason)
+        self.detail = message
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Pixel layout of one ``sensor_msgs/Image`` encoding."""
+
+    dtype: str  # numpy base type; byte order comes from is_bigendian
+    channels: int
+    bgr: bool = False  # colour channels in B, G, R order
+    yuv: int | None = None  # cv2 YUV 4:2:2 -> RGB conversion code (2 bytes per pixel)
+
+    @property
+    def bytes_per_pixel(self) -> int:
+        return 2 if self.yuv is not None else np.dtype(self.dtype).itemsize * self.channels
+
+
+_LAYOUTS: dict[str, _Layout] = {
+    "rgb8": _Layout("u1", 3),
+    "bgr8": _Layout("u1", 3, bgr=True),
+    "rgba8": _Layout("u1", 4),
+    "bgra8": _Layout("u1", 4, bgr=True),
+    "rgb16": _Layout("u2", 3),
+    "bgr16": _Layout("u2", 3, bgr=True),
+    "rgba16": _Layout("u2", 4),
+    "bgra16": _Layout("u2", 4, bgr=True),
+    "mono8": _Layout("u1", 1),
+    "mono16": _Layout("u2", 1),
+    "8uc1": _Layout("u1", 1),
+    "8uc3": _Layout("u1", 3, bgr=True),  # OpenCV convention
+    "8uc4": _Layout("u1", 4, bgr=True),
+    "16uc1": _Layout("u2", 1),
+    "32fc1": _Layout("f4", 1),
+    "64fc1": _Layout("f8", 1),
+    # ROS "yuv422" is UYVY byte order (U0 Y0 V0 Y1); "yuv422_yuy2" is YUYV (Y0 U0 Y1 V0).
+    "yuv422": _Layout("u1", 2, yuv=cv2.COLOR_YUV2RGB_UYVY),
+    "uyvy": _Layout("u1", 2, yuv=cv2.COLOR_YUV2RGB_UYVY),
+    "yuv422_yuy2": _Layout("u1", 2, yuv=cv2.COLOR_YUV2RGB_YUY2),
+    "yuyv": _Layout("u1", 2, yuv=cv2.COLOR_YUV2RGB_YUY2),
+}
+
+#: ``sensor_msgs/Image`` encodings :func:`decode_raw` accepts (case-insensitive).
+RAW_ENCODINGS: tuple[str, ...] = tuple(_LAYOUTS)
+
+
+def _message_bytes(data: object, name: str) -> np.ndarray:
+    """A message's ``uint8[]`` field (bytes, ``array.array('B')``, numpy array, list) as a flat uint8 array,
+    without a copy where possible."""
+    try:
+        return np.frombuffer(memoryview(data), dtype=np.uint8)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        try:
+            return np.asarray(data, dtype=np.uint8).reshape(-1)
+        except (TypeError, ValueError):
+            raise ImageRejected(RejectReason.INVALID,
+                                f"{name}: data is not a byte sequence ({type(data).__name__})") from None
+
+
+def decode_raw(encoding: str, height: int, width: int, step: int, is_bigendian: bool | int, data: Any, *,
+               name: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """RGB uint8 ``(H, W, 3)`` of the fields of a raw ``sensor_msgs/Image`` (never sharing ``data``'s memory).
+
+    Supports :data:`RAW_ENCODINGS`, honours ``step`` (row padding) and ``is_bigendian``. 16-bit images keep
+    their high byte; float images are clipped to [0, 1]; 8UC3/8UC4 are taken as BGR(A). Checks run
+    cheapest first, so a frame over ``max_pixels`` is refused before its data is touched. Raises
+    :class:`ImageRejected`.
+    """
+    encoding = str(encoding).strip()
+    layout = _LAYOUTS.get(encoding.lower())
+    if layout is None:
+        raise ImageRejected(RejectReason.UNSUPPORTED_ENCODING, f"{name}: encoding {encoding!r} is not "
+                            f"supported; supported: {', '.join(_LAYOUTS)}")
+    h, w, step = int(height), int(width), int(step)
+    buf = _message_bytes(data, name)
+    if h <= 0 or w <= 0:
+        raise ImageRejected(RejectReason.EMPTY, f"{name}: empty frame {w}x{h} with {buf.size} bytes")
+    if h * w > max_pixels:
+        raise ImageRejected(RejectReason.TOO_LARGE, f"{name}: frame {w}x{h} exceeds max_pixels {max_pixels}")
+    if buf.size == 0:
+        raise ImageRejected(RejectReason.EMPTY, f"{name}: empty frame {w}x{h} with 0 bytes")
+    row_bytes = w * layout.bytes_per_pixel
+    if step < row_bytes:
+        raise ImageRejected(RejectReason.SIZE_MISMATCH,
+                            f"{name}: step {step} is less than width*bytes_per_pixel = {w}*"
+                            f"{layout.bytes_per_pixel} = {row_bytes} for {encoding}")
+    if buf.size != step * h:
+        raise ImageRejected(RejectReason.SIZE_MISMATCH, f"{name}: data has {buf.size} bytes, expected "
+                            f"step*height = {step}*{h} = {step * h}")
+    if layout.yuv is not None and w % 2:
+        raise ImageRejected(RejectReason.SIZE_MISMATCH, f"{name}: {encoding} needs an even width, got {w}")
+
+    rows = buf.reshape(h, step)[:, :row_bytes]
+    if layout.yuv is not None:
+        return cv2.cvtColor(np.ascontiguousarray(rows).reshape(h, w, 2), layout.yuv)
+    dtype = np.dtype(layout.dtype).newbyteorder(">" if is_bigendian else "<")
+    pixels = np.ascontiguousarray(rows).view(dtype).reshape(h, w, layout.channels)
+    if dtype.itemsize > 1 and not dtype.isnative:
+        pixels = pixels.astype(dtype.newbyteorder("="))
+    if dtype.kind == "f" and not np.isfinite(pixels).all():
+        raise ImageRejected(RejectReason.NAN, f"{name}: float image contains NaN or infinite values")
+    try:
+        rgb = as_rgb8(pixels, bgr=layout.bgr, name=name)
+    except ImageError as exc:
+        raise ImageRejected(RejectReason.INVALID, str(exc)) from None
+    return rgb.copy() if np.may_share_memory(rgb, buf) else rgb
+
+
+def decode_compressed(fmt: str, data: Any, *, name: str = "compressed image",
+                      max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """RGB uint8 ``(H, W, 3)`` of the fields of a ``sensor_msgs/CompressedImage`` (JPEG, PNG, ...).
+
+    The payload's own magic bytes decide the codec; ``fmt`` only refuses the ``compressedDepth`` transport.
+    A PNG/JPEG/BMP header claiming more than ``max_pixels`` is refused before decoding. Raises
+    :class:`ImageRejected`.
+    """
+    buf = _message_bytes(data, name)
+    if buf.size == 0:
+        raise ImageRejected(RejectReason.EMPTY, f"{name}: compressed image with no data")
+    if "compresseddepth" in str(fmt).replace(" ", "").lower():
+        raise ImageRejected(RejectReason.UNSUPPORTED_ENCODING,
+                            f"{name}: compressed format {fmt!r} is not an image")
+    size = encoded_size(buf)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageRejected(RejectReason.TOO_LARGE,
+                            f"{name}: compressed frame {size[0]}x{size[1]} exceeds max_pixels {max_pixels}")
+    try:
+        rgb = decode_image(buf, name=name)
+    except ImageError as exc:
+        raise ImageRejected(RejectReason.CORRUPT, str(exc)) from None
+    if rgb.shape[0] * rgb.shape[1] > max_pixels:
+        raise ImageRejected(RejectReason.TOO_LARGE,
+                            f"{name}: frame {rgb.shape[1]}x{rgb.shape[0]} exceeds max_pixels {max_pixels}")
+    return rgb
+
+
+def decode_image_msg(msg: Any, *, name: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """RGB uint8 ``(H, W, 3)`` of a ``sensor_msgs/Image`` or ``CompressedImage`` of rclpy or rosbags
+    (a message with a ``format`` field is compressed); :class:`ImageRejected` says why not."""
+    if hasattr(msg, "format"):
+        return decode_compressed(msg.format, msg.data, name=name, max_pixels=max_pixels)
+    return decode_raw(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data,
+                      name=name, max_pixels=max_pixels)

@@ -10,15 +10,19 @@ build bags from dataset frames, and bag replay tools can share the same decoding
   CompressedImage: any format OpenCV decodes) and pairs every image with the position message nearest
   in time (Odometry: ``pose.position.x/y``; NavSatFix: latitude/longitude converted to local metres,
   east/north about the first valid fix).
-* :func:`iter_bag_images` streams ``(stamp, rgb)`` for replay; :func:`bag_topics` lists topics.
+* :func:`iter_bag_images` streams ``(stamp, rgb)`` for replay; :func:`read_positions` reads a position
+  topic; :func:`bag_topics` lists topics.
 
-Stamps are the messages' ``header.stamp`` in seconds (the bag's receive time when the header stamp is
-zero). Every problem (missing bag, missing topic, no positions, truncated or corrupt file) raises
-:class:`~vpr_ros.core.errors.DatasetError` with a message naming the bag.
+Images are decoded by :func:`vpr_ros.core.images.decode_image_msg`, stamps converted by
+:mod:`vpr_ros.core.timeline`: the messages' ``header.stamp`` in seconds (the bag's receive time when the
+header stamp is zero). Every problem (missing bag, missing topic, no positions, truncated or corrupt
+file) raises :class:`~vpr_ros.core.errors.DatasetError` with a message naming the bag; an image message
+that cannot be decoded raises :class:`~vpr_ros.core.images.ImageRejected` naming bag, topic and index.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,9 +33,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from vpr_ros.core.errors import DatasetError, ImageError
+from vpr_ros.core.errors import DatasetError
 from vpr_ros.core.fileio import display_path
-from vpr_ros.core.images import as_rgb8, decode_image
+from vpr_ros.core.images import as_rgb8, decode_image_msg
+from vpr_ros.core.timeline import Stamp, nearest_index, ns_to_seconds, seconds_to_ns, to_ns, to_seconds
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
@@ -57,8 +62,6 @@ class BagFrame:
 
 def _rosbags(module: str):
     """Import a ``rosbags`` submodule, or say how to get it (it is an optional dependency)."""
-    import importlib
-
     try:
         return importlib.import_module(f"rosbags.{module}")
     except ImportError as exc:
@@ -73,10 +76,9 @@ def _typestore():
 
 
 def _header(ts, stamp: float, frame_id: str):
-    sec = math.floor(stamp)
-    nanosec = min(int(round((stamp - sec) * 1e9)), 999_999_999)
+    sec, nanosec = Stamp.from_seconds(stamp)
     Time = ts.types["builtin_interfaces/msg/Time"]
-    return ts.types["std_msgs/msg/Header"](stamp=Time(sec=int(sec), nanosec=nanosec), frame_id=frame_id)
+    return ts.types["std_msgs/msg/Header"](stamp=Time(sec=sec, nanosec=nanosec), frame_id=frame_id)
 
 
 def _rotation_to_quaternion(r: np.ndarray) -> tuple[float, float, float, float]:
@@ -192,7 +194,7 @@ def write_image_bag(
             position = item[2] if len(item) > 2 else None
             if not math.isfinite(stamp) or stamp < 0:
                 raise DatasetError(f"frame {count}: stamp must be a finite non-negative number, got {stamp}")
-            t_ns = int(round(stamp * 1e9))
+            t_ns = seconds_to_ns(stamp)
             if image is None:  # a position without an image (e.g. odometry faster than the camera)
                 _write_position(writer, pos_conn, ts, position_kind, stamp, frame_id, position, t_ns)
                 continue
@@ -277,45 +279,12 @@ def _connections(reader, path: Path, topic: str, allowed: Sequence[str], role: s
     return conns
 
 
-def _stamp(msg, bag_time_ns: int) -> float:
+def message_stamp(msg: Any, bag_time_ns: int) -> float:
+    """Seconds of a message's ``header.stamp``; its bag receive time when it has no (or a zero) stamp."""
     header = getattr(msg, "header", None)
-    if header is not None:
-        s = header.stamp.sec + header.stamp.nanosec * 1e-9
-        if s > 0:
-            return float(s)
-    return bag_time_ns * 1e-9
-
-
-def image_from_msg(msg: Any, msgtype: str, *, name: str = "image") -> np.ndarray:
-    """RGB uint8 image of a deserialised ``sensor_msgs/Image`` or ``CompressedImage`` message."""
-    if msgtype == COMPRESSED_TYPE:
-        return decode_image(np.asarray(msg.data, dtype=np.uint8), name=name)
-    enc = str(msg.encoding).lower()
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    layouts = {
-        "rgb8": (3, np.uint8, False),
-        "bgr8": (3, np.uint8, True),
-        "rgba8": (4, np.uint8, False),
-        "bgra8": (4, np.uint8, True),
-        "mono8": (1, np.uint8, False),
-        "8uc1": (1, np.uint8, False),
-        "mono16": (1, np.uint16, False),
-        "16uc1": (1, np.uint16, False),
-        "8uc3": (3, np.uint8, True),
-    }
-    if enc not in layouts:
-        raise ImageError(
-            f"{name}: unsupported Image encoding {msg.encoding!r}; expected one of {sorted(layouts)}"
-        )
-    ch, dtype, bgr = layouts[enc]
-    item = np.dtype(dtype).itemsize
-    data = np.asarray(msg.data, dtype=np.uint8)
-    if h <= 0 or w <= 0 or step < w * ch * item or data.size < step * h:
-        raise ImageError(f"{name}: Image {w}x{h} step {step} does not fit its {data.size} data bytes")
-    rows = data[: step * h].reshape(h, step)[:, : w * ch * item]
-    arr = rows.copy().view(np.dtype(dtype).newbyteorder(">" if msg.is_bigendian else "<")).astype(dtype)
-    arr = arr.reshape(h, w, ch) if ch > 1 else arr.reshape(h, w)
-    return as_rgb8(arr, bgr=bgr, name=name)
+    if header is not None and to_ns(header.stamp) > 0:
+        return to_seconds(header.stamp)
+    return ns_to_seconds(bag_time_ns)
 
 
 def iter_bag_images(
@@ -332,7 +301,7 @@ def iter_bag_images(
         for conn, t_ns, raw in _messages(reader, path, conns):
             if i % every == 0:
                 msg = _deserialize(reader, path, raw, conn)
-                yield _stamp(msg, t_ns), image_from_msg(msg, conn.msgtype, name=f"{path}:{image_topic}#{i}")
+                yield message_stamp(msg, t_ns), decode_image_msg(msg, name=f"{path}:{image_topic}#{i}")
             i += 1
         if i == 0:
             raise DatasetError(f"{path}: topic {image_topic!r} has no messages")
@@ -367,21 +336,30 @@ def latlon_to_local(lat: np.ndarray, lon: np.ndarray, origin: tuple[float, float
     return np.stack([east, north], axis=1)
 
 
-def _read_positions(reader, path: Path, topic: str) -> tuple[np.ndarray, np.ndarray]:
-    conns = _connections(reader, path, topic, (ODOMETRY_TYPE, NAVSAT_TYPE), "position")
-    stamps, xy, fixes = [], [], []
-    for conn, t_ns, raw in _messages(reader, path, conns):
-        msg = _deserialize(reader, path, raw, conn)
-        if conn.msgtype == ODOMETRY_TYPE:
-            p = msg.pose.pose.position
-            if math.isfinite(p.x) and math.isfinite(p.y):
-                stamps.append(_stamp(msg, t_ns))
-                xy.append((p.x, p.y))
-        else:
-            ok = msg.status.status >= 0 and math.isfinite(msg.latitude) and math.isfinite(msg.longitude)
-            if ok:
-                stamps.append(_stamp(msg, t_ns))
-                fixes.append((msg.latitude, msg.longitude))
+def read_positions(path: str | os.PathLike, topic: str, *,
+                   typestore: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ascending stamps (s) and planar positions (N, 2) of an Odometry ``(x, y)`` or NavSatFix (east/north
+    metres about the first fix) topic; messages with NaN positions or without a fix are skipped. Only
+    the position messages are deserialised."""
+    path = Path(path)
+    reader = open_reader(path, typestore)
+    try:
+        conns = _connections(reader, path, topic, (ODOMETRY_TYPE, NAVSAT_TYPE), "position")
+        stamps, xy, fixes = [], [], []
+        for conn, t_ns, raw in _messages(reader, path, conns):
+            msg = _deserialize(reader, path, raw, conn)
+            if conn.msgtype == ODOMETRY_TYPE:
+                p = msg.pose.pose.position
+                if math.isfinite(p.x) and math.isfinite(p.y):
+                    stamps.append(message_stamp(msg, t_ns))
+                    xy.append((p.x, p.y))
+            else:
+                ok = msg.status.status >= 0 and math.isfinite(msg.latitude) and math.isfinite(msg.longitude)
+                if ok:
+                    stamps.append(message_stamp(msg, t_ns))
+                    fixes.append((msg.latitude, msg.longitude))
+    finally:
+        reader.close()
     if fixes:
         arr = np.asarray(fixes, dtype=np.float64)
         xy = latlon_to_local(arr[:, 0], arr[:, 1], (arr[0, 0], arr[0, 1])).tolist()
@@ -413,20 +391,12 @@ def read_image_bag(
     path = Path(path)
     if not (math.isfinite(max_gap_s) and max_gap_s >= 0):
         raise DatasetError(f"max_gap_s must be a non-negative number, got {max_gap_s}")
-    stamps = xy = None
-    if position_topic:
-        reader = open_reader(path)
-        try:
-            stamps, xy = _read_positions(reader, path, position_topic)
-        finally:
-            reader.close()
+    stamps, xy = read_positions(path, position_topic) if position_topic else (None, None)
     frames = [BagFrame(s, im) for s, im in iter_bag_images(path, image_topic, every=every)]
     if stamps is not None:
         for f in frames:
-            j = int(np.searchsorted(stamps, f.stamp))
-            cands = [k for k in (j - 1, j) if 0 <= k < len(stamps)]
-            k = min(cands, key=lambda k: abs(stamps[k] - f.stamp))
-            if abs(stamps[k] - f.stamp) <= max_gap_s:
+            k = nearest_index(stamps, f.stamp, max_gap_s)
+            if k is not None:
                 f.position = (float(xy[k, 0]), float(xy[k, 1]))
         if require_positions and not any(f.position is not None for f in frames):
             raise DatasetError(

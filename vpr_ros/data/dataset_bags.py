@@ -32,16 +32,15 @@ from typing import Any
 import numpy as np
 
 from vpr_ros.core.errors import DatasetError
+from vpr_ros.core.images import load_image
 from vpr_ros.data.bags import (
     COMPRESSED_TYPE,
     IMAGE_TYPE,
-    NAVSAT_TYPE,
-    ODOMETRY_TYPE,
     STORAGES,
-    latlon_to_local,
     open_reader,
     write_image_bag,
 )
+from vpr_ros.data.bags import read_positions as read_bag_positions
 from vpr_ros.data.places import load_kitti, load_nordland, load_rtabmap_loop
 
 __all__ = [
@@ -111,7 +110,7 @@ def dataset_frames(dataset: str, root: str | os.PathLike, *, sequence: str = "00
     positions: list[Any] | None
     skipped: list[tuple[str, str]] = []
     if dataset == "kitti":
-        records = load_kitti(root, sequence)[::every][:limit]
+        records = load_kitti(root, sequence).database[::every][:limit]
         poses = _kitti_poses(root / sequence)
         idx = [int(r.frame_index) for r in records]
         positions = [kitti_pose_to_ros(poses[i]) for i in idx]
@@ -127,7 +126,7 @@ def dataset_frames(dataset: str, root: str | os.PathLike, *, sequence: str = "00
         name = f"nordland_{season}"
         skipped = list(dict(ds.skipped).items())  # both roles read the same season: each file once
     else:
-        records, _ = load_rtabmap_loop(root)
+        records = load_rtabmap_loop(root).database
         records = records[::every][:limit]
         idx = [int(r.frame_index) for r in records]
         positions = None
@@ -148,8 +147,6 @@ def make_dataset_bag(dataset: str, root: str | os.PathLike, out: str | os.PathLi
     Compressed images go on ``<image_topic>/compressed`` (the image_transport convention the nodes use).
     ``frames_kw`` go to :func:`dataset_frames` (sequence, season, every, limit, rate_hz, start_s).
     """
-    from vpr_ros.core.images import load_image
-
     if storage not in STORAGES:
         raise DatasetError(f"unknown storage {storage!r}; expected one of {', '.join(STORAGES)}")
     frames = dataset_frames(dataset, root, **frames_kw)
@@ -183,7 +180,7 @@ def _msg_dirs() -> list[Path]:
 
 def vpr_typestore():
     """A rosbags typestore (ROS 2 Humble base, as :mod:`vpr_ros.data.bags`) with the vpr_ros_msgs types."""
-    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore  # optional dependency
 
     folder = next((d for d in _msg_dirs() if (d / "PlaceMatch.msg").is_file()), None)
     if folder is None:
@@ -210,34 +207,5 @@ def read_messages(path: str | os.PathLike,
 
 
 def read_positions(path: str | os.PathLike, topic: str) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted stamps (s) and planar positions (N, 2) of an Odometry (x, y) or NavSatFix (east/north metres
-    about the first fix) topic. Small messages only: the images are never deserialised."""
-    path = Path(path)
-    stamps: list[float] = []
-    xy: list[tuple[float, float]] = []
-    fixes: list[tuple[float, float]] = []
-    with contextlib.closing(open_reader(path, vpr_typestore())) as reader:  # opened: close only
-        conns = [c for c in reader.connections if c.topic == topic]
-        if not conns:
-            present = ", ".join(sorted({c.topic for c in reader.connections}))
-            raise DatasetError(f"{path}: no position topic {topic!r}; topics: {present}")
-        if any(c.msgtype not in (ODOMETRY_TYPE, NAVSAT_TYPE) for c in conns):
-            raise DatasetError(f"{path}: {topic!r} is {conns[0].msgtype}, expected Odometry or NavSatFix")
-        for conn, t_ns, raw in reader.messages(connections=conns):
-            msg = reader.deserialize(raw, conn.msgtype)
-            s = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9 or t_ns * 1e-9
-            if conn.msgtype == ODOMETRY_TYPE:
-                p = msg.pose.pose.position
-                if math.isfinite(p.x) and math.isfinite(p.y):
-                    stamps.append(s)
-                    xy.append((p.x, p.y))
-            elif msg.status.status >= 0 and math.isfinite(msg.latitude) and math.isfinite(msg.longitude):
-                stamps.append(s)
-                fixes.append((msg.latitude, msg.longitude))
-    if fixes:
-        arr = np.asarray(fixes)
-        xy = [tuple(r) for r in latlon_to_local(arr[:, 0], arr[:, 1], (arr[0, 0], arr[0, 1]))]
-    if not stamps:
-        raise DatasetError(f"{path}: position topic {topic!r} has no usable messages")
-    order = np.argsort(np.asarray(stamps), kind="stable")
-    return np.asarray(stamps)[order], np.asarray(xy, dtype=np.float64).reshape(-1, 2)[order]
+    """:func:`vpr_ros.data.bags.read_positions` of a bag that may also hold vpr_ros_msgs topics."""
+    return read_bag_positions(path, topic, typestore=vpr_typestore())

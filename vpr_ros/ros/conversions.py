@@ -1,17 +1,13 @@
-"""Conversions between ROS 2 image/time messages and the core's numpy conventions.
+"""Adapters between ROS 2 messages and the core: RGB arrays -> ``sensor_msgs`` images, stamps <-> time.
 
-Images enter the core as C-contiguous ``uint8`` RGB ``(H, W, 3)`` arrays (see
-:func:`vpr_ros.core.images.as_rgb8`). Every bad message is rejected with an
-:class:`~vpr_ros.core.errors.ImageError` that says why: unknown encoding, inconsistent
-``step``/``data`` sizes, zero-size or oversized frames, NaN in float images, corrupt
-compressed payloads. Arrays returned here never share memory with the message.
+Image messages are decoded by :func:`vpr_ros.core.images.decode_image_msg` (one decoder for rclpy and
+rosbags messages); this module builds the messages the nodes publish and turns
+``builtin_interfaces/Time`` into the :mod:`vpr_ros.core.timeline` conventions and back.
 """
 
 from __future__ import annotations
 
 import array
-import math
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -20,129 +16,19 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
 from vpr_ros.core.errors import ImageError
-from vpr_ros.core.images import MAX_PIXELS, as_rgb8, decode_image
+from vpr_ros.core.images import MAX_PIXELS, as_rgb8
+from vpr_ros.core.timeline import Stamp, StampLike, to_seconds
 
 __all__ = [
-    "SUPPORTED_ENCODINGS",
-    "compressed_msg_to_rgb",
     "float_to_stamp",
-    "image_msg_to_rgb",
+    "ns_to_stamp",
     "rgb_to_compressed_msg",
     "rgb_to_image_msg",
     "stamp_to_float",
 ]
 
-
-@dataclass(frozen=True)
-class _Layout:
-    """Pixel layout of one ``sensor_msgs/Image`` encoding."""
-
-    dtype: str  # numpy base type, byte order added from is_bigendian
-    channels: int
-    bgr: bool = False  # colour channels in B, G, R order
-    yuv: int | None = None  # cv2 YUV 4:2:2 -> RGB conversion code (2 bytes per pixel)
-
-    @property
-    def bytes_per_pixel(self) -> int:
-        return 2 if self.yuv is not None else np.dtype(self.dtype).itemsize * self.channels
-
-
-_LAYOUTS: dict[str, _Layout] = {
-    "rgb8": _Layout("u1", 3),
-    "bgr8": _Layout("u1", 3, bgr=True),
-    "rgba8": _Layout("u1", 4),
-    "bgra8": _Layout("u1", 4, bgr=True),
-    "rgb16": _Layout("u2", 3),
-    "bgr16": _Layout("u2", 3, bgr=True),
-    "rgba16": _Layout("u2", 4),
-    "bgra16": _Layout("u2", 4, bgr=True),
-    "mono8": _Layout("u1", 1),
-    "mono16": _Layout("u2", 1),
-    "8uc1": _Layout("u1", 1),
-    "8uc3": _Layout("u1", 3, bgr=True),  # OpenCV convention
-    "8uc4": _Layout("u1", 4, bgr=True),
-    "16uc1": _Layout("u2", 1),
-    "32fc1": _Layout("f4", 1),
-    "64fc1": _Layout("f8", 1),
-    # ROS "yuv422" is UYVY byte order (U0 Y0 V0 Y1); "yuv422_yuy2" is YUYV (Y0 U0 Y1 V0).
-    "yuv422": _Layout("u1", 2, yuv=cv2.COLOR_YUV2RGB_UYVY),
-    "uyvy": _Layout("u1", 2, yuv=cv2.COLOR_YUV2RGB_UYVY),
-    "yuv422_yuy2": _Layout("u1", 2, yuv=cv2.COLOR_YUV2RGB_YUY2),
-    "yuyv": _Layout("u1", 2, yuv=cv2.COLOR_YUV2RGB_YUY2),
-}
-
-#: Encodings :func:`image_msg_to_rgb` accepts (case-insensitive).
-SUPPORTED_ENCODINGS: tuple[str, ...] = tuple(_LAYOUTS)
-
 _OUT_CHANNELS = {"rgb8": 3, "bgr8": 3, "mono8": 1}
 _COMPRESSED_FORMATS = {"jpeg": ".jpg", "jpg": ".jpg", "png": ".png"}
-
-
-def _as_bytes(data: object, name: str) -> np.ndarray:
-    """View a message's ``uint8[]`` field as a flat uint8 array (no copy where possible)."""
-    try:
-        return np.frombuffer(memoryview(data), dtype=np.uint8)  # array.array('B') / bytes
-    except TypeError:
-        try:
-            return np.asarray(data, dtype=np.uint8).reshape(-1)
-        except (TypeError, ValueError) as exc:
-            raise ImageError(f"{name}: data is not a byte sequence ({type(data).__name__})") from exc
-
-
-def _check_size(h: int, w: int, name: str) -> None:
-    if h == 0 or w == 0:
-        raise ImageError(f"{name}: zero-size frame {w}x{h}")
-    if h * w > MAX_PIXELS:
-        raise ImageError(f"{name}: frame {w}x{h} exceeds the {MAX_PIXELS}-pixel limit")
-
-
-def image_msg_to_rgb(msg: Image, *, name: str = "image") -> np.ndarray:
-    """Convert a ``sensor_msgs/Image`` to a contiguous uint8 RGB ``(H, W, 3)`` array.
-
-    Supports the encodings in :data:`SUPPORTED_ENCODINGS`; honours ``step`` (row padding)
-    and ``is_bigendian``. 16-bit images keep their high byte; float images are clipped to
-    [0, 1] and rejected if they hold NaN/inf; 8UC3/8UC4 are taken as BGR(A).
-    """
-    encoding = msg.encoding.strip()
-    layout = _LAYOUTS.get(encoding.lower())
-    if layout is None:
-        raise ImageError(f"{name}: unsupported encoding {encoding!r}; supported: {', '.join(_LAYOUTS)}")
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    _check_size(h, w, name)
-    row_bytes = w * layout.bytes_per_pixel
-    if step < row_bytes:
-        raise ImageError(f"{name}: step {step} is less than width*bytes_per_pixel = {w}*"
-                         f"{layout.bytes_per_pixel} = {row_bytes} for {encoding}")
-    buf = _as_bytes(msg.data, name)
-    if buf.size != step * h:
-        raise ImageError(f"{name}: data has {buf.size} bytes, expected step*height = {step}*{h} = {step * h}")
-    if layout.yuv is not None and w % 2:
-        raise ImageError(f"{name}: {encoding} needs an even width, got {w}")
-
-    rows = buf.reshape(h, step)[:, :row_bytes]
-    if layout.yuv is not None:
-        packed = np.ascontiguousarray(rows).reshape(h, w, 2)
-        return cv2.cvtColor(packed, layout.yuv)
-
-    dtype = np.dtype(layout.dtype).newbyteorder(">" if msg.is_bigendian else "<")
-    pixels = np.ascontiguousarray(rows).view(dtype).reshape(h, w, layout.channels)
-    if dtype.itemsize > 1 and not dtype.isnative:
-        pixels = pixels.astype(dtype.newbyteorder("="))
-    rgb = as_rgb8(pixels, bgr=layout.bgr, name=name)
-    if np.may_share_memory(rgb, buf):
-        rgb = rgb.copy()
-    return rgb
-
-
-def compressed_msg_to_rgb(msg: CompressedImage, *, name: str = "compressed image") -> np.ndarray:
-    """Decode a ``sensor_msgs/CompressedImage`` (JPEG, PNG, ...) to uint8 RGB ``(H, W, 3)``.
-
-    The payload's own magic bytes decide the codec; ``format`` is only checked for the
-    unsupported ``compressedDepth`` transport. Corrupt data raises :class:`ImageError`.
-    """
-    if "compresseddepth" in msg.format.replace(" ", "").lower():
-        raise ImageError(f"{name}: unsupported format {msg.format!r} (compressedDepth is not an image)")
-    return decode_image(_as_bytes(msg.data, name), name=name)
 
 
 def rgb_to_image_msg(rgb: np.ndarray, encoding: str = "rgb8", header: Header | None = None) -> Image:
@@ -155,7 +41,11 @@ def rgb_to_image_msg(rgb: np.ndarray, encoding: str = "rgb8", header: Header | N
         raise ImageError(f"unsupported output encoding {encoding!r}; "
                          f"expected one of {', '.join(_OUT_CHANNELS)}")
     if encoding == "mono8" and isinstance(rgb, np.ndarray) and rgb.ndim == 2 and rgb.dtype == np.uint8:
-        _check_size(*rgb.shape, name="image")
+        h, w = rgb.shape
+        if h == 0 or w == 0:
+            raise ImageError(f"image: zero-size frame {w}x{h}")
+        if h * w > MAX_PIXELS:
+            raise ImageError(f"image: frame {w}x{h} exceeds the {MAX_PIXELS}-pixel limit")
         pixels = rgb
     else:
         pixels = as_rgb8(rgb)
@@ -207,20 +97,19 @@ def rgb_to_compressed_msg(rgb_or_payload: np.ndarray | bytes | bytearray | memor
     return msg
 
 
-def stamp_to_float(stamp: Time) -> float:
-    """Seconds since the epoch of a ``builtin_interfaces/Time`` (or anything with sec/nanosec)."""
-    return float(stamp.sec) + float(stamp.nanosec) * 1e-9
+def stamp_to_float(stamp: StampLike) -> float:
+    """Seconds of a ``builtin_interfaces/Time`` (or anything with sec/nanosec)."""
+    return to_seconds(stamp)
 
 
 def float_to_stamp(t: float) -> Time:
-    """A ``builtin_interfaces/Time`` for ``t`` seconds, rounded to the nearest nanosecond."""
-    t = float(t)
-    if not math.isfinite(t):
-        raise ValueError(f"stamp must be finite, got {t}")
-    sec = math.floor(t)
-    nanosec = round((t - sec) * 1e9)
-    if nanosec >= 1_000_000_000:
-        sec, nanosec = sec + 1, nanosec - 1_000_000_000
-    if not -(2**31) <= sec < 2**31:
-        raise ValueError(f"stamp {t} s is outside the int32 seconds range of builtin_interfaces/Time")
-    return Time(sec=int(sec), nanosec=int(nanosec))
+    """A ``builtin_interfaces/Time`` for ``t`` seconds, rounded to the nearest nanosecond
+    (:class:`ValueError` when not finite or outside int32 seconds)."""
+    sec, nanosec = Stamp.from_seconds(t)
+    return Time(sec=sec, nanosec=nanosec)
+
+
+def ns_to_stamp(ns: int) -> Time:
+    """A ``builtin_interfaces/Time`` for ``ns`` nanoseconds."""
+    sec, nanosec = Stamp.from_ns(ns)
+    return Time(sec=sec, nanosec=nanosec)

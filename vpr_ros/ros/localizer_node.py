@@ -66,6 +66,7 @@ from vpr_ros.core.backends import BACKENDS, PRECISIONS
 from vpr_ros.core.errors import ConfigError, MapError, ModelError, VprError
 from vpr_ros.core.extract import DescriptorExtractor
 from vpr_ros.core.fileio import confined_path, display_path
+from vpr_ros.core.images import ImageRejected, decode_image_msg
 from vpr_ros.core.mapdb import INDEX_KINDS, MapEntry, PlaceMap, QueryResult, map_path, set_search_threads
 from vpr_ros.core.models import DEFAULT_WEIGHTS, parse_size, resolve_model
 from vpr_ros.core.models.resolve import DEFAULT_MODEL, PACKAGED
@@ -77,9 +78,7 @@ from vpr_ros.ros.node_kit import (
     LatencyWindow,
     ParamSpec,
     ReasonCounter,
-    RejectedFrame,
     declare_params,
-    image_from_msg,
     publish_diagnostics,
     run_node,
     set_parameters_callback,
@@ -498,11 +497,11 @@ class LocalizerNode(Node):
         self._batch_accounted = 0  # frames of this batch already counted (rejected or processed)
         for f in batch:
             try:
-                images.append(image_from_msg(f.msg, v["max_pixels"]))
+                images.append(decode_image_msg(f.msg, name=self._sub.topic_name, max_pixels=v["max_pixels"]))
                 frames.append(f)
-            except RejectedFrame as exc:
+            except ImageRejected as exc:
                 stamp = stamp_to_float(f.msg.header.stamp)
-                self._rejects.add(exc.reason, f"frame {f.query_id} (stamp {stamp:.3f}): {exc.detail}")
+                self._rejects.add(exc.reason.value, f"frame {f.query_id} (stamp {stamp:.3f}): {exc.detail}")
                 self._batch_accounted += 1
         if not frames:
             return

@@ -3,7 +3,7 @@
 Subscribes to ``vpr_ros_msgs/PlaceMatch`` (``match_topic``, the localizer's output) and, with
 ``geometric_verification``, to the camera images the localizer describes (``image_topic``). Each
 image's ORB keypoints + descriptors (never the image) go into a bounded cache keyed by stamp
-(``feature_cache_size`` frames, oldest dropped first; about 40 kB per frame at 1000 features). For
+(``feature_cache_size`` frames, oldest stamp dropped first; about 40 kB per frame at 1000 features). For
 each PlaceMatch the core :class:`~vpr_ros.core.loop_closure.LoopClosureDetector` keeps the candidates
 older than ``exclusion_window_s`` with ``score >= score_threshold``, the ``top_k`` best, verifies them
 best first (ORB matches, RANSAC on the essential or fundamental matrix, ``min_inliers``) and the node
@@ -33,7 +33,6 @@ exits with status 2.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 import sys
@@ -51,6 +50,7 @@ from std_msgs.msg import Header
 
 from vpr_ros.core.errors import ConfigError, MapError
 from vpr_ros.core.geometry import VERIFICATION_MODELS, Features, OrbExtractor, VerificationConfig
+from vpr_ros.core.images import ImageRejected, decode_image_msg
 from vpr_ros.core.loop_closure import (
     DEFAULT_EXCLUSION_WINDOW_S,
     DEFAULT_MIN_INLIERS,
@@ -68,21 +68,20 @@ from vpr_ros.core.loop_closure import (
     map_feature_lookup,
 )
 from vpr_ros.core.mapdb import PlaceMap, map_path
-from vpr_ros.ros.conversions import float_to_stamp, stamp_to_float
+from vpr_ros.core.timeline import NearestStampBuffer, seconds_to_ns, to_ns, to_seconds
+from vpr_ros.ros.conversions import float_to_stamp
 from vpr_ros.ros.node_kit import (
     DropOldestQueue,
     LatencyWindow,
     ParamSpec,
     ReasonCounter,
-    RejectedFrame,
     declare_params,
-    image_from_msg,
     publish_diagnostics,
     run_node,
     set_parameters_callback,
 )
 
-__all__ = ["PARAMS", "LoopClosureNode", "StampedFeatures", "config_from_params", "loop_closure_msg", "main"]
+__all__ = ["PARAMS", "LoopClosureNode", "config_from_params", "loop_closure_msg", "main"]
 
 NODE_NAME = "loop_closure"
 
@@ -175,51 +174,6 @@ def _sequence_detector(config: LoopClosureConfig) -> LoopClosureDetector:
     return LoopClosureDetector(dataclasses.replace(config, score_threshold=-1.0), feature_capacity=1)
 
 
-class StampedFeatures:
-    """ORB features of recent images by stamp (ns): bounded (oldest dropped first), nearest-stamp lookup."""
-
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ConfigError(f"feature cache size must be >= 1, got {capacity}")
-        self.capacity = int(capacity)
-        self._items: collections.OrderedDict[int, Features] = collections.OrderedDict()
-        self._keys: list[int] = []  # sorted
-        self.evicted = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, stamp_ns: int, features: Features) -> None:
-        if stamp_ns not in self._items:
-            bisect.insort(self._keys, stamp_ns)
-        self._items[stamp_ns] = features
-        self._items.move_to_end(stamp_ns)
-        while len(self._items) > self.capacity:
-            old, _ = self._items.popitem(last=False)
-            del self._keys[bisect.bisect_left(self._keys, old)]
-            self.evicted += 1
-
-    def get(self, stamp_ns: int, tolerance_ns: int) -> Features | None:
-        """The features whose stamp is nearest to ``stamp_ns``, if within ``tolerance_ns``."""
-        i = bisect.bisect_left(self._keys, stamp_ns)
-        best = None
-        for j in (i - 1, i):
-            if 0 <= j < len(self._keys):
-                k = self._keys[j]
-                d = abs(k - stamp_ns)
-                if d <= tolerance_ns and (best is None or d < abs(best - stamp_ns)):
-                    best = k
-        return None if best is None else self._items[best]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(f.nbytes for f in self._items.values())
-
-
-def _ns(stamp: Any) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
-
 def loop_closure_msg(msg_type: type, cand: LoopCandidate, header: Header) -> Any:
     """A ``vpr_ros_msgs/LoopClosure`` of an accepted candidate (plain Python scalars throughout)."""
     out = msg_type(header=header, query_id=int(cand.query_id), query_stamp=float_to_stamp(cand.query_stamp),
@@ -257,7 +211,7 @@ class LoopClosureNode(Node):
         self.detector = LoopClosureDetector(config, feature_capacity=1)
         self._sequence_detector = _sequence_detector(config)
         self._orb = OrbExtractor(config.verification)
-        self.features = StampedFeatures(v["feature_cache_size"])
+        self.features: NearestStampBuffer[Features] = NearestStampBuffer(v["feature_cache_size"])
         self.place_map = self._open_map(v["map_path"]) if config.geometric_verification else None
         self._map_lookup = None if self.place_map is None else map_feature_lookup(self.place_map)
         self._queue = DropOldestQueue(v["queue_size"])
@@ -275,7 +229,7 @@ class LoopClosureNode(Node):
         self.images_out_of_order = 0
         self._last_image_ns: int | None = None
 
-        from vpr_ros_msgs.msg import LoopClosure, PlaceMatch
+        from vpr_ros_msgs.msg import LoopClosure, PlaceMatch  # built package: PARAMS import without it
 
         self._loop_t = LoopClosure
         reliable = QoSProfile(depth=100)
@@ -329,12 +283,17 @@ class LoopClosureNode(Node):
     def _lookup(self, tol_ns: int) -> FeatureLookup:
         """Features of a candidate: from the images this node saw, else from the prebuilt map."""
         def lookup(c: LoopCandidate) -> Features | str | None:
-            seen = self.features.get(int(round(c.match_stamp * 1e9)), max(tol_ns, 1000))
+            seen = self._features_near(seconds_to_ns(c.match_stamp), max(tol_ns, 1000))
             if seen is not None or self._map_lookup is None:
                 return seen
             return self._map_lookup(c)
 
         return lookup
+
+    def _features_near(self, stamp_ns: int, tol_ns: int) -> Features | None:
+        """The cached features of the image nearest to ``stamp_ns``, if within ``tol_ns``."""
+        hit = self.features.nearest(stamp_ns, tol_ns)
+        return None if hit is None else hit[1]
 
     def _apply(self, values: dict[str, Any]) -> str | None:
         config = config_from_params(values)  # ConfigError -> rejected with its message
@@ -350,7 +309,7 @@ class LoopClosureNode(Node):
     def _on_image(self, msg: Image | CompressedImage) -> None:
         if self._values["enabled"]:
             self.images_in += 1
-            stamp = _ns(msg.header.stamp)
+            stamp = to_ns(msg.header.stamp)
             if self._last_image_ns is not None and stamp < self._last_image_ns:
                 self.images_out_of_order += 1  # still cached: features are looked up by stamp
             else:
@@ -382,21 +341,21 @@ class LoopClosureNode(Node):
 
     def _add_image(self, msg: Image | CompressedImage) -> None:
         try:
-            rgb = image_from_msg(msg, self._values["max_pixels"])
-        except RejectedFrame as exc:
+            rgb = decode_image_msg(msg, name=self.image_input, max_pixels=self._values["max_pixels"])
+        except ImageRejected as exc:
             self.image_rejects += 1
-            self._rejects.add(f"image_{exc.reason}", exc.detail)
+            self._rejects.add(f"image_{exc.reason.value}", exc.detail)
             return
-        self.features.put(_ns(msg.header.stamp), self._orb(rgb))
+        self.features.put(to_ns(msg.header.stamp), self._orb(rgb))
 
     def _flush_pending(self) -> None:
         """Process waiting matches in arrival order: when their query features exist, or at their deadline."""
-        tol = int(self._values["stamp_tolerance_s"] * 1e9)
+        tol = seconds_to_ns(self._values["stamp_tolerance_s"])
         verify = self.detector.config.geometric_verification
         now = time.monotonic()
         while self._pending:
             deadline, msg = self._pending[0]
-            query = self.features.get(_ns(msg.header.stamp), tol) if verify else None
+            query = self._features_near(to_ns(msg.header.stamp), tol) if verify else None
             if verify and query is None and now < deadline:
                 return
             self._pending.popleft()
@@ -404,7 +363,7 @@ class LoopClosureNode(Node):
 
     def _process(self, msg: Any, query: Features | None) -> None:
         v = self._values
-        tol = int(v["stamp_tolerance_s"] * 1e9)
+        tol = seconds_to_ns(v["stamp_tolerance_s"])
         use_sequence = (v["candidate_source"] == "sequence" and msg.sequence_frames > 0
                         and not msg.sequence_fallback)
         with self._lock:
@@ -412,10 +371,10 @@ class LoopClosureNode(Node):
         self.sequence_queries += int(use_sequence)
         source = msg.matches if not use_sequence else [  # sequence threshold applied here, in z-score units
             c for c in msg.sequence_matches if float(c.score) >= v["sequence_score_threshold"]]
-        candidates = [(int(c.entry_id), stamp_to_float(c.stamp), float(c.score)) for c in source]
+        candidates = [(int(c.entry_id), to_seconds(c.stamp), float(c.score)) for c in source]
         t0 = time.perf_counter()
         det = detector.check_candidates(
-            int(msg.query_id), stamp_to_float(msg.header.stamp), candidates, query,
+            int(msg.query_id), to_seconds(msg.header.stamp), candidates, query,
             lookup=self._lookup(tol))
         if detector.config.geometric_verification and det.candidates:
             self._verify_ms.add((time.perf_counter() - t0) * 1000.0)

@@ -30,15 +30,15 @@ from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
 from vpr_ros.core.errors import ConfigError, TransmissionError, VprError
+from vpr_ros.core.images import ImageRejected, decode_image_msg
+from vpr_ros.core.timeline import to_seconds
 from vpr_ros.core.transmission import BITRATE_CODECS, MODES, PRESETS, TransmissionConfig, Transmitter
 from vpr_ros.ros.conversions import rgb_to_compressed_msg, rgb_to_image_msg
 from vpr_ros.ros.node_kit import (
     DropOldestQueue,
     ParamSpec,
     ReasonCounter,
-    RejectedFrame,
     declare_params,
-    image_from_msg,
     publish_diagnostics,
     run_node,
     set_parameters_callback,
@@ -122,7 +122,7 @@ class TransmitterNode(Node):
         reliable = QoSProfile(depth=10)
         self._image_pub = self.create_publisher(Image, out, qos_profile_sensor_data)
         self._jpeg_pub = self.create_publisher(CompressedImage, f"{out}/compressed", qos_profile_sensor_data)
-        from vpr_ros_msgs.msg import TransmissionStats
+        from vpr_ros_msgs.msg import TransmissionStats  # built package: PARAMS import without it
 
         self._stats_type = TransmissionStats
         self._stats_pub = self.create_publisher(TransmissionStats, v["stats_topic"], reliable)
@@ -168,7 +168,7 @@ class TransmitterNode(Node):
 
     def _on_image(self, msg: Image | CompressedImage) -> None:
         self.frames_in += 1
-        stamp = float(msg.header.stamp.sec) + float(msg.header.stamp.nanosec) * 1e-9
+        stamp = to_seconds(msg.header.stamp)
         if self._last_stamp is not None and stamp < self._last_stamp:
             self.out_of_order += 1  # still sent: the link forwards what the camera gives it
         else:
@@ -180,21 +180,21 @@ class TransmitterNode(Node):
             for msg in self._queue.get_batch(1, timeout=0.2):
                 try:
                     self._send(msg)
-                except RejectedFrame as exc:
-                    self._rejects.add(exc.reason, exc.detail)
+                except ImageRejected as exc:
+                    self._rejects.add(exc.reason.value, exc.detail)
                 except (TransmissionError, VprError) as exc:
                     self._rejects.add("encoder", str(exc))
                 except Exception as exc:  # keep the node alive whatever one frame does
                     self._rejects.add("internal", f"{type(exc).__name__}: {exc}")
 
     def _send(self, msg: Image | CompressedImage) -> None:
-        rgb = image_from_msg(msg, self._values["max_pixels"])
+        rgb = decode_image_msg(msg, name=self._sub.topic_name, max_pixels=self._values["max_pixels"])
         with self._tx_lock:
             tx = self._tx
             sent = tx.process(rgb)
         config = tx.config
         header = msg.header
-        stamp = float(header.stamp.sec) + float(header.stamp.nanosec) * 1e-9
+        stamp = to_seconds(header.stamp)
         self._recent.append((stamp, sent.nbytes))
         stats = self._stats_type(header=header, frame_bytes=int(sent.nbytes),
                                  bitrate_kbps=float(self._bitrate_kbps(config.fps)), mode=config.label)
