@@ -520,7 +520,7 @@ def test_set_of_an_unknown_node_lists_the_valid_ones(capsys):
     """Item 6: --set nosuchnode.x=1 is an error naming the nodes (it was silently ignored)."""
     pytest.importorskip("rclpy")
     from vpr_ros.core.errors import ConfigError
-    from vpr_ros.ros.runner import apply_sets
+    from vpr_ros.ros.graph import apply_sets
 
     with pytest.raises(ConfigError, match="unknown node 'nosuchnode'; nodes: transmitter, localizer, "
                                           "loop_closure"):

@@ -1,8 +1,9 @@
-"""launch/localize.launch.py: required nodes, launch arguments.
+"""launch/localize.launch.py and the graph it launches (vpr_ros.ros.graph): required nodes, launch
+arguments, wiring.
 
-``launch`` / ``launch_ros`` have no PyPI wheels, so most checks read the launch file's syntax
-tree; the run of the real launch file skips unless launch_ros and an ament install of vpr_ros
-(colcon, docs/colcon.md) are importable.
+``launch`` / ``launch_ros`` have no PyPI wheels, so the launch file's own checks read its syntax
+tree and the graph description it builds from; the run of the real launch file skips unless
+launch_ros and an ament install of vpr_ros (colcon, docs/colcon.md) are importable.
 """
 
 from __future__ import annotations
@@ -42,60 +43,178 @@ def _calls(name: str) -> list[ast.Call]:
             and isinstance(n.func, ast.Name) and n.func.id == name]
 
 
-def _module_value(name: str) -> ast.expr:
-    for node in TREE.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == name:
-            return node.value
-        targets = node.targets if isinstance(node, ast.Assign) else []
-        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-            return node.value
-    raise AssertionError(f"{LAUNCH} defines no {name}")
+def _graph():
+    pytest.importorskip("rclpy")  # the parameter specs live in the node modules
+    from vpr_ros.ros import graph
+
+    return graph
 
 
-def _overrides() -> list[tuple[str, str, str, str]]:
-    """(argument, node, parameter, description) of the OVERRIDES table."""
-    rows = []
-    for row in _module_value("OVERRIDES").elts:
-        arg, node, param, _, text = row.elts
-        rows.append((ast.literal_eval(arg), ast.literal_eval(node), ast.literal_eval(param),
-                     ast.literal_eval(text)))
-    return rows
+#: The launch file's public arguments and defaults ("" = keep the params file's value).
+ARGUMENTS = {
+    "params_file": None, "camera_topic": "", "image_transport": "", "weights": "", "model": "",
+    "input_size": "", "device": "", "backend": "", "precision": "", "threads": "", "map_path": "",
+    "mode": "", "odom_topic": "", "top_k": "", "match_topic": "", "tx_mode": "", "jpeg_quality": "",
+    "scale": "", "qp": "", "gop": "", "kbps": "", "fps": "", "bitrate_codec": "", "use_transmitter": "false",
+    "use_loop_closure": "false", "namespace": "", "log_level": "info",
+}
 
 
 # --------------------------------------------------------------------------- arguments
 
 
-def test_fixed_value_arguments_declare_choices():
-    pytest.importorskip("rclpy")
-    from vpr_ros.core.models.registry import list_models
-    from vpr_ros.ros import localizer_node as localizer
-    from vpr_ros.ros import transmitter_node as transmitter
+def test_arguments_and_defaults_are_the_public_ones():
+    graph = _graph()
+    args = graph.launch_arguments("/share/config/localize.yaml")
+    assert [a.name for a in args] == list(ARGUMENTS)
+    assert {a.name: a.default for a in args} == {**ARGUMENTS, "params_file": "/share/config/localize.yaml"}
+    # the launch file declares exactly these, with their choices
+    declares = _calls("DeclareLaunchArgument")
+    assert len(declares) == 1
+    assert any(isinstance(n, ast.Attribute) and n.attr == "launch_arguments" for n in ast.walk(TREE))
+    kw = {k.arg for k in declares[0].keywords}
+    assert {"default_value", "description"} <= kw
 
-    choices = ast.literal_eval(_module_value("CHOICES"))
-    specs = {"localizer": {s.name: s for s in localizer.PARAMS},
-             "transmitter": {s.name: s for s in transmitter.PARAMS}}
-    fixed = {arg: specs[node][param].choices for arg, node, param, _ in _overrides()
-             if specs[node][param].choices}
+
+def test_fixed_value_arguments_declare_choices():
+    graph = _graph()
+    args = {a.name: a for a in graph.launch_arguments()}
+    fixed = {}
+    for arg, target in graph.LAUNCH_PARAMS:
+        node, _, param = target.partition(".")
+        spec = graph.param_specs(node)[param]
+        if spec.choices:
+            fixed[arg] = spec.choices
+            assert args[arg].choices == ("", *spec.choices), arg  # "" keeps the params file's value
     assert {"backend", "mode", "tx_mode", "bitrate_codec", "image_transport", "precision"} <= set(fixed)
-    for arg, values in fixed.items():
-        assert tuple(choices.get(arg, ())) == tuple(values), f"launch argument {arg}: choices {values}"
+    assert {a.name for a in args.values() if a.choices} == set(fixed) | {"model", "use_transmitter",
+                                                                          "use_loop_closure", "log_level"}
     # the models a deployed graph can build: the registry as the core fills it (training modules, once
     # imported by other tests, register training-only models such as the StructVPR seg-branch)
-    code = "from vpr_ros.core.models.registry import list_models; print(' '.join(list_models()))"
-    deployable = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert tuple(choices["model"]) == tuple(deployable.stdout.split())
-    assert set(choices["model"]) <= set(list_models())
-    assert set(choices) == set(fixed) | {"model"}
-    # and the declaration over OVERRIDES passes them (with "" = keep the params file's value)
-    declares = [c for c in _calls("DeclareLaunchArgument")
-                if any(isinstance(n, ast.Name) and n.id == "CHOICES" for n in ast.walk(c))]
-    assert len(declares) == 1
+    code = ("from vpr_ros.ros.graph import launch_arguments\n"
+            "from vpr_ros.core.models.registry import list_models\n"
+            "print(' '.join(next(a for a in launch_arguments() if a.name == 'model').choices))\n"
+            "print(' '.join(list_models()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    offered, deployable = out.stdout.splitlines()
+    assert offered.split() == deployable.split() and "structvpr_mobilenetv2" in offered.split()
 
 
 def test_argument_descriptions_say_each_thing_once():
-    for arg, _, _, text in _overrides():
-        full = f"{text} (empty: params file)"  # what --show-args prints
-        assert full.count("empty") == 1, f"{arg}: {full!r}"
+    """A parameter argument's description is its spec's, plus what leaving the argument out means."""
+    graph = _graph()
+    for a in graph.launch_arguments():
+        if a.target is None:
+            continue
+        node, _, param = a.target.partition(".")
+        spec = graph.param_specs(node)[param]
+        assert a.description.startswith(f"{node} {param}: {spec.description}"), a.name
+        assert a.description.endswith(graph.KEEP_FILE) and a.description.count("params file") == 1, a.name
+        assert a.description.count("empty") == spec.description.count("empty") <= 1, a.description
+    jpeg = next(a for a in graph.launch_arguments() if a.name == "jpeg_quality")
+    assert jpeg.description == ("transmitter jpeg_quality: JPEG quality (mode jpeg); int in [1, 100]"
+                                " [not given: the params file's value]")
+
+
+def test_launch_argument_values_are_typed_by_the_specs():
+    graph = _graph()
+    from vpr_ros.core.errors import ConfigError
+
+    values = {"top_k": "3", "scale": "0.5", "camera_topic": "", "tx_mode": "h264"}
+    params = graph.apply_launch_arguments({"localizer": {"top_k": 5}}, values)
+    assert params == {"localizer": {"top_k": 3}, "transmitter": {"scale": 0.5, "mode": "h264"}}
+    with pytest.raises(ConfigError, match=r"launch argument top_k:='three': expected int"):
+        graph.apply_launch_arguments({}, {"top_k": "three"})
+
+
+# --------------------------------------------------------------------------- the graph (vpr_ros.ros.graph)
+
+
+def test_graph_imports_and_wires_without_rclpy():
+    """The graph description imports without ROS (or torch); wiring a complete params file needs neither."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('rclpy', 'launch', 'launch_ros', 'torch'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from vpr_ros.ros import graph\n"
+        f"p = graph.load_params_file({str(REPO / 'config' / 'localize.yaml')!r})\n"
+        "p = graph.wire(p, use_transmitter=True)\n"
+        "print(*(p[n]['image_topic'] for n in ('localizer', 'loop_closure', 'transmitter')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["vpr/transmitted/image", "vpr/transmitted/image", "camera/image_raw"]
+
+
+def test_graph_nodes_are_the_packaged_executables():
+    from vpr_ros.ros.graph import NODES, SWITCHES, active_nodes
+
+    setup = (REPO / "setup.py").read_text()
+    for node in NODES:
+        assert f'"{node.executable} = {node.module}:main"' in setup, node
+    assert [n.name for n in NODES] == ["transmitter", "localizer", "loop_closure"]  # start order
+    assert SWITCHES == ("use_transmitter", "use_loop_closure")
+    assert [n.name for n in active_nodes()] == ["localizer"]
+    everything = active_nodes(use_transmitter=True, use_loop_closure=True)
+    assert [n.name for n in everything] == [n.name for n in NODES]
+    assert [n.name for n in active_nodes(use_loop_closure=True)] == ["localizer", "loop_closure"]
+
+
+def test_wiring_rules():
+    from vpr_ros.ros.graph import wire
+
+    full = {"localizer": {"image_topic": "cam", "image_transport": "compressed", "match_topic": "m",
+                          "map_path": "site.vprmap", "transmission_stats_topic": ""},
+            "transmitter": {"output_topic": "link", "stats_topic": "link_stats"}}
+    on = wire(full, use_transmitter=True)
+    # the transmitter takes the camera settings; the localizer reads the link (decoded: raw) and its stats
+    assert on["transmitter"] == {"output_topic": "link", "stats_topic": "link_stats", "image_topic": "cam",
+                                 "image_transport": "compressed"}
+    assert (on["localizer"]["image_topic"], on["localizer"]["image_transport"]) == ("link", "raw")
+    assert on["localizer"]["transmission_stats_topic"] == "link_stats"
+    # the loop closure reads what the localizer reads, its matches and its map
+    assert on["loop_closure"] == {"match_topic": "m", "image_topic": "link", "image_transport": "raw",
+                                  "map_path": "site.vprmap"}
+    off = wire(full, use_transmitter=False)
+    assert off["localizer"] == full["localizer"] and off["transmitter"] == full["transmitter"]
+    lc = off["loop_closure"]
+    assert (lc["image_topic"], lc["image_transport"]) == ("cam", "compressed")
+    # a node's own section beats the wiring ("unset"/"empty" rules), the wiring beats /**
+    own = {**full, "localizer": {**full["localizer"], "transmission_stats_topic": "mine"},
+           "loop_closure": {"image_topic": "other"}, "*": {"match_topic": "everyone"}}
+    w = wire(own, use_transmitter=True)
+    assert w["localizer"]["transmission_stats_topic"] == "mine"
+    assert w["loop_closure"]["image_topic"] == "other" and w["loop_closure"]["match_topic"] == "m"
+    assert full["localizer"]["image_topic"] == "cam"  # the input is not changed
+
+
+def test_wiring_takes_unset_sources_from_the_node_defaults():
+    graph = _graph()
+    w = graph.wire({"*": {"map_path": "shared.vprmap"}}, use_transmitter=True)
+    tx = graph.param_specs("transmitter")
+    assert w["transmitter"]["image_topic"] == graph.param_specs("localizer")["image_topic"].default
+    assert w["localizer"]["image_topic"] == tx["output_topic"].default == "vpr/transmitted/image"
+    assert w["localizer"]["transmission_stats_topic"] == tx["stats_topic"].default
+    assert w["loop_closure"]["map_path"] == "shared.vprmap"  # the localizer's value through /**
+
+
+def test_node_values_merge_common_values_and_refuse_unknown_names():
+    graph = _graph()
+    from vpr_ros.core.errors import ConfigError
+
+    params = {"*": {"max_pixels": 1000, "use_sim_time": False, "score_threshold": 0.5},
+              "localizer": {"min_score": 0, "qos_overrides./x.depth": 3}}
+    values = graph.node_values("localizer", params)
+    # /** values the node declares (score_threshold is the loop closure's), ints widened for floats
+    assert values == {"max_pixels": 1000, "use_sim_time": False, "min_score": 0.0,
+                      "qos_overrides./x.depth": 3}
+    assert isinstance(values["min_score"], float)
+    assert graph.node_values("loop_closure", params)["score_threshold"] == 0.5
+    with pytest.raises(ConfigError, match="unknown parameter.*'localizer': top_kk"):
+        graph.node_values("localizer", {"localizer": {"top_kk": 3}})
 
 
 def test_docs_name_the_place_candidate_fields():
@@ -116,7 +235,7 @@ def test_docs_name_the_place_candidate_fields():
 def test_every_node_is_required():
     """Each Node gets on_exit (directly or through its **kwargs dict): a dead node ends the launch."""
     nodes = _calls("Node")
-    assert len(nodes) == 3  # transmitter, localizer, loop closure
+    assert nodes, "the launch file starts no Node"
     handlers = set()
     for call in nodes:
         kw = {k.arg: k.value for k in call.keywords if k.arg}
@@ -126,6 +245,9 @@ def test_every_node_is_required():
         assert "on_exit" in kw, f"Node at line {call.lineno} has no on_exit: the launch outlives it"
         assert isinstance(kw["on_exit"], ast.Name), ast.dump(kw["on_exit"])
         handlers.add(kw["on_exit"].id)
+        # every node of the graph comes from vpr_ros.ros.graph (executable and name)
+        for key in ("executable", "name"):
+            assert isinstance(kw[key], ast.Attribute) and kw[key].attr == key, ast.dump(kw[key])
     assert len(handlers) == 1
     fn = _functions()[handlers.pop()]
     # a failure raises (LaunchService then exits non-zero), a clean exit still shuts the graph down,
@@ -189,6 +311,9 @@ def test_launch_arguments_when_launch_is_installed():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     declared = {a.name: a for a in mod.generate_launch_description().get_launch_arguments()}
-    for name, values in mod.CHOICES.items():
-        assert declared[name].choices == ["", *values], name
-    assert declared["model"].description.count("empty") == 1, declared["model"].description
+    from vpr_ros.ros import graph
+
+    assert list(declared) == list(ARGUMENTS)
+    for a in graph.launch_arguments():
+        assert declared[a.name].choices == (list(a.choices) if a.choices else None), a.name
+        assert declared[a.name].description == a.description, a.name

@@ -24,20 +24,21 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from vpr_ros_msgs.msg import PlaceMatch
 
+from vpr_ros.core.localizer import build_extractor
 from vpr_ros.data.places import load_nordland
 from vpr_ros.eval.offline import map_from_records
+from vpr_ros.ros import graph as node_graph
 from vpr_ros.ros import localizer_node as localizer
 from vpr_ros.ros import loop_closure_node as loop_closure
 from vpr_ros.ros import transmitter_node as transmitter
 from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
-from vpr_ros.ros.localizer_node import LocalizerNode, build_extractor
-from vpr_ros.ros.loop_closure_node import LoopClosureNode
-from vpr_ros.ros.runner import InProcessGraph, apply_sets, load_params_file, overrides_for, wire_graph
-from vpr_ros.ros.transmitter_node import TransmitterNode
+from vpr_ros.ros.localizer_node import LocalizerNode
+from vpr_ros.ros.runner import InProcessGraph
 
 pytestmark = ROS_TESTS
 CONFIG = REPO / "config" / "localize.yaml"
 LAUNCH = REPO / "launch" / "localize.launch.py"
+GRAPH = REPO / "vpr_ros" / "ros" / "graph.py"
 #: Topics every node uses by ROS convention, outside any namespace.
 GLOBAL_TOPICS = {"/diagnostics", "/rosout", "/parameter_events"}
 
@@ -58,10 +59,11 @@ def test_default_topics_are_relative_everywhere():
     for node, body in config.items():
         absolute += [f"config {node}.{k}={v}" for k, v in body["ros__parameters"].items()
                      if k.endswith("_topic") and isinstance(v, str) and v.startswith("/")]
-    for node in ast.walk(ast.parse(LAUNCH.read_text())):  # the launch file's fallback topic names
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("/") \
-                and "/" in node.value[1:] and " " not in node.value:
-            absolute.append(f"launch {node.value}")
+    for path in (LAUNCH, GRAPH):  # topic names the launch file or the graph wiring might fall back to
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("/") \
+                    and "/" in node.value[1:] and " " not in node.value:
+                absolute.append(f"{path.name} {node.value}")
     assert not absolute, f"absolute topic names ignore namespace:= and remapping: {absolute}"
 
 
@@ -86,18 +88,15 @@ def _robot_graph(ns: str, model, map_dir, remaps: tuple[str, ...] = ()) -> InPro
     ext, label = model
     sets = [f"localizer.map_path={map_dir}", "localizer.diagnostics_period_s=0.0",
             "transmitter.diagnostics_period_s=0.0"]
-    params = wire_graph(apply_sets(load_params_file(CONFIG), sets), use_transmitter=True)
+    params = node_graph.wire(node_graph.apply_sets(node_graph.load_params_file(CONFIG), sets),
+                             use_transmitter=True)
     args = ["--ros-args", "-r", f"__ns:=/{ns}"]
     for rule in remaps:
         args += ["-r", rule]
     graph = InProcessGraph(args).start()
     try:
-        graph.add(TransmitterNode("transmitter", context=graph.context,
-                                  parameter_overrides=overrides_for("transmitter", params)))
-        graph.add(LocalizerNode("localizer", extractor=ext, label=label, context=graph.context,
-                                parameter_overrides=overrides_for("localizer", params)))
-        graph.add(LoopClosureNode("loop_closure", context=graph.context,
-                                  parameter_overrides=overrides_for("loop_closure", params)))
+        graph.add_graph_nodes(params, node_graph.active_nodes(use_transmitter=True, use_loop_closure=True),
+                              extra={"localizer": {"extractor": ext, "label": label}})
     except BaseException:
         graph.stop()
         raise

@@ -452,7 +452,7 @@ CLI_CASES = {
     ),
     "invalid_parameter": (
         lambda f: _localize(f, "map", "localizer.max_pixels=0"),
-        "vpr-ros localize: error: localizer: parameter 'max_pixels' must be in [1, 6.71089e+07]",
+        "vpr-ros localize: error: localizer: parameter 'max_pixels' must be in [1, 67108864]",
     ),
     "invalid_option": (
         lambda f: _replay(f, "bag", "map", "--top-k", "0"),

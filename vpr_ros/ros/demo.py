@@ -28,6 +28,7 @@ from vpr_ros.core.transmission import TransmissionConfig, Transmitter
 from vpr_ros.data.places import PlaceDataset, load_nordland
 from vpr_ros.eval.metrics import recall_at_n
 from vpr_ros.eval.offline import map_from_records
+from vpr_ros.ros import graph as node_graph
 
 __all__ = ["run_graph_demo"]
 
@@ -143,19 +144,18 @@ def _graph_runs(ext: DescriptorExtractor, label: str, map_dir: Path, frames: lis
     from vpr_ros_msgs.msg import PlaceMatch, TransmissionStats
 
     from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
-    from vpr_ros.ros.localizer_node import LocalizerNode
     from vpr_ros.ros.runner import InProcessGraph
-    from vpr_ros.ros.transmitter_node import TransmitterNode
 
     ns = f"/vpr_demo_{uuid.uuid4().hex[:8]}"
-    tx_params = {"image_topic": f"{ns}/camera/image_raw", "output_topic": f"{ns}/link/image",
-                 "stats_topic": f"{ns}/link/stats", "queue_size": 100, **_tx_params(runs[0].config)}
-    loc_params = {"image_topic": f"{ns}/link/image", "match_topic": f"{ns}/place_match",
-                  "transmission_stats_topic": f"{ns}/link/stats", "map_path": str(map_dir),
-                  "queue_size": 200, "max_batch": 16, "top_k": K}
+    params = node_graph.wire({  # camera -> transmitter -> localizer, wired as the launch file does
+        "transmitter": {"output_topic": f"{ns}/link/image", "stats_topic": f"{ns}/link/stats",
+                        "queue_size": 100, **_tx_params(runs[0].config)},
+        "localizer": {"image_topic": f"{ns}/camera/image_raw", "match_topic": f"{ns}/place_match",
+                      "map_path": str(map_dir), "queue_size": 200, "max_batch": 16, "top_k": K},
+    }, use_transmitter=True)
     with InProcessGraph() as graph:
-        tx = graph.create(TransmitterNode, "transmitter", params=tx_params)
-        graph.create(LocalizerNode, "localizer", params=loc_params, extractor=ext, label=label)
+        tx = graph.add_graph_nodes(params, node_graph.active_nodes(use_transmitter=True),
+                                   extra={"localizer": {"extractor": ext, "label": label}})["transmitter"]
         probe = graph.add(graph.node("demo_camera"))
         matches: dict[int, tuple[Any, float]] = {}
         stats: dict[int, int] = {}

@@ -120,6 +120,13 @@ class ParamSpec:
             return f"parameter {self.name!r} = {value!r} is not one of: {', '.join(self.choices)}"
         return None
 
+    @property
+    def limits(self) -> str:
+        """The allowed values in words: the choices, the range ``[low, high]``, or ``""``."""
+        if self.choices:
+            return ", ".join(self.choices)
+        return _range_text(self) if self.low is not None or self.high is not None else ""
+
     def coerce(self, value: Any) -> Any:
         """Loosen a params-file value to this type where it is lossless (int -> float)."""
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
@@ -128,9 +135,13 @@ class ParamSpec:
 
 
 def _range_text(spec: ParamSpec) -> str:
-    lo = "-inf" if spec.low is None else f"{spec.low:g}"
-    hi = "inf" if spec.high is None else f"{spec.high:g}"
-    return f"[{lo}, {hi}]"
+    """``[low, high]``; integer parameters' bounds in full digits (``[1, 67108864]``)."""
+    def bound(v: float | None, missing: str) -> str:
+        if v is None:
+            return missing
+        return str(int(v)) if spec.type is int else f"{v:g}"
+
+    return f"[{bound(spec.low, '-inf')}, {bound(spec.high, 'inf')}]"
 
 
 def declare_params(node: Node, specs: Sequence[ParamSpec]) -> dict[str, Any]:
@@ -196,10 +207,8 @@ def spec_table(specs: Iterable[ParamSpec]) -> str:
     rows = ["| parameter | type | default | range / choices | runtime | description |",
             "|---|---|---|---|---|---|"]
     for s in specs:
-        limits = ", ".join(s.choices) if s.choices else (
-            _range_text(s) if s.low is not None or s.high is not None else "")
         text = s.description.replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
-        rows.append(f"| `{s.name}` | {s.type.__name__} | `{s.default!r}` | {limits} | "
+        rows.append(f"| `{s.name}` | {s.type.__name__} | `{s.default!r}` | {s.limits} | "
                     f"{'no' if s.read_only else 'yes'} | {text} |")
     return "\n".join(rows)
 

@@ -1,4 +1,4 @@
-"""Run the vpr_ros graph in one process: the same nodes and the same params file as the launch file.
+"""Run the vpr_ros graph in one process: the nodes, params file and wiring of :mod:`vpr_ros.ros.graph`.
 
 ``vpr-ros localize --params config/localize.yaml [--set localizer.top_k=3] [--transmitter]
 [--loop-closure]`` reads a ROS 2 params file (``node_name: {ros__parameters: {...}}``, ``/**``
@@ -15,12 +15,11 @@ shutdown.
 
 from __future__ import annotations
 
-import importlib
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,174 +30,21 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
-from vpr_ros.core.config_file import load_yaml, parse_value
-from vpr_ros.core.errors import ConfigError, VprError
-from vpr_ros.core.fileio import display_path
+from vpr_ros.core.errors import ConfigError
+from vpr_ros.ros import graph as node_graph
 from vpr_ros.ros.node_kit import SWITCH_INTERVAL_S
 
 __all__ = [
     "EXECUTORS",
-    "NODES",
     "InProcessGraph",
-    "apply_sets",
-    "load_params_file",
-    "node_class",
+    "overrides_for",
     "run_graph",
-    "wire_graph",
 ]
-
-#: Node name -> (module, class) of the graph's nodes, in start order.
-NODES: dict[str, tuple[str, str]] = {
-    "transmitter": ("vpr_ros.ros.transmitter_node", "TransmitterNode"),
-    "localizer": ("vpr_ros.ros.localizer_node", "LocalizerNode"),
-    "loop_closure": ("vpr_ros.ros.loop_closure_node", "LoopClosureNode"),
-}
-
-
-# --------------------------------------------------------------------------- params files
-
-
-def _flatten(prefix: str, value: Any, out: dict[str, Any], where: str) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out, where)
-    elif value is None:
-        raise ConfigError(f"{where}: parameter {prefix!r} has no value")
-    else:
-        out[prefix] = value
-
-
-def load_params_file(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Parameters per node name from a ROS 2 params file; ``/**`` entries go to every node (key ``*``).
-
-    Nested mappings under ``ros__parameters`` become dotted names, as ROS 2 reads them.
-    """
-    path = Path(path)
-    data = load_yaml(path, what="params file")
-    if not data:
-        raise ConfigError(f"params file {path}: empty; expected a mapping of node names")
-    out: dict[str, dict[str, Any]] = {}
-    for key, body in data.items():
-        name = str(key).strip("/") if key != "/**" else "*"
-        if not isinstance(body, dict) or not isinstance(body.get("ros__parameters"), dict):
-            raise ConfigError(f"params file {path}: {key!r} has no 'ros__parameters' mapping")
-        params: dict[str, Any] = {}
-        _flatten("", body["ros__parameters"], params, f"params file {path}, node {key}")
-        out.setdefault(name, {}).update(params)
-    return out
-
-
-def node_class(name: str) -> type[Node] | None:
-    """The node class for a graph node name; None when its module is not installed."""
-    module, cls = NODES[name]
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError):
-        return None
-
-
-def _specs(name: str) -> dict[str, Any]:
-    module = NODES.get(name, (None,))[0]
-    if module is None:
-        return {}
-    try:
-        return {s.name: s for s in getattr(importlib.import_module(module), "PARAMS", ())}
-    except ImportError:
-        return {}
-
-
-def _typed(spec: Any, text: str) -> Any:
-    if spec is None:
-        return parse_value(text, where="--set")
-    if spec.type is str:
-        return text
-    if spec.type is bool:
-        v = parse_value(text, where=f"--set {spec.name}")
-        if not isinstance(v, bool):
-            raise ConfigError(f"--set {spec.name}={text}: expected true or false")
-        return v
-    try:
-        return spec.type(text)
-    except ValueError:
-        raise ConfigError(f"--set {spec.name}={text}: expected {spec.type.__name__}") from None
-
-
-def apply_sets(params: dict[str, dict[str, Any]], sets: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """Apply ``node.param=value`` overrides (typed by the node's parameter specs when known)."""
-    out = {k: dict(v) for k, v in params.items()}
-    for item in sets:
-        key, eq, text = item.partition("=")
-        node, dot, param = key.strip().partition(".")
-        if not eq or not dot or not node or not param:
-            raise ConfigError(f"--set {item!r}: expected NODE.PARAM=VALUE, e.g. localizer.top_k=3")
-        try:  # ROS strings are UTF-8: a Latin-1 file name from the command line cannot be passed on
-            item.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ConfigError(f"--set {display_path(item)}: not valid UTF-8 text (ROS parameters are UTF-8 "
-                              "strings); rename the file or folder") from None
-        node = "*" if node == "/**" else node
-        if node != "*" and node not in NODES:  # a typo would otherwise be ignored silently
-            raise ConfigError(f"--set {item!r}: unknown node {node!r}; nodes: {', '.join(NODES)} "
-                              "(or * for all)")
-        specs = _specs(node)
-        if specs and param not in specs and param not in _ROS_OWN and not param.startswith("qos_overrides."):
-            raise ConfigError(f"unknown parameter(s) for node {node!r}: {param} (--set {item!r}); known: "
-                              f"{', '.join(sorted(specs))}")
-        out.setdefault(node, {})[param] = _typed(specs.get(param), text.strip())
-    return out
-
-
-def wire_graph(params: dict[str, dict[str, Any]], *, use_transmitter: bool) -> dict[str, dict[str, Any]]:
-    """Connect the nodes as the launch file does.
-
-    With the transmitter, it reads the camera (``localizer.image_topic``) and the localizer
-    reads the transmitter's output; the localizer labels matches from the transmitter's stats.
-    The loop-closure node reads the localizer's matches and the images the localizer reads,
-    and verifies against the localizer's map (its stored local features), unless its section
-    names others.
-    """
-    out = {k: dict(v) for k, v in params.items()}
-    from vpr_ros.ros.localizer_node import PARAMS as LOC
-    from vpr_ros.ros.transmitter_node import PARAMS as TX
-
-    loc_d = {s.name: s.default for s in LOC}
-    tx_d = {s.name: s.default for s in TX}
-    loc = out.setdefault("localizer", {})
-    if use_transmitter:
-        tx = out.setdefault("transmitter", {})
-        tx.setdefault("image_topic", loc.get("image_topic", loc_d["image_topic"]))
-        tx.setdefault("image_transport", loc.get("image_transport", loc_d["image_transport"]))
-        loc["image_topic"] = tx.get("output_topic", tx_d["output_topic"])
-        loc["image_transport"] = "raw"
-        if not loc.get("transmission_stats_topic"):
-            loc["transmission_stats_topic"] = tx.get("stats_topic", tx_d["stats_topic"])
-    lc = out.setdefault("loop_closure", {})
-    for key in ("match_topic", "image_topic", "image_transport", "map_path"):
-        lc.setdefault(key, loc.get(key, loc_d[key]))
-    return out
-
-
-_ROS_OWN = ("use_sim_time",)
 
 
 def overrides_for(name: str, params: dict[str, dict[str, Any]]) -> list[Parameter]:
-    """``parameter_overrides`` for node ``name``: ``/**`` values, then its own (ints widened to floats).
-
-    For nodes whose parameter specs are known, a name they do not declare is a
-    :class:`ConfigError` (a typo would otherwise be ignored silently); ``/**`` values go only
-    to the nodes that declare them.
-    """
-    specs = _specs(name)
-    own = params.get(name, {})
-    merged = {k: v for k, v in params.get("*", {}).items() if not specs or k in specs or k in _ROS_OWN}
-    merged.update(own)
-    if specs:
-        unknown = sorted(k for k in own if k not in specs and k not in _ROS_OWN
-                         and not k.startswith("qos_overrides."))
-        if unknown:
-            raise ConfigError(f"unknown parameter(s) for node {name!r}: {', '.join(unknown)}; "
-                              f"known: {', '.join(sorted(specs))}")
-    return [Parameter(k, value=specs[k].coerce(v) if k in specs else v) for k, v in merged.items()]
+    """``parameter_overrides`` for node ``name``: its values of ``params`` (:func:`graph.node_values`)."""
+    return [Parameter(k, value=v) for k, v in node_graph.node_values(name, params).items()]
 
 
 # --------------------------------------------------------------------------- in-process graph
@@ -257,6 +103,24 @@ class InProcessGraph:
         self.nodes.append(node)
         self.executor.add_node(node)
         return node
+
+    def add_graph_nodes(self, params: dict[str, dict[str, Any]], nodes: Iterable[node_graph.GraphNode],
+                        extra: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Node]:
+        """Construct and spin ``nodes`` (of :mod:`vpr_ros.ros.graph`) with their values of ``params``.
+
+        ``extra[name]`` are more constructor keywords of that node (e.g. the localizer's ``extractor``).
+        A node whose module cannot be imported is a :class:`ConfigError`.
+        """
+        out: dict[str, Node] = {}
+        for gn in nodes:
+            try:
+                cls = gn.node_class()
+            except (ImportError, AttributeError):
+                raise ConfigError(f"node {gn.name!r} is not available ({gn.module}.{gn.cls} cannot be "
+                                  "imported)") from None
+            out[gn.name] = self.add(cls(gn.name, context=self.context, **(extra or {}).get(gn.name, {}),
+                                        parameter_overrides=overrides_for(gn.name, params)))
+        return out
 
     def create(self, cls: Callable[..., Node], name: str | None = None, params: dict[str, Any] | None = None,
                **kwargs: Any) -> Node:
@@ -388,19 +252,11 @@ def run_graph(params_file: str | Path, sets: Sequence[str] = (), *, use_transmit
 
     Returns a process exit status: 0 after a clean stop, 2 when a node refuses its configuration.
     """
-    params = wire_graph(apply_sets(load_params_file(params_file), sets), use_transmitter=use_transmitter)
-    wanted = ["localizer"]
-    if use_transmitter:
-        wanted.insert(0, "transmitter")
-    if use_loop_closure:
-        wanted.append("loop_closure")
-    classes = {}
-    for name in wanted:
-        cls = node_class(name)
-        if cls is None:
-            module, attr = NODES[name]
-            raise ConfigError(f"node {name!r} is not available ({module}.{attr} cannot be imported)")
-        classes[name] = cls
+    params = node_graph.wire(node_graph.apply_sets(node_graph.load_params_file(params_file), sets),
+                             use_transmitter=use_transmitter)
+    nodes = node_graph.active_nodes(use_transmitter=use_transmitter, use_loop_closure=use_loop_closure)
+    for gn in nodes:  # a configuration error stops the run before any node starts
+        node_graph.node_values(gn.name, params)
 
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -409,10 +265,8 @@ def run_graph(params_file: str | Path, sets: Sequence[str] = (), *, use_transmit
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         with InProcessGraph(args) as graph:
-            for name in wanted:
-                graph.add(classes[name](name, context=graph.context,
-                                        parameter_overrides=overrides_for(name, params)))
-            print(f"vpr-ros localize: running {', '.join(wanted)} from {params_file} "
+            graph.add_graph_nodes(params, nodes)
+            print(f"vpr-ros localize: running {', '.join(n.name for n in nodes)} from {params_file} "
                   f"(Ctrl-C to stop)", flush=True)
             deadline = None if duration is None else time.monotonic() + duration
             while not stop.is_set():
@@ -428,22 +282,5 @@ def run_graph(params_file: str | Path, sets: Sequence[str] = (), *, use_transmit
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vpr_ros.ros.runner --params FILE ...`` (same options as ``vpr-ros localize``)."""
-    import argparse
-
-    from vpr_ros.cli.ros import add_localize_args
-
-    p = argparse.ArgumentParser(prog="vpr_ros.ros.runner", description=__doc__.splitlines()[0])
-    add_localize_args(p)
-    a = p.parse_args(argv)
-    try:
-        return run_graph(a.params, a.set or (), use_transmitter=a.transmitter,
-                         use_loop_closure=a.loop_closure, duration=a.duration)
-    except VprError as exc:
-        print(f"vpr_ros.ros.runner: error: {exc}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("moved: use `vpr-ros localize ...`")
