@@ -194,8 +194,8 @@ def bare_rates(backend_name: str, size: tuple[int, int], weights: str, frames: l
     included, built as the node builds it) and as a plain eager forward on ready tensors."""
     import torch
 
+    from vpr_ros.core.localizer import build_extractor
     from vpr_ros.core.preprocess import to_tensor_batch
-    from vpr_ros.ros.localizer_node import build_extractor
 
     ext, _ = build_extractor(weights, "", f"{size[0]}x{size[1]}", "cpu", 1, backend=backend_name,
                              threads=threads)
@@ -246,9 +246,9 @@ def orchestrate(args: argparse.Namespace) -> int:
     C.ros_env()
     import torch
 
+    from vpr_ros.core.localizer import build_extractor
     from vpr_ros.data.places import load_kitti
     from vpr_ros.eval.offline import map_from_records
-    from vpr_ros.ros.localizer_node import build_extractor
 
     size = tuple(int(v) for v in args.input_size.split("x"))
     mach = C.machine("torch", "onnxruntime", "numpy", "rclpy")

@@ -174,7 +174,7 @@ def role_pub(args: argparse.Namespace) -> int:
 
 def bare_rate(args: argparse.Namespace, frames: list[np.ndarray], seconds: float = 6.0) -> float:
     """Frames/s of the node's model and backend called in a plain loop, batch 1, preprocessing included."""
-    from vpr_ros.ros.localizer_node import build_extractor
+    from vpr_ros.core.localizer import build_extractor
 
     ext, _ = build_extractor(
         args.weights, "", args.input_size, "cpu", 1, backend=args.backend, threads=args.threads
@@ -205,9 +205,9 @@ def read_json(proc: subprocess.Popen, until: str, timeout: float, on_line=None) 
 def orchestrate(args: argparse.Namespace) -> int:
     C.ros_env()
     os.environ.setdefault("VPR_ROS_CACHE", str(C.REPO / ".cache"))
+    from vpr_ros.core.localizer import build_extractor
     from vpr_ros.data.places import load_kitti
     from vpr_ros.eval.offline import map_from_records
-    from vpr_ros.ros.localizer_node import build_extractor
 
     size = tuple(int(v) for v in args.input_size.split("x"))
     mach = C.machine("torch", "onnxruntime", "numpy", "rclpy")

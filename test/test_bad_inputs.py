@@ -558,9 +558,9 @@ def replay_rig(kitti_dir, tmp_path_factory, torch_home):
     """A 4-frame KITTI bag, an ImageNet extractor and a map of those frames whose sources are Latin-1
     file names."""
     pytest.importorskip("ros_support")
+    from vpr_ros.core.localizer import build_extractor
     from vpr_ros.core.mapdb import MapEntry
     from vpr_ros.data.dataset_bags import make_dataset_bag
-    from vpr_ros.ros.localizer_node import build_extractor
 
     tmp = tmp_path_factory.mktemp("bad_inputs_replay")
     bag = Path(make_dataset_bag("kitti", kitti_dir, tmp / "k.mcap", limit=4)["bag"])

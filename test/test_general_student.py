@@ -10,6 +10,7 @@ import torch
 
 from vpr_ros.core.errors import ConfigError
 from vpr_ros.core.images import save_image
+from vpr_ros.core.localizer import build_extractor
 from vpr_ros.core.models import create_model, load_model, save_checkpoint
 from vpr_ros.core.models.card import read_card
 from vpr_ros.training.config import SplitConfig, apply_overrides, build_config
@@ -137,8 +138,7 @@ def test_packaged_students_resolve_by_their_card_key():
 
 
 def test_localizer_takes_a_packaged_student_by_name():
-    localizer = pytest.importorskip("vpr_ros.ros.localizer_node")
-    ext, _ = localizer.build_extractor("general", "", "", "cpu", 4, backend="torch")
+    ext, _ = build_extractor("general", "", "", "cpu", 4, backend="torch")
     assert ext.preprocess.input_size == (240, 320) and ext.dim == 448
     with pytest.raises(Exception, match="does not exist"):
-        localizer.build_extractor("no_such_student", "", "", "cpu", 4, backend="torch")
+        build_extractor("no_such_student", "", "", "cpu", 4, backend="torch")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from vpr_ros.core import localizer
 from vpr_ros.core.errors import MapError
 from vpr_ros.core.mapdb import PlaceMap
 from vpr_ros.core.provenance import descriptor_source, source_mismatch, weights_id
@@ -117,10 +118,7 @@ def test_build_map_records_the_weights(default_map):
 
 @pytest.fixture(scope="module")
 def loc():
-    """vpr_ros.ros.localizer_node (needs rclpy and the built messages, else the test skips saying which)."""
-    pytest.importorskip("ros_support")
-    from vpr_ros.ros import localizer_node as localizer
-
+    """vpr_ros.core.localizer: model resolution and map opening as the localizer node does them."""
     return localizer
 
 
@@ -137,7 +135,7 @@ def test_localizer_loads_a_map_of_its_own_weights_without_warning(default_map, s
 
 
 def test_localizer_refuses_a_map_of_other_weights(default_map, student, loc, torch_home):
-    from ros_support import run_node_main
+    run_node_main = pytest.importorskip("ros_support").run_node_main  # the node part needs rclpy
 
     ext, _ = student
     size = "x".join(str(v) for v in ext.preprocess.input_size)

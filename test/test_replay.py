@@ -88,7 +88,7 @@ ros = pytest.mark.ros
 
 
 def _extractor(torch_home, input_size: str):
-    from vpr_ros.ros.localizer_node import build_extractor
+    from vpr_ros.core.localizer import build_extractor
 
     return build_extractor("imagenet", "", input_size, "cpu", 8)
 

@@ -240,7 +240,7 @@ def frame(kitti_dir) -> np.ndarray:
 def rig(ros_env, torch_home, kitti_dir, frame, tmp_path_factory):
     pytest.importorskip("ros_support")
     from vpr_ros.core.images import load_image
-    from vpr_ros.ros.localizer_node import build_extractor
+    from vpr_ros.core.localizer import build_extractor
     from vpr_ros.ros.runner import InProcessGraph
 
     model = build_extractor("imagenet", "", "native", "cpu", 8)
@@ -350,9 +350,10 @@ def test_nan_odometry_is_ignored_and_keyframes_keep_their_poses(rig, frame):
         msg = Odometry(header=Header(stamp=float_to_stamp(s), frame_id="odom"))
         msg.pose.pose = Pose(position=Point(x=x, y=0.0, z=0.0))
         odom.publish(msg)
-    assert rig.graph.wait_for(lambda: loc.odom_rejected == 1 and len(loc._odom) == 2, 5.0)
+    core = loc.localizer
+    assert rig.graph.wait_for(lambda: core.odom_rejected == 1 and len(core.odometry) == 2, 5.0)
     rig.graph.publish_paced(cam, [good_message("raw", s, frame) for s in stamps], lambda: loc.frames_in)
-    assert rig.graph.wait_for(lambda: loc.keyframes_added == 2, 15.0), loc.diagnostics()
+    assert rig.graph.wait_for(lambda: core.keyframes_added == 2, 15.0), loc.diagnostics()
     assert rig.graph.wait_for(lambda: rig.published(loc).get("odom_rejected") == "1", 5.0)
     assert rig.logged(loc, "ignored [odom_nan]: odometry at stamp") and rig.logged(loc, "NaN/inf in its pose")
     entries = loc.place_map.entries()
@@ -368,8 +369,8 @@ def bad_files(kitti_dir, tmp_path_factory, torch_home) -> dict[str, Path]:
     """A small KITTI bag and its map, plus broken copies: truncated map, 16-d map, corrupt checkpoint,
     truncated MCAP bag, SQLite bag corrupt in the middle."""
     pytest.importorskip("rosbags")
+    from vpr_ros.core.localizer import build_extractor
     from vpr_ros.data.dataset_bags import make_dataset_bag
-    from vpr_ros.ros.localizer_node import build_extractor
 
     tmp = tmp_path_factory.mktemp("bad_files")
     bag = make_dataset_bag("kitti", kitti_dir, tmp / "k.mcap", limit=6)["bag"]

@@ -33,11 +33,12 @@ from vpr_ros_msgs.srv import SaveMap
 
 from vpr_ros.core.errors import ConfigError, MapError, ModelError, VprError
 from vpr_ros.core.images import decode_image
+from vpr_ros.core.localizer import build_extractor
 from vpr_ros.core.mapdb import PlaceMap
 from vpr_ros.data.places import load_kitti, load_nordland
 from vpr_ros.eval.offline import map_from_records
 from vpr_ros.ros.conversions import float_to_stamp, rgb_to_compressed_msg, rgb_to_image_msg
-from vpr_ros.ros.localizer_node import LocalizerNode, build_extractor
+from vpr_ros.ros.localizer_node import LocalizerNode
 from vpr_ros.ros.runner import InProcessGraph
 
 pytestmark = ROS_TESTS
@@ -126,7 +127,7 @@ def test_place_matches_equal_offline_pipeline(model, summer_map):
         graph.publish_paced(probe.pub, msgs, lambda: node.frames_in)
         assert graph.wait_for(lambda: len(probe.matches) == len(queries), 30.0), \
             f"{len(probe.matches)} of {len(queries)} PlaceMatch received"
-        assert node.batches < len(queries), "frames queued while the model ran were never batched"
+        assert node.localizer.batches < len(queries), "frames queued while the model ran were never batched"
 
     agree = 0
     for i, off in enumerate(offline):
@@ -200,7 +201,7 @@ def test_repeated_stamp_answered_again_but_never_a_second_place(model, nordland,
         assert graph.wait_for(lambda: node.frames_ok == 3, 30.0), node.diagnostics()
         diag = node.diagnostics()
     assert diag["repeated_stamp"] == 1 and diag["out_of_order"] == 0
-    assert node.keyframes_added == 2 and len(node.place_map) == 2  # frames 0 and 1, not 0 twice
+    assert node.localizer.keyframes_added == 2 and len(node.place_map) == 2  # frames 0 and 1, not 0 twice
     assert [e.stamp for e in node.place_map.entries()] == pytest.approx([T0, T0 + 0.1])
 
 
@@ -361,7 +362,7 @@ def test_mapping_mode_kitti_odometry_save_service_and_reload(model, kitti_dir, t
             msg.pose.pose = Pose(position=Point(x=float(t[0]), y=float(t[1]), z=float(t[2])),
                                  orientation=Quaternion(x=x, y=y, z=z, w=w))
             odom_pub.publish(msg)
-        assert graph.wait_for(lambda: len(node._odom) == len(poses), 10.0)
+        assert graph.wait_for(lambda: len(node.localizer.odometry) == len(poses), 10.0)
         # the grey KITTI camera as mono8, at a quarter of the 640 px width (CPU time on shared cores)
         msgs = [rgb_to_image_msg(cv2.resize(r.load()[:, :, 0], (160, 48), interpolation=cv2.INTER_AREA),
                                  "mono8", header(i, "camera_left")) for i, r in enumerate(records)]
@@ -374,7 +375,7 @@ def test_mapping_mode_kitti_odometry_save_service_and_reload(model, kitti_dir, t
         assert graph.wait_for(future.done, 20.0)
         res = future.result()
     assert res.success and res.entries == n_kf, res.message
-    assert node.keyframes_added == n_kf and node.keyframes_without_pose == 0
+    assert node.localizer.keyframes_added == n_kf and node.localizer.keyframes_without_pose == 0
     for where in (saved_to, target):  # the service's path, and map_path written on shutdown
         loaded = PlaceMap.load(where)
         assert len(loaded) == n_kf and loaded.model == model[1]

@@ -25,11 +25,12 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from vpr_ros_msgs.msg import LoopClosure, PlaceCandidate, PlaceMatch
 
+from vpr_ros.core.localizer import build_extractor
 from vpr_ros.core.sequence import SequenceConfig, match_stream
 from vpr_ros.data.places import load_nordland
 from vpr_ros.eval.offline import map_from_records
 from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
-from vpr_ros.ros.localizer_node import LocalizerNode, build_extractor
+from vpr_ros.ros.localizer_node import LocalizerNode
 from vpr_ros.ros.loop_closure_node import LoopClosureNode
 from vpr_ros.ros.runner import InProcessGraph
 
@@ -157,10 +158,10 @@ def test_odometry_spaces_the_sequence_by_travelled_distance(student, block):
             msg = Odometry(header=Header(stamp=float_to_stamp(T0 + 0.1 * i + 0.01), frame_id="odom"))
             msg.pose.pose = Pose(position=Point(x=float(x)), orientation=Quaternion(w=1.0))
             odom_pub.publish(msg)
-        assert graph.wait_for(lambda: len(node._odom) == len(xs), 10.0), "odometry not received"
+        assert graph.wait_for(lambda: len(node.localizer.odometry) == len(xs), 10.0), "odometry not received"
         graph.publish_paced(pub, [_frame(frames[x], i) for i, x in enumerate(xs)], lambda: node.frames_in)
         assert graph.wait_for(lambda: len(got) == len(xs), 60.0), f"{len(got)} of {len(xs)} matches"
-        no_pose = node.sequence_no_pose
+        no_pose = node.localizer.sequence_no_pose
     filled = [got[stamp_key(float_to_stamp(T0 + 0.1 * i))].sequence_frames for i in range(len(xs))]
     assert filled == expected and no_pose == 0
 

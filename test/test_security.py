@@ -27,6 +27,7 @@ import torch
 
 from vpr_ros.core.errors import ConfigError, MapError, ModelError, VprError
 from vpr_ros.core.fileio import confined_path
+from vpr_ros.core.localizer import build_extractor
 from vpr_ros.core.mapdb import MANIFEST_NAME, PlaceMap
 from vpr_ros.core.models import create_model, load_model, read_checkpoint, resolve_model, save_checkpoint
 
@@ -228,7 +229,7 @@ def test_malicious_checkpoint_refused_by_cli_node_and_training(evil, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("not a readable vpr_ros checkpoint") == 2 and "Traceback" not in err
     with pytest.raises(ModelError, match="not a readable"):  # what the localizer node builds its model with
-        pytest.importorskip("vpr_ros.ros.localizer_node").build_extractor(str(path), "", "native", "cpu")
+        build_extractor(str(path), "", "native", "cpu")
     from test_training import tiny_recipe
 
     from vpr_ros.training import config_from_dict, train

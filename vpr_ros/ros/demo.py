@@ -232,7 +232,7 @@ def run_graph_demo(*, nordland_root: str | os.PathLike, out_dir: str | os.PathLi
     ``graph_demo.png`` (latency histogram, recall graph vs offline) under ``out_dir``.
     ``backend`` / ``precision`` / ``threads``: how the model runs (the localizer's parameters).
     """
-    from vpr_ros.ros.localizer_node import build_extractor
+    from vpr_ros.core.localizer import build_extractor
 
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     out = Path(out_dir)
