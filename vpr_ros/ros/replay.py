@@ -163,24 +163,17 @@ def write_record(path: Path, place_matches: Sequence[Any], closures: Sequence[An
     ts = vpr_typestore()
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
 
-    def ns(stamp: Any) -> int:
-        return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
-
     with Writer(path, version=9, storage_plugin=plugin) as writer:
         mc = writer.add_connection(MATCH_TOPIC, "vpr_ros_msgs/msg/PlaceMatch", typestore=ts)
         lc = writer.add_connection(LOOP_TOPIC, "vpr_ros_msgs/msg/LoopClosure", typestore=ts)
-        rows = [(ns(m.header.stamp), 0, i, m) for i, m in enumerate(place_matches)]
-        rows += [(ns(c.query_stamp), 1, i, c) for i, c in enumerate(closures)]
+        rows = [(to_ns(m.header.stamp), 0, i, m) for i, m in enumerate(place_matches)]
+        rows += [(to_ns(c.query_stamp), 1, i, c) for i, c in enumerate(closures)]
         for t_ns, kind, _, msg in sorted(rows, key=lambda r: r[:3]):
             writer.write(mc if kind == 0 else lc, t_ns, serialize_message(msg))
     return path
 
 
 # --------------------------------------------------------------------------- replay
-
-
-def _stamp_ns(stamp: Any) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
 
 
 def _bag_messages(reader: Any, connection: Any, bag: Path) -> Iterator[tuple[Any, int, bytes]]:
@@ -216,7 +209,7 @@ class _Collector:
         self.closures: list[Any] = []
 
     def on_match(self, msg: Any) -> None:
-        self.matches[_stamp_ns(msg.header.stamp)] = msg
+        self.matches[to_ns(msg.header.stamp)] = msg
         self.order.append(msg)
 
     def on_closure(self, msg: Any) -> None:
@@ -319,7 +312,7 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
                     pos_pub.publish(_deserialize(positions[next_pos][1], pos_type, cfg.bag))
                     next_pos += 1
                 msg = _deserialize(bytes(raw), img_type, cfg.bag)
-                published.append(_stamp_ns(msg.header.stamp))
+                published.append(to_ns(msg.header.stamp))
                 img_pub.publish(msg)
                 if cfg.fast and not _wait_frame(graph, loc, coll, len(published), publishing, cfg.timeout_s):
                     lost += 1
