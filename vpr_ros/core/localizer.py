@@ -322,8 +322,8 @@ class Localizer:
         if place_map is None:
             place_map, self.map_loaded = open_map(config.map_path, config.mode, extractor.dim, self.label,
                                                   config.index, source)
-        else:
-            self.map_loaded = True
+        else:  # the caller's map: checked against the extractor; map_loaded = read from map_path here
+            self.map_loaded = False
             if place_map.dim != extractor.dim:
                 raise MapError(f"the map holds {place_map.dim}-d descriptors, the model {extractor.dim}-d")
             reason = _map_mismatch(place_map, self.label, source)
