@@ -20,8 +20,10 @@ from vpr_ros.core.errors import ConfigError
 from vpr_ros.core.fileio import display_path
 
 __all__ = [
+    "KEEP_FILE",
     "LAUNCH_PARAMS",
     "NODES",
+    "SWITCHES",
     "WIRES",
     "GraphNode",
     "LaunchArgument",
@@ -34,7 +36,9 @@ __all__ = [
     "load_params_file",
     "node_values",
     "param_specs",
+    "typed_value",
     "wire",
+    "wired_params",
 ]
 
 Params = dict[str, dict[str, Any]]
@@ -47,7 +51,7 @@ class GraphNode:
     ``name`` is the ROS node name and its section of the params file; ``executable`` the console
     script (setup.py) that the launch file starts; ``module``/``cls`` the class the in-process runner
     constructs. An optional node has a ``switch``: the launch argument that adds it (the runner's
-    flag is the same name without ``use_``), described by ``switch_help``.
+    ``--transmitter`` / ``--loop-closure``), described by ``switch_help``.
     """
 
     name: str
