@@ -29,8 +29,9 @@ from vpr_ros.core.extract import DescriptorExtractor
 from vpr_ros.core.loop_closure import DEFAULT_MIN_INLIERS
 from vpr_ros.core.mapdb import PlaceMap
 from vpr_ros.core.models import resolve_model
+from vpr_ros.core.timeline import to_seconds
 from vpr_ros.data.places import load_rtabmap_loop
-from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg, stamp_to_float
+from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
 from vpr_ros.ros.loop_closure_node import LoopClosureNode
 from vpr_ros.ros.runner import InProcessGraph
 
@@ -113,8 +114,8 @@ def test_publishes_verified_loop_closures_for_real_revisits(sequence):
         q, m = idx[lc.query_id], idx[lc.match_id]
         assert gt[q, m], f"false loop closure {q + 1}.jpg -> {m + 1}.jpg"
         assert lc.verified and lc.inliers >= DEFAULT_MIN_INLIERS and lc.has_transform
-        assert stamp_to_float(lc.query_stamp) == pytest.approx(stamp(q))
-        assert stamp_to_float(lc.match_stamp) == pytest.approx(stamp(m))
+        assert to_seconds(lc.query_stamp) == pytest.approx(stamp(q))
+        assert to_seconds(lc.match_stamp) == pytest.approx(stamp(m))
         assert stamp(q) - stamp(m) > 10.0 and lc.header.frame_id == "camera"
         r, t = lc.relative_transform.rotation, lc.relative_transform.translation
         assert math.isclose(r.x ** 2 + r.y ** 2 + r.z ** 2 + r.w ** 2, 1.0, rel_tol=1e-5)

@@ -25,12 +25,12 @@ from vpr_ros.core.images import (  # noqa: E402
     RejectReason,
     decode_image_msg,
 )
+from vpr_ros.core.timeline import to_seconds  # noqa: E402
 from vpr_ros.ros.conversions import (  # noqa: E402
     float_to_stamp,
     ns_to_stamp,
     rgb_to_compressed_msg,
     rgb_to_image_msg,
-    stamp_to_float,
 )
 
 H, W = 6, 10
@@ -364,14 +364,14 @@ def test_rgb_to_compressed_rejections(rgb):
 def test_stamp_round_trip(t):
     stamp = float_to_stamp(t)
     assert isinstance(stamp, Time) and 0 <= stamp.nanosec < 1_000_000_000
-    assert stamp_to_float(stamp) == pytest.approx(t, abs=1e-6)
+    assert to_seconds(stamp) == pytest.approx(t, abs=1e-6)
 
 
 def test_stamp_exact_and_carry():
     assert float_to_stamp(3.25) == Time(sec=3, nanosec=250_000_000)
     assert float_to_stamp(-0.5) == Time(sec=-1, nanosec=500_000_000)
     assert float_to_stamp(4.9999999999) == Time(sec=5, nanosec=0)
-    assert stamp_to_float(Time(sec=2, nanosec=500_000_000)) == 2.5
+    assert to_seconds(Time(sec=2, nanosec=500_000_000)) == 2.5
     # 1_500_000_000 ns = 1 s + 500_000_000 ns
     assert ns_to_stamp(1_500_000_000) == Time(sec=1, nanosec=500_000_000)
     assert ns_to_stamp(-1) == Time(sec=-1, nanosec=999_999_999)  # -1 ns = -1 s + 999_999_999 ns

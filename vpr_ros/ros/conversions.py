@@ -1,8 +1,8 @@
-"""Adapters between ROS 2 messages and the core: RGB arrays -> ``sensor_msgs`` images, stamps <-> time.
+"""Builders of the ROS 2 messages the nodes publish: ``sensor_msgs`` images from RGB arrays and
+``builtin_interfaces/Time`` from seconds or nanoseconds.
 
-Image messages are decoded by :func:`vpr_ros.core.images.decode_image_msg` (one decoder for rclpy and
-rosbags messages); this module builds the messages the nodes publish and turns
-``builtin_interfaces/Time`` into the :mod:`vpr_ros.core.timeline` conventions and back.
+The other direction needs no adapter here: :func:`vpr_ros.core.images.decode_image_msg` decodes image
+messages and :mod:`vpr_ros.core.timeline` reads stamps (``to_seconds``, ``to_ns``) of any message.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ from std_msgs.msg import Header
 
 from vpr_ros.core.errors import ImageError
 from vpr_ros.core.images import MAX_PIXELS, as_rgb8
-from vpr_ros.core.timeline import Stamp, StampLike, to_seconds
+from vpr_ros.core.timeline import Stamp
 
 __all__ = [
     "float_to_stamp",
     "ns_to_stamp",
     "rgb_to_compressed_msg",
     "rgb_to_image_msg",
-    "stamp_to_float",
 ]
 
 _OUT_CHANNELS = {"rgb8": 3, "bgr8": 3, "mono8": 1}
@@ -95,11 +94,6 @@ def rgb_to_compressed_msg(rgb_or_payload: np.ndarray | bytes | bytearray | memor
         msg.format = f"rgb8; {'jpeg' if fmt == 'jpg' else fmt} compressed bgr8"
     msg.data = array.array("B", payload)
     return msg
-
-
-def stamp_to_float(stamp: StampLike) -> float:
-    """Seconds of a ``builtin_interfaces/Time`` (or anything with sec/nanosec)."""
-    return to_seconds(stamp)
 
 
 def float_to_stamp(t: float) -> Time:
