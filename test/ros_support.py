@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from vpr_ros.core.timeline import to_seconds
+
 for _module, _hint in (("rclpy", "needs rclpy (pip install 'ros-rclpy[fastrtps]')"),
                        ("vpr_ros_msgs.msg", "vpr_ros_msgs is not built: run `python scripts/build_msgs.py` "
                                             "in the venv"),
@@ -45,7 +47,7 @@ def fresh_namespace() -> str:
 
 def stamp_key(stamp: Any) -> float:
     """A ``builtin_interfaces/Time`` as seconds rounded to the ms: the key messages are collected by."""
-    return round(stamp.sec + stamp.nanosec * 1e-9, 3)
+    return round(to_seconds(stamp), 3)
 
 
 def run_node_main(module: str, params: dict[str, Any], timeout: float = 60.0,
