@@ -257,7 +257,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     print("machine:", mach)
     tmp = Path(tempfile.mkdtemp(prefix="vpr_bench_"))
     ext, label = build_extractor(args.weights, "", args.input_size, "cpu", 16)
-    records = load_kitti(C.SHARED / "data" / "kitti_first300", sequence="00")
+    records = load_kitti(C.SHARED / "data" / "kitti_first300", sequence="00").database
     pmap, _, _ = map_from_records(ext, records, model=label, progress=False)
     map_dir = pmap.save(tmp / "kitti00")
     print(f"map {map_dir}: {len(pmap)} places ({label})", file=sys.stderr)

@@ -216,7 +216,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="vpr_soak_"))
     ext, label = build_extractor(args.weights, "", args.input_size, "cpu", 16)
     pmap, _, _ = map_from_records(
-        ext, load_kitti(C.SHARED / "data" / "kitti_first300", sequence="00"), model=label, progress=False
+        ext, load_kitti(C.SHARED / "data" / "kitti_first300", sequence="00").database, model=label,
+        progress=False,
     )
     map_dir = pmap.save(tmp / "kitti00")
     del ext

@@ -13,16 +13,17 @@ import torch
 
 from vpr_ros.core.errors import DatasetError
 from vpr_ros.core.models.registry import Preprocess
-from vpr_ros.data.bags import EARTH_RADIUS_M, bag_topics, iter_bag_images, read_image_bag, write_image_bag
+from vpr_ros.data.bags import bag_topics, iter_bag_images, read_image_bag, write_image_bag
+from vpr_ros.data.files import EARTH_RADIUS_M
 from vpr_ros.data.places import load_kitti, load_nordland
 from vpr_ros.training import config_from_dict, train
 from vpr_ros.training.config import DataConfig, SplitConfig
-from vpr_ros.training.data import Degrader, TupleDataset, bag_places, build_places, split_places
+from vpr_ros.training.data import Degrader, TupleDataset, bag_places, build_places
 
 
 @pytest.fixture(scope="module")
 def kitti_frames(kitti_dir):
-    recs = load_kitti(kitti_dir, "00")[:12]
+    recs = load_kitti(kitti_dir, "00").database[:12]
     return [(100.0 + 0.1 * i, r.load(), r.position) for i, r in enumerate(recs)]
 
 
@@ -91,12 +92,12 @@ def test_nordland_navsatfix_bags_make_a_training_set(tmp_path, nordland_dir):
     assert len(places.database) == len(places.queries) == len(frames) * 2
     n = len(frames)
     for qi, q in enumerate(places.queries):
-        pos = places.positives[qi]
+        pos = places.positives()[qi]
         assert len(pos) > 0
         # revisits come from the other season only; same-bag neighbours are 1 s apart (< 30 s gap)
         assert all(places.database[j].sequence != q.sequence for j in pos)
         assert all(abs(places.database[j].position[1] - q.position[1]) <= 16.0 for j in pos)
-        assert qi in places.excluded[qi] and qi not in pos
+        assert qi in places.excluded()[qi] and qi not in pos
     assert n == 40
     data = TupleDataset(
         places,
@@ -108,7 +109,7 @@ def test_nordland_navsatfix_bags_make_a_training_set(tmp_path, nordland_dir):
     item = data[5]
     assert item["hq"].shape == item["lq"].shape == (5, 3, 32, 64)
     assert not torch.equal(item["hq"][0], item["lq"][0])
-    train_p, val_p = split_places(places, SplitConfig(block=150.0, val_every=2, val_offset=1, gap=20.0))
+    train_p, val_p = places.split_by_place(SplitConfig(block=150.0, val_every=2, val_offset=1, gap=20.0))
     val_y = {r.position[1] for r in val_p.database}
     assert all(min(abs(r.position[1] - y) for y in val_y) > 20.0 for r in train_p.database)
     # the same set through the recipe's data section
@@ -149,10 +150,10 @@ def test_single_bag_revisit_needs_a_time_gap(tmp_path, kitti_frames):
     n = len(lap)
     for qi in range(len(places.queries)):
         other = qi + n if qi < n else qi - n
-        assert other in places.positives[qi]  # the same place on the other lap
-        assert all((j >= n) != (qi >= n) for j in places.positives[qi])  # never a neighbour of the same lap
+        assert other in places.positives()[qi]  # the same place on the other lap
+        assert all((j >= n) != (qi >= n) for j in places.positives()[qi])  # never a neighbour of the same lap
         lap_start = 0 if qi < n else n  # the whole lap lasts 1.2 s < 30 s: all of it is ignored for qi
-        assert places.excluded[qi].tolist() == list(range(lap_start, lap_start + n))
+        assert places.excluded()[qi].tolist() == list(range(lap_start, lap_start + n))
 
 
 def test_bag_errors(tmp_path, kitti_frames):

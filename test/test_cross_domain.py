@@ -155,7 +155,8 @@ def test_one_cross_domain_number_recomputed_through_the_public_api(tmp_path, tor
     got = data["results"]["tiny"]["rtabmap_loop"]["jpeg_q10"]
 
     # The same number by hand: map = frames 1-4 (high quality), queries = frames 5-12 sent as JPEG q10.
-    recs, gt = load_rtabmap_loop(shared / "data" / "rtabmap_loop")
+    rtab = load_rtabmap_loop(shared / "data" / "rtabmap_loop")
+    recs, gt = rtab.database, rtab.truth_matrix()
     ext = DescriptorExtractor(load_model(ckpt), device="cpu", backend="torch")
     db = ext([r.load() for r in recs[:4]])
     link = Transmitter(TransmissionConfig.parse("jpeg:10"))

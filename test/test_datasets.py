@@ -21,6 +21,7 @@ from vpr_ros.data.places import (
     load_kitti,
     load_nordland,
     load_rtabmap_loop,
+    load_tokyo_pair,
     parse_utm_name,
 )
 
@@ -103,14 +104,104 @@ def test_place_dataset_subset_and_summary():
     db = [_rec(i, frame_index=i) for i in range(20)]
     qs = [_rec(i, frame_index=i) for i in range(20)]
     ds = PlaceDataset("toy", db, qs, GroundTruth("frame", tolerance=0), skipped=[("x.png", "dark: mean 0")])
-    small = ds.subset(every=3, limit=4)
+    small = ds.subsample(every=3, limit=4)
     assert [r.frame_index for r in small.database] == [0, 3, 6, 9]
     assert [r.frame_index for r in small.queries] == [0, 3, 6, 9]
     assert [p.tolist() for p in small.positives()] == [[0], [1], [2], [3]]
     assert len(ds.database) == 20  # original untouched
     assert ds.summary().startswith("toy: 20 database, 20 queries") and "1 dark" in ds.summary()
     with pytest.raises(ValueError):
-        ds.subset(every=0)
+        ds.subsample(every=0)
+
+
+# --------------------------------------------------------------------------- the one place-set type
+
+
+def test_distance_relation_hand_computed():
+    # database A (0, 0), B (3, 4), C (10, 0); queries q0 (0, 0), q1 (8, 0); radius 5 m:
+    # q0: |A| = 0, |B| = sqrt(9 + 16) = 5 (on the radius: counts), |C| = 10        -> positives {A, B}
+    # q1: |A| = 8, |B| = sqrt(25 + 16) = 6.40, |C| = 2                            -> positives {C}
+    # near (never negatives) within 7 m: q0 {A, B} (C at 10); q1 {B, C} (B at 6.40 <= 7, A at 8 > 7)
+    db = [_rec(i, position=p) for i, p in enumerate([(0.0, 0.0), (3.0, 4.0), (10.0, 0.0)])]
+    qs = [_rec(10 + i, position=p) for i, p in enumerate([(0.0, 0.0), (8.0, 0.0)])]
+    ds = PlaceDataset("hand", db, qs, GroundTruth("distance", radius_m=5.0, negatives_beyond=7.0))
+    assert [p.tolist() for p in ds.positives()] == [[0, 1], [2]]
+    assert [n.tolist() for n in ds.near()] == [[0, 1], [1, 2]]
+    assert [e.tolist() for e in ds.excluded()] == [[], []]  # separate records: nothing ignored
+    assert ds.truth_matrix().tolist() == [[True, True, False], [False, False, True]]
+    assert ds.ground_truth.describe() == "distance <= 5 m, negatives beyond 7 m"
+    # without negatives_beyond, near is the positives
+    plain = PlaceDataset("hand", db, qs, GroundTruth("distance", radius_m=5.0))
+    assert [n.tolist() for n in plain.near()] == [[0, 1], [2]]
+    # a subset of the queries keeps each query's rows; a subset of the database recomputes them
+    assert [p.tolist() for p in ds.subset(queries=[1]).positives()] == [[2]]
+    assert [p.tolist() for p in ds.subset(database=[2, 1]).positives()] == [[1], [0]]
+    with pytest.raises(ValueError, match="negatives_beyond"):
+        GroundTruth("distance", radius_m=5.0, negatives_beyond=4.0)  # nearer than the positives
+
+
+def test_single_traverse_ignores_itself_and_its_neighbours_in_time():
+    # one bag: frames at 0, 1, 2 s at x = 0, 1, 2 m, and a revisit at 100 s at x = 0.5 m; radius 3 m,
+    # frames of the same traverse less than 10 s apart are not revisits
+    xs, stamps = [0.0, 1.0, 2.0, 0.5], [0.0, 1.0, 2.0, 100.0]
+    recs = [_rec(i, position=(x, 0.0), stamp=t, sequence="bag")
+            for i, (x, t) in enumerate(zip(xs, stamps, strict=True))]
+    ds = PlaceDataset("bag", recs, recs, GroundTruth("distance", radius_m=3.0, min_time_gap_s=10.0))
+    # all four lie within 3 m of each other; frame 0 ignores itself and frames 1, 2 (1 and 2 s away)
+    assert ds.excluded()[0].tolist() == [0, 1, 2] and ds.positives()[0].tolist() == [3]
+    # the revisit (98+ s later) ignores only itself: the first pass is its positive
+    assert ds.excluded()[3].tolist() == [3] and ds.positives()[3].tolist() == [0, 1, 2]
+    assert ds.near()[0].tolist() == [0, 1, 2, 3]  # ignored frames are never negatives either
+
+
+def test_split_by_place_hand_computed():
+    # frames 0..19, blocks of 5: blocks 1 and 3 (val_every 2, offset 1) validate -> frames 5-9, 15-19;
+    # training keeps blocks 0 and 2 minus frames within 1 of a validation frame (4, 10, 14)
+    recs = [_rec(i, frame_index=i) for i in range(20)]
+    ds = PlaceDataset("frames", recs, list(recs), GroundTruth("frame", tolerance=1))
+
+    class Split:
+        block, val_every, val_offset, gap = 5.0, 2, 1, 1.0
+
+    train, val = ds.split_by_place(Split())
+    assert [r.frame_index for r in train.queries] == [0, 1, 2, 3, 11, 12, 13]
+    assert [r.frame_index for r in train.database] == [0, 1, 2, 3, 11, 12, 13]
+    assert [r.frame_index for r in val.queries] == [5, 6, 7, 8, 9, 15, 16, 17, 18, 19]
+    assert (train.name, val.name) == ("frames/train", "frames/val")
+    # frame 3's positives within +-1 frame: 2 (itself is ignored: the same record), not the dropped 4
+    assert train.positives()[3].tolist() == [2]
+
+
+def test_one_type_one_argument_order():
+    """Every place set is a PlaceDataset(name, database, queries, ground_truth); the relation always takes
+    (database, queries); every reader returns the one type; the former parallel types are gone."""
+    import dataclasses
+    import inspect
+
+    from vpr_ros.data import formats, places
+    from vpr_ros.studies import accuracy
+    from vpr_ros.training import data as training_data
+
+    assert [f.name for f in dataclasses.fields(PlaceDataset)][:4] == ["name", "database", "queries",
+                                                                     "ground_truth"]
+    for method in (GroundTruth.positives, GroundTruth.relate):
+        assert list(inspect.signature(method).parameters)[1:3] == ["database", "queries"]
+    readers = [places.load_nordland, places.load_ie_tower, places.load_rtabmap_loop, places.load_kitti,
+               places.load_tokyo_pair, places.load_image_folder, places.load_dataset, formats.load_vprbench,
+               formats.load_aligned, formats.load_positions, formats.load_msls, formats.load_format,
+               training_data.nordland_places, training_data.folder_places, training_data.bag_places,
+               training_data.build_places]
+    for reader in readers:
+        assert inspect.signature(reader).return_annotation == "PlaceDataset", reader.__name__
+    assert not hasattr(training_data, "PlaceSet") and not hasattr(training_data, "Relation")
+    assert not hasattr(accuracy, "StudySet")
+
+
+def test_tokyo_pair(shared_dir):
+    ds = load_tokyo_pair(shared_dir / "data" / "tokyo_pair")
+    assert [p.tolist() for p in ds.positives()] == [[0]] and ds.ground_truth.describe() == "one positive pair"
+    with pytest.raises(DatasetError, match="db_tokyo.jpg: missing file"):
+        load_tokyo_pair(shared_dir / "data" / "rtabmap_loop")
 
 
 # --------------------------------------------------------------------------- image folder layout
@@ -162,7 +253,7 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(DatasetError, match="queries"):
         load_image_folder(tmp_path)  # no queries folder
     (tmp_path / "queries").mkdir()
-    with pytest.raises(DatasetError, match="no query images"):
+    with pytest.raises(DatasetError, match="no images .* expected the query images"):
         load_image_folder(tmp_path)
     _write_images(tmp_path / "queries", ["plain.png"])
     with pytest.raises(DatasetError, match="plain.png"):
@@ -174,7 +265,7 @@ def test_image_folder_errors(tmp_path):
     bad.write_text("name,east,north\nplain.png,1,2\nother.png,3\n")
     with pytest.raises(DatasetError, match="line 3"):
         load_image_folder(tmp_path, positions_csv=bad)
-    bad.write_text("file,lat,lon\nplain.png,1,2\n")
+    bad.write_text("file,alt,heading\nplain.png,1,2\n")
     with pytest.raises(DatasetError, match="header"):
         load_image_folder(tmp_path, positions_csv=bad)
     bad.write_text("name,east,north\nplain.png,1,2\n")
@@ -302,7 +393,9 @@ def test_ie_tower_csv_errors(tmp_path):
 
 
 def test_rtabmap_loop(rtabmap_dir):
-    records, gt = load_rtabmap_loop(rtabmap_dir)
+    rtab = load_rtabmap_loop(rtabmap_dir)
+    records, gt = rtab.database, rtab.truth_matrix()
+    assert rtab.queries is records  # a single traverse
     assert [r.name for r in records[:3]] == ["1.jpg", "2.jpg", "3.jpg"]  # numeric, not lexical order
     assert records[-1].name == "84.jpg" and records[-1].frame_index == 83
     assert gt.shape == (84, 84) and gt.dtype == bool
@@ -327,7 +420,9 @@ def test_rtabmap_bad_matrix(tmp_path):
 
 @pytest.mark.parametrize("sequence, length_m", [("00", 216.2), ("05", 231.3)])
 def test_kitti_positions(kitti_dir, sequence, length_m):
-    records = load_kitti(kitti_dir, sequence)
+    kitti = load_kitti(kitti_dir, sequence)
+    records = kitti.database
+    assert kitti.queries is records and kitti.name == f"kitti{sequence}"
     assert len(records) == 300
     assert re.fullmatch(r"0{6}\.(png|jpg)", records[0].name) and records[299].frame_index == 299
     xy = np.array([r.position for r in records])

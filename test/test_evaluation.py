@@ -139,7 +139,7 @@ def test_loop_closure_pr_tiny_sequence():
 
 
 def test_loop_closure_pr_on_rtabmap_with_oracle_similarity(rtabmap_dir):
-    _, gt = load_rtabmap_loop(rtabmap_dir)
+    gt = load_rtabmap_loop(rtabmap_dir).truth_matrix()
     rng = np.random.default_rng(0)
     sim = (gt | gt.T).astype(float) + 0.01 * rng.random(gt.shape)
     c = loop_closure_pr(sim, gt, exclude_window=10)

@@ -21,11 +21,9 @@ from vpr_ros.core.errors import DatasetError
 from vpr_ros.core.images import save_image
 from vpr_ros.core.mapdb import PlaceMap
 from vpr_ros.core.safe_npy import load_npy
+from vpr_ros.data.files import EARTH_RADIUS_M, haversine_m, latlon_to_local
 from vpr_ros.data.formats import (
-    EARTH_RADIUS_M,
     FORMATS,
-    haversine_m,
-    latlon_to_local,
     load_aligned,
     load_format,
     load_msls,
@@ -158,7 +156,7 @@ def test_vprbench_npy_ground_truth_in_numeric_name_order(tmp_path):
     assert _positives(ds) == [[2, 10], [11], [], []]
     assert ds.ground_truth.describe() == "listed pairs"
     # a subset keeps listed pairs of what remains: every 2nd image keeps ref 2 and 10 (now 1 and 5)
-    assert _positives(ds.subset(2)) == [[1, 5], []]
+    assert _positives(ds.subsample(2)) == [[1, 5], []]
 
 
 @pytest.mark.parametrize("name, text", [

@@ -134,7 +134,8 @@ def test_verification_without_features_rejects():
 
 @pytest.fixture(scope="module")
 def rtabmap(rtabmap_dir):
-    records, gt = load_rtabmap_loop(rtabmap_dir)
+    rtab = load_rtabmap_loop(rtabmap_dir)
+    records, gt = rtab.database, rtab.truth_matrix()
     return records, gt
 
 

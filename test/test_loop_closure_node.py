@@ -42,7 +42,8 @@ EVERY = 2  # every 2nd frame of the 84: 42 frames, revisits still 5 GT frames wi
 @pytest.fixture(scope="module")
 def sequence(rtabmap_dir, torch_home):
     """Frames (1 Hz stamps by original index), ground truth, and the PlaceMatch candidates of each frame."""
-    records, gt = load_rtabmap_loop(rtabmap_dir)
+    rtab = load_rtabmap_loop(rtabmap_dir)
+    records, gt = rtab.database, rtab.truth_matrix()
     idx = list(range(0, len(records), EVERY))
     images = [records[i].load() for i in idx]
     ext = DescriptorExtractor(resolve_model(None, "structvpr_mobilenetv2"), device="cpu")

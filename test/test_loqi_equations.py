@@ -15,9 +15,9 @@ import torch
 
 from vpr_ros.core.errors import ConfigError
 from vpr_ros.core.models.registry import Preprocess, VprModel
-from vpr_ros.data.places import ImageRecord
+from vpr_ros.data.places import GroundTruth, ImageRecord, PlaceDataset
 from vpr_ros.training.config import LossConfig, config_from_dict, load_config
-from vpr_ros.training.data import Degrader, PlaceSet, Relation, TupleDataset
+from vpr_ros.training.data import Degrader, TupleDataset
 from vpr_ros.training.losses import ickd_loss, mse_loss, triplet_loss
 from vpr_ros.training.methods.loqi import LoQI
 
@@ -76,16 +76,13 @@ def test_loqi_objective_uses_the_recipe_triplet_form():
 def test_hard_mining_takes_the_best_positive_and_the_hardest_negatives():
     """NetVLAD's weak supervision: of the potential positives the one nearest the query in descriptor
     space, of the negative candidates the nearest ones."""
-    recs = [ImageRecord(path=Path(f"/x/{i}.png"), name=str(i)) for i in range(9)]
-    places = PlaceSet(
-        "hand",
-        recs[:1],
-        recs[1:],
-        Relation("frame", 2, 10),
-        positives=[np.array([0, 1, 2])],
-        near=[np.array([0, 1, 2, 3])],
-        excluded=[np.array([], dtype=np.int64)],
-    )
+    # the query at frame 0; database frames: 1, 2, -1 within 2 (positives 0, 1, 2), 3 within 3 (near, never
+    # a negative), 10..13 beyond (negative candidates 4..7)
+    frames = [0, 1, 2, -1, 3, 10, 11, 12, 13]
+    recs = [ImageRecord(path=Path(f"/x/{i}.png"), name=str(i), frame_index=f) for i, f in enumerate(frames)]
+    places = PlaceDataset("hand", recs[1:], recs[:1], GroundTruth("frame", tolerance=2, negatives_beyond=3))
+    assert [p.tolist() for p in places.positives()] == [[0, 1, 2]]
+    assert [n.tolist() for n in places.near()] == [[0, 1, 2, 3]]
     ds = TupleDataset(
         places, preprocess=Preprocess(input_size=(8, 8)), degrader=Degrader(["none"]), negatives=2, pool=4
     )

@@ -78,7 +78,8 @@ def loop(rtabmap_dir, tmp_path_factory):
     local features."""
     from vpr_ros.cli.main import main
 
-    records, gt = load_rtabmap_loop(rtabmap_dir)
+    rtab = load_rtabmap_loop(rtabmap_dir)
+    records, gt = rtab.database, rtab.truth_matrix()
     first = tmp_path_factory.mktemp("first_traverse")
     for i, rec in enumerate(records[:FIRST_TRAVERSE]):
         shutil.copy(rec.path, first / f"{i:03d}{rec.path.suffix}")  # sorted name order = frame order

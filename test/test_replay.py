@@ -35,7 +35,7 @@ def test_kitti_bag_round_trip(kitti_dir, tmp_path, storage):
     assert bag_topics(tmp_path / "k") == {"/camera/image_raw/compressed": "sensor_msgs/msg/CompressedImage",
                                            "/odom": "nav_msgs/msg/Odometry"}
     frames = read_image_bag(tmp_path / "k", info["image_topic"], "/odom", max_gap_s=0.0)
-    records = load_kitti(kitti_dir, "00")[:40]
+    records = load_kitti(kitti_dir, "00").database[:40]
     assert [f.stamp for f in frames] == pytest.approx([1000.0 + 0.1 * i for i in range(40)])  # 10 Hz
     for f, rec in zip(frames[::13], records[::13], strict=True):
         assert psnr(f.image, load_image(rec.path)) > 30  # JPEG q90
@@ -72,7 +72,7 @@ def test_rtabmap_bag_and_cli(rtabmap_dir, tmp_path, capsys):
     assert "84 rtabmap_loop frames" in capsys.readouterr().out
     assert bag_topics(tmp_path / "r.mcap") == {"/camera/image_raw": "sensor_msgs/msg/Image"}
     frames = read_image_bag(tmp_path / "r.mcap", "/camera/image_raw")
-    records, _ = load_rtabmap_loop(rtabmap_dir)
+    records = load_rtabmap_loop(rtabmap_dir).database
     assert len(frames) == 84 and frames[1].stamp - frames[0].stamp == pytest.approx(1.0)
     assert np.array_equal(frames[40].image, load_image(records[40].path))
     assert main(["make-bag", "--dataset", "rtabmap_loop", "--root", str(rtabmap_dir), "--out",
@@ -130,7 +130,7 @@ def test_replay_rtabmap_slam_with_loop_closure_records_outputs(ros_env, torch_ho
     from vpr_ros.ros.replay import ReplayConfig, run_replay
 
     every = 2  # 42 frames; the loop matrix is subsampled alike
-    _, gt = load_rtabmap_loop(rtabmap_dir)
+    gt = load_rtabmap_loop(rtabmap_dir).truth_matrix()
     np.savetxt(tmp_path / "gt.txt", gt[::every, ::every].astype(int), fmt="%d")
     make_dataset_bag("rtabmap_loop", rtabmap_dir, tmp_path / "r.mcap", compressed=True, every=every)
     r = run_replay(ReplayConfig(bag=tmp_path / "r.mcap", map_path=tmp_path / "slam", out_dir=tmp_path / "rep",

@@ -341,7 +341,7 @@ def _quaternion(r: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def test_mapping_mode_kitti_odometry_save_service_and_reload(model, kitti_dir, tmp_path):
-    records = load_kitti(kitti_dir, "00")[:24]
+    records = load_kitti(kitti_dir, "00").database[:24]
     poses = np.loadtxt(kitti_dir / "00" / "poses_official_first300.txt")[:24].reshape(-1, 3, 4)
     every = 4
     target = tmp_path / "kitti_map"

@@ -33,7 +33,7 @@ BEST_EFFORT = QoSProfile(depth=200, reliability=ReliabilityPolicy.BEST_EFFORT)
 
 @pytest.fixture(scope="module")
 def frames(kitti_dir):
-    return [r.load() for r in load_kitti(kitti_dir, "05")[:12]]
+    return [r.load() for r in load_kitti(kitti_dir, "05").database[:12]]
 
 
 class Probe:

@@ -320,11 +320,11 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_place_batches_hold_distinct_places_and_are_reproducible():
-    from vpr_ros.training.data import PlaceSet, Relation
+    from vpr_ros.data.places import GroundTruth, PlaceDataset
     from vpr_ros.training.methods.scicevpr import PlaceBatchSampler
 
     recs = [ImageRecord(path=Path(f"{i}.png"), name=str(i), frame_index=i) for i in range(200)]
-    places = PlaceSet("frames", recs, list(recs), Relation("frame", 2, 10))
+    places = PlaceDataset("frames", list(recs), recs, GroundTruth("frame", tolerance=2, negatives_beyond=10))
     groups = list(range(200))
     sampler = PlaceBatchSampler(places, groups, places_per_batch=8, seed=3, rank=0, world=1)
     order = list(sampler)

@@ -236,8 +236,8 @@ def test_pair_sampling_covers_every_group(kitti_dir):
     from vpr_ros.training.methods.structvpr.pipeline import PlacesConfig, StructTuples, kitti_train_places
 
     places = kitti_train_places(PlacesConfig(root=str(kitti_dir), every=3))
-    q = np.concatenate([np.full(len(p), i) for i, p in enumerate(places.positives)])
-    p = np.concatenate([np.asarray(p) for p in places.positives])
+    q = np.concatenate([np.full(len(p), i) for i, p in enumerate(places.positives())])
+    p = np.concatenate([np.asarray(p) for p in places.positives()])
     n = len(q)
     x, y = np.tile([1, 2, 5, 30], n)[:n], np.tile([20, 1, 9, 2], n)[:n]  # D1, D3, D2, D4 in turn
     pairs = Pairs(q, p, x, y)
@@ -252,4 +252,4 @@ def test_pair_sampling_covers_every_group(kitti_dir):
     expect = np.bincount(group_of(x, y), minlength=4).tolist()
     assert np.bincount(groups, minlength=4).tolist() == expect and min(expect) > 0
     best = StructTuples(places, None, rgb=False, pairs=pairs, sampling="hardest-positive", **common)
-    assert len(best) == len(places.queries) - sum(len(pp) == 0 for pp in places.positives)
+    assert len(best) == len(places.queries) - sum(len(pp) == 0 for pp in places.positives())

@@ -89,13 +89,19 @@ def test_study_sets_hold_out_training_places_and_have_ground_truth(shared_dir):
     nord, kitti, rtab = study.load_sets(cfg)
     split = study.held_out_split()
     assert split is not None
-    assert len(nord.stream) == 700 and len(nord.database) == 700  # the LoQI study's validation places
-    assert all(study._is_held_out(r.frame_index, split) for r in nord.database + nord.stream)
-    assert kitti.domain["structvpr"].startswith("TRAINING DATA")  # flagged, never a plain test set
-    assert len(kitti.database) == 30 and len(kitti.stream) == 150
-    assert all(len(p) > 0 for p in kitti.positives)
-    assert len(rtab.stream) == 84 and len(rtab.database) == 40 and rtab.loop_gt.shape == (84, 84)
-    assert sum(len(p) > 0 for p in rtab.positives) >= 40
+    assert [s.name for s in (nord, kitti, rtab)] == ["nordland", "kitti05", "rtabmap_loop"]
+    assert len(study.stream(nord)) == 700 and len(nord.database) == 700  # the LoQI study's validation places
+    assert all(study._is_held_out(r.frame_index, split) for r in nord.database + nord.queries)
+    assert study.domains(kitti)["structvpr"].startswith("TRAINING DATA")  # flagged, never a plain test set
+    assert len(kitti.database) == 30 and len(study.stream(kitti)) == 150
+    assert all(len(p) > 0 for p in kitti.positives())
+    # rtabmap_loop: the whole sequence is streamed (map frames first); its loop matrix is the file's
+    assert len(study.stream(rtab)) == 84 and len(rtab.database) == 40
+    assert study.query_positions(rtab).tolist() == list(range(40, 84))
+    loop_gt = study.loop_truth(rtab)
+    assert loop_gt.shape == (84, 84) and int(loop_gt.sum()) == 228 and not np.triu(loop_gt).any()
+    assert sum(len(p) > 0 for p in rtab.positives()) >= 40
+    assert study.loop_truth(kitti) is None and study.query_positions(kitti).tolist() == list(range(150))
 
 
 # --------------------------------------------------------------------------- end to end

@@ -20,7 +20,7 @@ from vpr_ros.core.errors import ConfigError, DatasetError, ModelError
 from vpr_ros.core.models import create_model, load_model, read_checkpoint, save_checkpoint
 from vpr_ros.core.models.registry import Preprocess
 from vpr_ros.training import config_from_dict, export_deployed, train
-from vpr_ros.training.data import Degrader, TupleDataset, nordland_places, split_places
+from vpr_ros.training.data import Degrader, TupleDataset, nordland_places
 from vpr_ros.training.engine import Trainer
 from vpr_ros.training.methods.loqi import LoQI, build_branches
 
@@ -69,7 +69,7 @@ def _csv_steps(path: Path) -> list[int]:
 def test_real_steps_reduce_the_loss(nordland_dir, torch_home):
     torch.manual_seed(0)
     cfg = config_from_dict(tiny_recipe(nordland_dir, Path("unused")))
-    train_p, _ = split_places(nordland_places(nordland_dir, limit=600), cfg.data.split)
+    train_p, _ = nordland_places(nordland_dir, limit=600).split_by_place(cfg.data.split)
     student, teacher = build_branches(cfg.model)
     data = TupleDataset(
         train_p.with_positive_queries(8),
@@ -223,9 +223,8 @@ def test_preprocess_of_training_is_fixed_size():
 
 
 def test_tuples_are_seeded_and_hard_mining_picks_the_closest(nordland_dir):
-    train_p, val_p = split_places(
-        nordland_places(nordland_dir, limit=600),
-        config_from_dict(tiny_recipe(nordland_dir, Path("unused"))).data.split,
+    train_p, val_p = nordland_places(nordland_dir, limit=600).split_by_place(
+        config_from_dict(tiny_recipe(nordland_dir, Path("unused"))).data.split
     )
     assert not {r.frame_index for r in val_p.queries} & {r.frame_index for r in train_p.database}
     data = TupleDataset(
@@ -252,7 +251,7 @@ def test_tuples_are_seeded_and_hard_mining_picks_the_closest(nordland_dir):
     ).numpy()
     data.set_cache(q_desc, db_desc)
     qi, p, negs, _ = data.tuple_ids(3)
-    pos = train_p.positives[qi]
+    pos = train_p.positives()[qi]
     assert p == pos[(db_desc[pos] @ q_desc[qi]).argmax()]
     sims = db_desc[negs] @ q_desc[qi]
     assert list(sims) == sorted(sims, reverse=True) and len(set(negs.tolist())) == 3

@@ -155,7 +155,7 @@ def _dataset(args: argparse.Namespace):
                          ground_truth=args.ground_truth, positions=args.positions)
         if args.every != 1 or args.limit is not None:
             try:
-                ds = ds.subset(args.every, args.limit)
+                ds = ds.subsample(args.every, args.limit)
             except ValueError as exc:
                 raise VprError(f"--every/--limit: {exc}") from None
         log.info("%s", ds.summary())
@@ -171,7 +171,7 @@ def _dataset(args: argparse.Namespace):
         ds = replace(ds, database=[r for r in ds.database if keep(r.frame_index)],
                      queries=[r for r in ds.queries if keep(r.frame_index)])
     if args.dataset == "folder" and (args.every > 1 or args.limit):
-        ds = ds.subset(args.every, args.limit)
+        ds = ds.subsample(args.every, args.limit)
     log.info("%s", ds.summary())
     return ds
 

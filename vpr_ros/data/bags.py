@@ -37,6 +37,7 @@ from vpr_ros.core.errors import DatasetError
 from vpr_ros.core.fileio import display_path
 from vpr_ros.core.images import as_rgb8, decode_image_msg
 from vpr_ros.core.timeline import Stamp, nearest_index, ns_to_seconds, seconds_to_ns, to_ns, to_seconds
+from vpr_ros.data.files import latlon_to_local
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
@@ -44,8 +45,6 @@ ODOMETRY_TYPE = "nav_msgs/msg/Odometry"
 NAVSAT_TYPE = "sensor_msgs/msg/NavSatFix"
 POSITION_KINDS = {"odometry": ODOMETRY_TYPE, "navsatfix": NAVSAT_TYPE}
 STORAGES = ("mcap", "sqlite3")
-#: Mean Earth radius (m) of the equirectangular lat/lon -> local metres conversion.
-EARTH_RADIUS_M = 6_371_008.8
 
 
 @dataclass
@@ -327,15 +326,6 @@ def _deserialize(reader, path: Path, raw: bytes, conn) -> Any:
         ) from None
 
 
-def latlon_to_local(lat: np.ndarray, lon: np.ndarray, origin: tuple[float, float]) -> np.ndarray:
-    """(N, 2) east/north metres of lat/lon degrees about ``origin`` = (lat0, lon0) (equirectangular,
-    accurate to well under 1 % within tens of kilometres)."""
-    lat0, lon0 = origin
-    east = np.radians(np.asarray(lon) - lon0) * math.cos(math.radians(lat0)) * EARTH_RADIUS_M
-    north = np.radians(np.asarray(lat) - lat0) * EARTH_RADIUS_M
-    return np.stack([east, north], axis=1)
-
-
 def read_positions(path: str | os.PathLike, topic: str, *,
                    typestore: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Ascending stamps (s) and planar positions (N, 2) of an Odometry ``(x, y)`` or NavSatFix (east/north
@@ -362,7 +352,7 @@ def read_positions(path: str | os.PathLike, topic: str, *,
         reader.close()
     if fixes:
         arr = np.asarray(fixes, dtype=np.float64)
-        xy = latlon_to_local(arr[:, 0], arr[:, 1], (arr[0, 0], arr[0, 1])).tolist()
+        xy = latlon_to_local(arr[:, 0], arr[:, 1], (arr[0, 0], arr[0, 1]))[0].tolist()
     if not stamps:
         raise DatasetError(
             f"{path}: position topic {topic!r} has no usable messages "

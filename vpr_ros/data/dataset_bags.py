@@ -110,7 +110,7 @@ def dataset_frames(dataset: str, root: str | os.PathLike, *, sequence: str = "00
     positions: list[Any] | None
     skipped: list[tuple[str, str]] = []
     if dataset == "kitti":
-        records = load_kitti(root, sequence)[::every][:limit]
+        records = load_kitti(root, sequence).database[::every][:limit]
         poses = _kitti_poses(root / sequence)
         idx = [int(r.frame_index) for r in records]
         positions = [kitti_pose_to_ros(poses[i]) for i in idx]
@@ -126,7 +126,7 @@ def dataset_frames(dataset: str, root: str | os.PathLike, *, sequence: str = "00
         name = f"nordland_{season}"
         skipped = list(dict(ds.skipped).items())  # both roles read the same season: each file once
     else:
-        records, _ = load_rtabmap_loop(root)
+        records = load_rtabmap_loop(root).database
         records = records[::every][:limit]
         idx = [int(r.frame_index) for r in records]
         positions = None

@@ -18,14 +18,11 @@ malformed set. docs/evaluation.md shows an example tree and command for each for
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import json
-import logging
 import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +30,24 @@ import numpy as np
 
 from vpr_ros.core.errors import DatasetError
 from vpr_ros.core.safe_npy import load_npy
-from vpr_ros.data.places import (
+from vpr_ros.data.files import (
     IMAGE_SUFFIXES,
+    column,
+    csv_rows,
+    list_images,
+    open_csv,
+    read_positions_csv,
+    require_dir,
+    require_file,
+    to_metres,
+)
+from vpr_ros.data.places import (
     GroundTruth,
     ImageRecord,
     PlaceDataset,
-    _list_images,
-    _natural_key,
-    _require_dir,
-    _require_file,
-    _require_nonempty,
-    parse_utm_name,
+    positioned_records,
+    require_nonempty,
 )
-
-log = logging.getLogger(__name__)
 
 #: Format names accepted by :func:`load_format` (``vpr-ros eval --format``).
 FORMATS = ("vprbench", "aligned", "positions", "msls")
@@ -62,29 +63,14 @@ DEFAULT_RADIUS_M = 25.0
 #: Default frame tolerance of ``aligned``.
 DEFAULT_TOLERANCE = 2
 
-#: Mean Earth radius (IUGG, metres), for latitude/longitude to local metres.
-EARTH_RADIUS_M = 6_371_008.8
-
-#: CSV column names: image key, metric coordinate pairs, geographic pairs (lower-case).
-KEY_COLUMNS = ("name", "path", "key", "file", "image")
-METRIC_COLUMNS = (("x", "y"), ("east", "north"), ("easting", "northing"), ("utm_east", "utm_north"))
-GEO_COLUMNS = (("lat", "lon"), ("latitude", "longitude"), ("lat", "lng"))
 
 
 # --------------------------------------------------------------------------- shared helpers
 
 
-def _images(folder: Path) -> list[Path]:
-    try:
-        files = _list_images(folder)
-    except OSError as exc:  # unreadable folder
-        raise DatasetError(f"{folder}: cannot list images ({exc.strerror or exc})") from None
-    return sorted(files, key=lambda p: _natural_key(p.name))
-
-
 def find_folders(root: Path) -> tuple[Path, Path]:
     """The (database, queries) folders of ``root``: the first pair of :data:`FOLDER_PAIRS` present."""
-    root = _require_dir(Path(root), "a dataset folder")
+    root = require_dir(Path(root), "a dataset folder")
     for db, q in FOLDER_PAIRS:
         if (root / db).is_dir() and (root / q).is_dir():
             return root / db, root / q
@@ -97,7 +83,7 @@ def _records(files: Iterable[Path]) -> list[ImageRecord]:
 
 
 def _nonempty_folder(folder: Path, role: str) -> list[Path]:
-    files = _images(folder)
+    files = list_images(folder)
     if not files:
         raise DatasetError(f"{folder}: no images (.jpg/.jpeg/.png/.bmp); expected the {role} images")
     return files
@@ -122,11 +108,11 @@ def load_vprbench(root: str | Path, *, ground_truth: str | Path | None = None) -
     Indices count images in numeric-aware name order (``0.jpg``, ``1.jpg``, ..., ``10.jpg``). A query
     listed with no refs, or not listed, has no positive (evaluation excludes and counts it).
     """
-    root = _require_dir(Path(root), "a VPR-Bench folder holding ref/, query/ and ground_truth_new.npy")
-    db_dir = _require_dir(root / "ref", "the VPR-Bench reference (database) images")
-    q_dir = _require_dir(root / "query", "the VPR-Bench query images")
+    root = require_dir(Path(root), "a VPR-Bench folder holding ref/, query/ and ground_truth_new.npy")
+    db_dir = require_dir(root / "ref", "the VPR-Bench reference (database) images")
+    q_dir = require_dir(root / "query", "the VPR-Bench query images")
     if ground_truth is not None:
-        gt_path = _require_file(Path(ground_truth), "a ground-truth file (.npy, .json or .csv)")
+        gt_path = require_file(Path(ground_truth), "a ground-truth file (.npy, .json or .csv)")
     else:
         gt_path = next((root / n for n in VPRBENCH_GT_FILES if (root / n).is_file()), None)
         if gt_path is None:
@@ -145,7 +131,7 @@ def load_vprbench(root: str | Path, *, ground_truth: str | Path | None = None) -
         pairs[q_files[q]] = frozenset(db_files[r] for r in refs)
     ds = PlaceDataset(name=root.name, database=_records(db_files), queries=_records(q_files),
                       ground_truth=GroundTruth("pairs", pairs=pairs))
-    return _require_nonempty(ds, root)
+    return require_nonempty(ds, root)
 
 
 def read_pairs(path: str | Path) -> dict[int, set[int]]:
@@ -227,13 +213,13 @@ _SPLIT = re.compile(r"[\s;,|]+")
 
 def _pairs_from_csv(path: Path) -> dict[int, set[int]]:
     table: dict[int, set[int]] = defaultdict(set)
-    with _open_csv(path) as (reader, cols, header):
-        q_col = _column(cols, ("query", "query_index", "query_id"))
-        r_col = _column(cols, ("ref", "refs", "ref_index", "ref_indices", "reference", "positives"))
+    with open_csv(path) as (reader, cols, header):
+        q_col = column(cols, ("query", "query_index", "query_id"))
+        r_col = column(cols, ("ref", "refs", "ref_index", "ref_indices", "reference", "positives"))
         if q_col is None or r_col is None:
             raise DatasetError(f"{path}: header {header} lacks a query column (query, query_index) and a ref "
                                "column (ref, refs, ref_indices, positives)")
-        for line, row in _rows(reader, path, len(cols)):
+        for line, row in csv_rows(reader, path, len(cols)):
             try:
                 q = int(row[q_col].strip())
                 refs = [int(t) for t in _SPLIT.split(row[r_col].strip()) if t]
@@ -242,132 +228,6 @@ def _pairs_from_csv(path: Path) -> dict[int, set[int]]:
                                    "are not integer indices") from None
             table[q].update(refs)
     return dict(table)
-
-
-# --------------------------------------------------------------------------- CSV plumbing
-
-
-@contextlib.contextmanager
-def _open_csv(path: Path) -> Iterator[tuple[Any, list[str], list[str]]]:
-    """``with _open_csv(path) as (reader, lower-case columns, header)``; errors name the file."""
-    _require_file(path, "a CSV file with a header row")
-    try:
-        f = open(path, newline="", encoding="utf-8-sig")
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read CSV ({exc.strerror or exc})") from None
-    with f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader, None)
-        except (UnicodeDecodeError, csv.Error) as exc:
-            raise DatasetError(f"{path}: cannot read CSV ({exc})") from None
-        if not header:
-            raise DatasetError(f"{path}: empty CSV; expected a header row")
-        yield reader, [h.strip().lower() for h in header], header
-
-
-def _column(cols: list[str], names: Iterable[str]) -> int | None:
-    return next((cols.index(n) for n in names if n in cols), None)
-
-
-def _rows(reader: Any, path: Path, width: int) -> Iterable[tuple[int, list[str]]]:
-    try:
-        for row in reader:
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != width:
-                raise DatasetError(f"{path}, line {reader.line_num}: {len(row)} fields, expected {width} "
-                                   "like the header")
-            yield reader.line_num, row
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"{path}, line {reader.line_num}: cannot read CSV ({exc})") from None
-
-
-def read_positions_csv(path: str | Path) -> tuple[dict[str, tuple[float, float]], str]:
-    """``key -> (a, b)`` and the kind, ``"metric"`` (x/east, y/north in metres) or ``"geo"`` (lat, lon
-    in degrees), from a CSV with a header: a key column (:data:`KEY_COLUMNS`) and one coordinate pair
-    (:data:`METRIC_COLUMNS` preferred over :data:`GEO_COLUMNS`). Keys use ``/`` separators."""
-    path = Path(path)
-    with _open_csv(path) as (reader, cols, header):
-        key_col = _column(cols, KEY_COLUMNS)
-        pair = next(((cols.index(a), cols.index(b), "metric") for a, b in METRIC_COLUMNS
-                     if a in cols and b in cols), None)
-        pair = pair or next(((cols.index(a), cols.index(b), "geo") for a, b in GEO_COLUMNS
-                             if a in cols and b in cols), None)
-        if key_col is None or pair is None:
-            raise DatasetError(
-                f"{path}: header {header} lacks columns; expected a key ({', '.join(KEY_COLUMNS)}) and "
-                "coordinates (x,y / east,north / easting,northing / utm_east,utm_north in metres, "
-                "or lat,lon)")
-        a_col, b_col, kind = pair
-        table: dict[str, tuple[float, float]] = {}
-        for line, row in _rows(reader, path, len(cols)):
-            key = row[key_col].strip().replace("\\", "/")
-            try:
-                a, b = float(row[a_col]), float(row[b_col])
-            except ValueError:
-                raise DatasetError(f"{path}, line {line}: coordinates {row[a_col]!r}, {row[b_col]!r} are not "
-                                   "numbers") from None
-            if not key:
-                raise DatasetError(f"{path}, line {line}: empty {cols[key_col]}")
-            if not (math.isfinite(a) and math.isfinite(b)):
-                raise DatasetError(f"{path}, line {line}: coordinates {a}, {b} are not finite")
-            if kind == "geo" and not (-90.0 <= a <= 90.0 and -180.0 <= b <= 360.0):
-                raise DatasetError(f"{path}, line {line}: latitude {a} / longitude {b} out of range")
-            if key in table:
-                raise DatasetError(f"{path}, line {line}: {key!r} listed twice")
-            table[key] = (a, b)
-    return table, kind
-
-
-def latlon_to_local(lat: np.ndarray, lon: np.ndarray, origin: tuple[float, float] | None = None,
-                    ) -> tuple[np.ndarray, tuple[float, float]]:
-    """Degrees to metres (east, north) about ``origin`` (default: the points' mean, longitudes averaged
-    on the circle), by the local equirectangular projection ``east = R cos(lat0) dlon``,
-    ``north = R dlat`` with R the mean Earth radius and ``dlon`` wrapped to [-180, 180).
-
-    Distances within a few kilometres of the origin agree with the haversine distance to well under
-    0.1 % (test/test_formats.py checks both); returns the positions and the origin used."""
-    lat = np.asarray(lat, dtype=np.float64)
-    lon = np.asarray(lon, dtype=np.float64)
-    if origin is None:
-        rad = np.radians(lon)
-        lon0 = float(np.degrees(np.arctan2(np.sin(rad).mean(), np.cos(rad).mean())))
-        origin = (float(lat.mean()), lon0)
-    lat0, lon0 = origin
-    dlon = (lon - lon0 + 180.0) % 360.0 - 180.0
-    east = EARTH_RADIUS_M * math.cos(math.radians(lat0)) * np.radians(dlon)
-    north = EARTH_RADIUS_M * np.radians(lat - lat0)
-    return np.stack([east, north], axis=1), origin
-
-
-def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    """Great-circle distance in metres on the mean-radius sphere."""
-    p1, p2 = math.radians(lat1), math.radians(lat2)
-    dp, dl = p2 - p1, math.radians(lon2 - lon1)
-    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
-    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
-
-
-def _to_metres(groups: list[list[tuple[float, float]]], kind: str,
-               where: Path) -> list[list[tuple[float, float]]]:
-    """Planar metres for each group of (a, b) coordinates: metric ones as they are, lat/lon projected
-    about one origin shared by all groups (so database and queries stay comparable)."""
-    if kind == "metric":
-        return groups
-    flat = np.array([p for g in groups for p in g], dtype=np.float64).reshape(-1, 2)
-    xy, origin = latlon_to_local(flat[:, 0], flat[:, 1])
-    span = float(np.ptp(xy, axis=0).max()) if len(xy) else 0.0
-    log.info("%s: lat/lon converted to metres east/north of %.6f, %.6f (span %.1f km)",
-             where, origin[0], origin[1], span / 1000)
-    if span > 200_000:
-        log.warning("%s: positions span %.0f km; the local projection is meant for one city or region",
-                    where, span / 1000)
-    out, i = [], 0
-    for g in groups:
-        out.append([(float(x), float(y)) for x, y in xy[i:i + len(g)]])
-        i += len(g)
-    return out
 
 
 # --------------------------------------------------------------------------- aligned traverses
@@ -386,7 +246,7 @@ def load_aligned(root: str | Path, *, tolerance: int = DEFAULT_TOLERANCE) -> Pla
                            f"{len(q_files)}; frame-aligned traverses need one query per database frame")
     ds = PlaceDataset(name=Path(root).name, database=_records(db_files), queries=_records(q_files),
                       ground_truth=GroundTruth("frame", tolerance=int(tolerance)))
-    return _require_nonempty(ds, Path(root))
+    return require_nonempty(ds, Path(root))
 
 
 # --------------------------------------------------------------------------- positions
@@ -396,47 +256,19 @@ def load_positions(root: str | Path, *, positions: str | Path | None = None,
                    radius_m: float = DEFAULT_RADIUS_M) -> PlaceDataset:
     """Two image folders with a position per image; ground truth: within ``radius_m`` metres.
 
-    Positions come from ``positions`` (a CSV, see :func:`read_positions_csv`), else ``root/positions.csv``
-    when present, else the ``@utm_east@utm_north@...`` file names. CSV keys are the file name or the
-    path relative to ``root``; lat/lon are converted to metres (:func:`latlon_to_local`)."""
+    Positions come from ``positions`` (a CSV, see :func:`~.files.read_positions_csv`), else
+    ``root/positions.csv`` when present, else the ``@utm_east@utm_north@...`` file names. CSV keys are
+    the file name or the path relative to ``root``; lat/lon are converted to metres
+    (:func:`~.files.latlon_to_local`)."""
     root = Path(root)
     db_dir, q_dir = find_folders(root)
     _check_radius(radius_m)
     csv_path = Path(positions) if positions is not None else root / "positions.csv"
     use_csv = positions is not None or csv_path.is_file()
-    table, kind = read_positions_csv(csv_path) if use_csv else ({}, "metric")
-    files, coords = [], []
-    for role, folder in (("database", db_dir), ("query", q_dir)):
-        role_files = _nonempty_folder(folder, role)
-        role_coords = []
-        for p in role_files:
-            if use_csv:
-                rel = p.relative_to(root).as_posix()
-                pos = table.get(rel, table.get(p.name))
-                if pos is None:
-                    raise DatasetError(f"{csv_path}: no position for {rel} (keys are the file name or the "
-                                       f"path relative to {root})")
-            else:
-                try:
-                    pos = parse_utm_name(p.name)
-                except DatasetError as exc:
-                    raise DatasetError(f"{p}: no position: {exc}; name files @utm_east@utm_north@... or give "
-                                       "a positions CSV") from None
-            role_coords.append(pos)
-        files.append(role_files)
-        coords.append(role_coords)
-    coords = _to_metres(coords, kind, csv_path if use_csv else root)
-    parts = _positioned(files, coords)
-    ds = PlaceDataset(name=root.name, database=parts[0], queries=parts[1],
+    db, qs = positioned_records(root, [("database", db_dir), ("query", q_dir)], csv_path if use_csv else None)
+    ds = PlaceDataset(name=root.name, database=db, queries=qs,
                       ground_truth=GroundTruth("distance", radius_m=float(radius_m)))
-    return _require_nonempty(ds, root)
-
-
-def _positioned(files: list[list[Path]], coords: list[list[tuple[float, float]]]) -> list[list[ImageRecord]]:
-    """Records per group, each with its position and its index in the group as frame index."""
-    return [[ImageRecord(path=p, name=p.name, position=xy, frame_index=i)
-             for i, (p, xy) in enumerate(zip(fs, cs, strict=True))]
-            for fs, cs in zip(files, coords, strict=True)]
+    return require_nonempty(ds, root)
 
 
 def _check_radius(radius_m: float) -> None:
@@ -457,12 +289,12 @@ def load_msls(root: str | Path, *, radius_m: float = DEFAULT_RADIUS_M) -> PlaceD
     ``lat,lon`` (``raw.csv``). Ground truth: within ``radius_m`` metres (MSLS's 25 m; its view-direction
     condition is not applied). Records follow the CSV rows; every listed image must exist (``<key>.jpg``,
     or another image suffix)."""
-    root = _require_dir(Path(root), "a Mapillary SLS city folder holding database/ and query/")
+    root = require_dir(Path(root), "a Mapillary SLS city folder holding database/ and query/")
     _check_radius(radius_m)
     if not (root / "query").is_dir() and any((root / d / "query").is_dir() for d in _subdirs(root)):
         raise DatasetError(f"{root}: holds several cities; pass one city folder, e.g. "
                            f"{root / next(d for d in _subdirs(root) if (root / d / 'query').is_dir())}")
-    folders = [_require_dir(root / r, f"the Mapillary SLS {r} folder (images/ and a CSV)")
+    folders = [require_dir(root / r, f"the Mapillary SLS {r} folder (images/ and a CSV)")
                for r in ("database", "query")]
     use = next((n for n in MSLS_CSVS if all((f / n).is_file() for f in folders)), None)
     if use is None:
@@ -486,11 +318,13 @@ def load_msls(root: str | Path, *, radius_m: float = DEFAULT_RADIUS_M) -> PlaceD
         coords.append(list(table.values()))
     if len(kinds) != 1:
         raise DatasetError(f"{root}: database and query CSVs mix metric and lat/lon coordinates")
-    coords = _to_metres(coords, kinds.pop(), root)
-    parts = _positioned(files, coords)
+    coords = to_metres(coords, kinds.pop(), root)
+    parts = [[ImageRecord(path=p, name=p.name, position=xy, frame_index=i)
+              for i, (p, xy) in enumerate(zip(fs, cs, strict=True))]
+             for fs, cs in zip(files, coords, strict=True)]
     ds = PlaceDataset(name=f"msls_{root.name}", database=parts[0], queries=parts[1],
                       ground_truth=GroundTruth("distance", radius_m=float(radius_m)))
-    return _require_nonempty(ds, root)
+    return require_nonempty(ds, root)
 
 
 def _subdirs(root: Path) -> list[str]:

@@ -1,13 +1,12 @@
-"""Place-recognition datasets: image records, ground truth, and loaders for the supported layouts.
+"""The one place-set type, :class:`PlaceDataset` (database, queries, ground-truth relation), and the readers
+of the shared datasets that return it.
 
-A :class:`PlaceDataset` is a database (the map) and a set of queries, plus a :class:`GroundTruth`
-that decides which database images count as a correct match for each query. Loaders never
-read pixels except where a dataset needs it (Nordland's dark / frozen frame filter); images
-are read later with :meth:`ImageRecord.load`.
-
-Loaders for the shared development data (see ``shared/README.md``): :func:`load_nordland`,
-:func:`load_ie_tower`, :func:`load_rtabmap_loop`, :func:`load_kitti`; and
-:func:`load_image_folder` for any ``database/`` + ``queries/`` folder with UTM or CSV positions.
+A :class:`GroundTruth` decides, per query, which database images show the same place (positives), which
+are too close to serve as negatives (near), and which must be ignored (the query's own record and its
+traverse's neighbours in time). Evaluation, training and the studies all use this one type. Readers:
+:func:`load_nordland`, :func:`load_ie_tower`, :func:`load_rtabmap_loop`, :func:`load_kitti`,
+:func:`load_tokyo_pair` and :func:`load_image_folder`; :mod:`.formats` reads the standard layouts.
+Readers never read pixels except where a dataset needs it (Nordland's dark / frozen frame filter).
 """
 
 from __future__ import annotations
@@ -19,15 +18,21 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from vpr_ros.core.errors import DatasetError
 from vpr_ros.core.fileio import display_path
 from vpr_ros.core.images import load_image
-
-#: File suffixes treated as images by the folder loaders (case-insensitive).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+from vpr_ros.data.files import (
+    list_images,
+    natural_key,
+    read_positions_csv,
+    require_dir,
+    require_file,
+    to_metres,
+)
 
 #: Ground-truth kinds understood by :class:`GroundTruth`.
 GT_KINDS = ("distance", "frame", "label", "pairs")
@@ -57,19 +62,30 @@ class ImageRecord:
 
 @dataclass
 class GroundTruth:
-    """How a query's true database matches are decided: by distance (metres) or by frame-index tolerance.
+    """Which database images are a query's positives, which are near it, and which are ignored.
+
+    Positives by ``kind``:
 
     * ``"distance"``: database images within ``radius_m`` (Euclidean, planar ``position``) of the query.
     * ``"frame"``: database images of the same ``sequence`` with ``|frame_index - query's| <= tolerance``.
     * ``"label"``: database images with the same ``label`` as the query (place classes, e.g. IE tower).
     * ``"pairs"``: the database images listed for the query in ``pairs`` (query path -> database paths),
-      as in VPR-Bench's ground-truth files.
+      as in VPR-Bench's ground-truth files or a loop-closure matrix.
+
+    Near (never negatives): within ``negatives_beyond`` (metres or frames, distance and frame kinds; None:
+    the positives). Ignored (neither positive nor negative): the query's own record when the database
+    holds it, and records of the query's ``sequence`` whose stamps are less than ``min_time_gap_s`` apart
+    (a single traverse: its neighbours in time are not revisits). ``text`` replaces :meth:`describe`'s
+    wording in reports.
     """
 
     kind: str
     radius_m: float = 25.0
     tolerance: int = 2
     pairs: dict[Path, frozenset[Path]] | None = field(default=None, repr=False)
+    negatives_beyond: float | None = None
+    min_time_gap_s: float = 0.0
+    text: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in GT_KINDS:
@@ -80,26 +96,59 @@ class GroundTruth:
             raise ValueError(f"tolerance must be a non-negative integer, got {self.tolerance}")
         if self.kind == "pairs" and self.pairs is None:
             raise ValueError("pairs ground truth needs the pairs mapping (query path -> database paths)")
+        if self.negatives_beyond is not None:
+            if self.kind not in ("distance", "frame"):
+                raise ValueError(f"negatives_beyond applies to distance and frame ground truth, "
+                                 f"not {self.kind}")
+            if not (math.isfinite(self.negatives_beyond) and self.negatives_beyond >= self._threshold):
+                raise ValueError(f"negatives_beyond must be finite and >= the positive threshold "
+                                 f"{self._threshold:g}, got {self.negatives_beyond}")
+        if not (math.isfinite(self.min_time_gap_s) and self.min_time_gap_s >= 0):
+            raise ValueError(f"min_time_gap_s must be a non-negative number, got {self.min_time_gap_s}")
+
+    @property
+    def _threshold(self) -> float:
+        return float(self.radius_m) if self.kind == "distance" else float(self.tolerance)
 
     def describe(self) -> str:
-        """Short human-readable form, e.g. ``"distance <= 25 m"``."""
-        if self.kind == "distance":
-            return f"distance <= {self.radius_m:g} m"
-        if self.kind == "frame":
-            return f"frame index +/-{self.tolerance}"
-        if self.kind == "pairs":
-            return "listed pairs"
-        return "same label"
+        """Short human-readable form, e.g. ``"distance <= 25 m"`` (``text`` when given)."""
+        if self.text:
+            return self.text
+        unit = {"distance": "m", "frame": "frames"}.get(self.kind, "")
+        text = {"distance": f"distance <= {self.radius_m:g} m", "frame": f"frame index +/-{self.tolerance}",
+                "pairs": "listed pairs", "label": "same label"}[self.kind]
+        if self.negatives_beyond is not None:
+            text += f", negatives beyond {self.negatives_beyond:g} {unit}"
+        if self.min_time_gap_s > 0:
+            text += f", same-traverse frames < {self.min_time_gap_s:g} s apart ignored"
+        return text
 
     def positives(self, database: Sequence[ImageRecord], queries: Sequence[ImageRecord]) -> list[np.ndarray]:
-        """Per query, the sorted database indices (int64) that count as a correct match."""
+        """Per query, the sorted database indices (int64) that match by ``kind`` (before exclusions)."""
+        return self._within(database, queries, self._threshold)
+
+    def _within(self, database: Sequence[ImageRecord], queries: Sequence[ImageRecord],
+                threshold: float) -> list[np.ndarray]:
         if self.kind == "distance":
-            return _positives_distance(database, queries, float(self.radius_m))
+            return _positives_distance(database, queries, threshold)
         if self.kind == "frame":
-            return _positives_frame(database, queries, int(self.tolerance))
+            return _positives_frame(database, queries, int(threshold))
         if self.kind == "pairs":
             return _positives_pairs(database, queries, self.pairs or {})
         return _positives_label(database, queries)
+
+    def relate(self, database: Sequence[ImageRecord], queries: Sequence[ImageRecord]
+               ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """(positives, near, excluded): per query, sorted database indices. Excluded indices are taken
+        out of the positives and added to near (so they are never negatives either)."""
+        pos = self.positives(database, queries)
+        beyond = self.negatives_beyond
+        near = pos if beyond is None else self._within(database, queries, beyond)
+        excl = _exclusions(database, queries, self.min_time_gap_s)
+        pos = [np.setdiff1d(p, e, assume_unique=True) if len(e) else p
+               for p, e in zip(pos, excl, strict=True)]
+        near = [np.union1d(n, e) if len(e) else n for n, e in zip(near, excl, strict=True)]
+        return pos, near, excl
 
 
 def _positions(records: Sequence[ImageRecord], role: str) -> np.ndarray:
@@ -204,21 +253,107 @@ def _positives_pairs(database: Sequence[ImageRecord], queries: Sequence[ImageRec
             for rec in queries]
 
 
+def _exclusions(database: Sequence[ImageRecord], queries: Sequence[ImageRecord],
+                gap: float) -> list[np.ndarray]:
+    """Per query: its own record in the database (by identity) and, with ``gap`` > 0, the database
+    records of its sequence whose stamps are less than ``gap`` seconds from its own."""
+    ident = {id(r): i for i, r in enumerate(database)}
+    index: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if gap > 0:
+        by_seq: dict[str, list[int]] = defaultdict(list)
+        for i, r in enumerate(database):
+            if r.sequence is not None and r.stamp is not None:
+                by_seq[r.sequence].append(i)
+        for seq, members in by_seq.items():
+            arr = np.asarray(members, dtype=np.int64)
+            stamps = np.asarray([database[i].stamp for i in arr], dtype=np.float64)
+            order = np.argsort(stamps, kind="stable")
+            index[seq] = (stamps[order], arr[order])
+    out = []
+    for q in queries:
+        ex: list[int] = []
+        if id(q) in ident:
+            ex.append(ident[id(q)])
+        if q.sequence in index and q.stamp is not None:
+            stamps, members = index[q.sequence]
+            lo = np.searchsorted(stamps, q.stamp - gap, side="right")
+            hi = np.searchsorted(stamps, q.stamp + gap, side="left")
+            ex.extend(members[lo:hi].tolist())
+        out.append(np.unique(np.asarray(ex, dtype=np.int64)))
+    return out
+
+
+class PlaceSplit(Protocol):
+    """How :meth:`PlaceDataset.split_by_place` cuts places (e.g. the training config's ``data.split``).
+
+    Blocks of ``block`` frames (frame ground truth) or ``block`` metres (grid cells, otherwise); a block is
+    validation when its number modulo ``val_every`` is ``val_offset``; training records within ``gap``
+    frames / metres of a validation record are dropped."""
+
+    block: float
+    val_every: int
+    val_offset: int
+    gap: float
+
+
 @dataclass
 class PlaceDataset:
-    """A database, its queries, the ground truth relating them, and what was skipped while loading."""
+    """A database, its queries, the ground truth relating them, and what was skipped while loading.
+
+    The records are shared, not copied, by the derived sets (:meth:`subset`, :meth:`subsample`,
+    :meth:`split_by_place`); the relation (:meth:`positives`, :meth:`near`, :meth:`excluded`) is computed
+    once on first use, so treat a set as immutable and derive a new one to change it. A single traverse
+    (bags, a KITTI sequence) has the same list as ``database`` and ``queries``. ``title`` and ``notes``
+    are for reports.
+    """
 
     name: str
     database: list[ImageRecord]
     queries: list[ImageRecord]
     ground_truth: GroundTruth
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    title: str = ""
+    notes: str = ""
+    _relation: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] | None = field(
+        default=None, init=False, repr=False, compare=False)
+
+    def _related(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        if self._relation is None:
+            self._relation = self.ground_truth.relate(self.database, self.queries)
+        return self._relation
 
     def positives(self) -> list[np.ndarray]:
-        """Per query, the sorted database indices that count as correct."""
-        return self.ground_truth.positives(self.database, self.queries)
+        """Per query, the sorted database indices that count as a correct match."""
+        return self._related()[0]
 
-    def subset(self, every: int = 1, limit: int | None = None) -> PlaceDataset:
+    def near(self) -> list[np.ndarray]:
+        """Per query, the sorted database indices that must not serve as its negatives."""
+        return self._related()[1]
+
+    def excluded(self) -> list[np.ndarray]:
+        """Per query, the sorted database indices left out of retrieval (its own record, its traverse's
+        neighbours in time); empty when database and queries are separate records."""
+        return self._related()[2]
+
+    def truth_matrix(self) -> np.ndarray:
+        """``(len(queries), len(database))`` bool matrix of :meth:`positives`."""
+        out = np.zeros((len(self.queries), len(self.database)), dtype=bool)
+        for i, p in enumerate(self.positives()):
+            out[i, p] = True
+        return out
+
+    def subset(self, *, queries: Sequence[int] | None = None, database: Sequence[int] | None = None,
+               name: str | None = None) -> PlaceDataset:
+        """The set restricted to some query / database indices (None: all), relation recomputed."""
+        qs = self.queries if queries is None else [self.queries[int(i)] for i in queries]
+        db = self.database if database is None else [self.database[int(i)] for i in database]
+        out = replace(self, name=name or self.name, queries=qs, database=db, skipped=list(self.skipped))
+        if database is None and queries is not None and self._relation is not None:
+            # a query's relation depends only on it and the database: reuse the computed rows
+            out._relation = tuple([part[int(i)] for i in queries] for part in self._relation)  # type: ignore[assignment]
+        return out
+
+    def subsample(self, every: int = 1, limit: int | None = None) -> PlaceDataset:
         """A smaller copy for quick runs: every ``every``-th database and query record, then at most
         ``limit`` of each. Positives are recomputed from the ground truth on what remains, so queries
         whose matches were cut away simply have none (evaluation excludes and counts them)."""
@@ -226,12 +361,43 @@ class PlaceDataset:
             raise ValueError(f"every must be >= 1, got {every}")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {limit}")
-        return replace(
-            self,
-            database=self.database[::every][:limit],
-            queries=self.queries[::every][:limit],
-            skipped=list(self.skipped),
-        )
+        n_db, n_q = len(self.database[::every][:limit]), len(self.queries[::every][:limit])
+        return self.subset(queries=range(0, n_q * every, every), database=range(0, n_db * every, every))
+
+    def with_positive_queries(self, limit: int | None = None) -> PlaceDataset:
+        """Only the queries that have a positive; at most ``limit`` of them, evenly spaced."""
+        keep = [i for i, p in enumerate(self.positives()) if len(p) > 0]
+        if limit is not None and len(keep) > limit:
+            keep = [keep[int(j)] for j in np.linspace(0, len(keep) - 1, limit).round().astype(int)]
+        return self.subset(queries=keep)
+
+    def split_by_place(self, split: PlaceSplit) -> tuple[PlaceDataset, PlaceDataset]:
+        """(train, val) by place: frame blocks (frame ground truth) or spatial grid cells (otherwise).
+
+        Every record, query or database, goes to the side of its block; training records within
+        ``split.gap`` of a validation record are dropped. Raises DatasetError when a side is left
+        without a query that has a positive.
+        """
+        by_frame = self.ground_truth.kind == "frame"
+        unit = "frames" if by_frame else "m"
+        q_xy, d_xy = _split_coords(self.queries, by_frame), _split_coords(self.database, by_frame)
+        q_val, d_val = _val_flags(q_xy, by_frame, split), _val_flags(d_xy, by_frame, split)
+        val_xy = np.concatenate([q_xy[q_val], d_xy[d_val]])
+        q_train = ~q_val & ~_near_any(q_xy, val_xy, split.gap)
+        d_train = ~d_val & ~_near_any(d_xy, val_xy, split.gap)
+        train = self.subset(queries=np.nonzero(q_train)[0], database=np.nonzero(d_train)[0],
+                            name=f"{self.name}/train")
+        val = self.subset(queries=np.nonzero(q_val)[0], database=np.nonzero(d_val)[0],
+                          name=f"{self.name}/val")
+        for side in (train, val):
+            if not side.queries or not side.database or not any(len(p) for p in side.positives()):
+                raise DatasetError(
+                    f"{side.name}: the split (blocks of {split.block:g} {unit}, every {split.val_every}th "
+                    f"from {split.val_offset}, gap {split.gap:g} {unit}) leaves {len(side.queries)} queries "
+                    f"and {len(side.database)} database images with no usable positive pair; "
+                    "change data.split"
+                )
+        return train, val
 
     def summary(self) -> str:
         """One line: name, sizes, ground truth, queries without a positive, skipped records by reason."""
@@ -246,7 +412,40 @@ class PlaceDataset:
         return text
 
 
-def _require_nonempty(dataset: PlaceDataset, where: Path) -> PlaceDataset:
+def _split_coords(records: Sequence[ImageRecord], by_frame: bool) -> np.ndarray:
+    if by_frame:
+        return np.asarray([r.frame_index for r in records], dtype=np.float64)
+    return np.asarray([r.position for r in records], dtype=np.float64).reshape(-1, 2)
+
+
+def _val_flags(coords: np.ndarray, by_frame: bool, split: PlaceSplit) -> np.ndarray:
+    if by_frame:
+        ids = np.floor_divide(coords.astype(np.int64), max(1, int(split.block)))
+    else:
+        cells = np.floor(coords / split.block).astype(np.int64)
+        ids = np.abs(cells[:, 0] * 73856093 ^ cells[:, 1] * 19349663)  # spatial hash of the grid cell
+    return (ids % split.val_every) == split.val_offset
+
+
+def _near_any(points: np.ndarray, others: np.ndarray, gap: float) -> np.ndarray:
+    """Per point, whether any of ``others`` lies within ``gap`` (1-D frames or 2-D positions)."""
+    out = np.zeros(len(points), dtype=bool)
+    if len(others) == 0 or len(points) == 0:
+        return out
+    if points.ndim == 1:
+        srt = np.sort(others)
+        j = (np.clip(np.searchsorted(srt, points), 1, len(srt) - 1) if len(srt) > 1
+             else np.zeros(len(points), int))
+        d = np.minimum(np.abs(points - srt[j]), np.abs(points - srt[np.maximum(j - 1, 0)]))
+        return d <= gap
+    for s in range(0, len(points), 2048):
+        d2 = ((points[s : s + 2048, None, :] - others[None, :, :]) ** 2).sum(-1)
+        out[s : s + 2048] = (d2 <= gap * gap).any(axis=1)
+    return out
+
+
+def require_nonempty(dataset: PlaceDataset, where: Path) -> PlaceDataset:
+    """``dataset`` if it has database and query images, else DatasetError saying what the filters dropped."""
     for role, records in (("database", dataset.database), ("query", dataset.queries)):
         if records:
             continue
@@ -261,26 +460,6 @@ def _require_nonempty(dataset: PlaceDataset, where: Path) -> PlaceDataset:
                    f"{reason}); select other frames")
         raise DatasetError(f"{display_path(where)}: dataset {dataset.name!r} has no {role} images{why}")
     return dataset
-
-
-def _require_dir(path: Path, what: str) -> Path:
-    if not path.is_dir():
-        raise DatasetError(f"{path}: missing folder; expected {what}")
-    return path
-
-
-def _require_file(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise DatasetError(f"{path}: missing file; expected {what}")
-    return path
-
-
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _natural_key(name: str) -> tuple:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
 # --------------------------------------------------------------------------- image folders, UTM names
@@ -306,47 +485,39 @@ def parse_utm_name(name: str) -> tuple[float, float]:
     return east, north
 
 
-#: Accepted CSV headers of :func:`load_image_folder`: a key column and a pair of coordinate columns.
-CSV_KEY_COLUMNS = ("name", "path")
-CSV_COORD_COLUMNS = (("east", "north"), ("utm_east", "utm_north"), ("x", "y"))
-
-
-def _read_positions_csv(path: Path) -> dict[str, tuple[float, float]]:
-    """Read ``key -> (east, north)`` from a positions CSV (see :func:`load_image_folder`)."""
-    _require_file(path, "a positions CSV with columns name,east,north or path,x,y")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise DatasetError(f"{path}: empty positions CSV; expected a header such as name,east,north")
-        cols = [h.strip().lower() for h in header]
-        key_col = next((cols.index(k) for k in CSV_KEY_COLUMNS if k in cols), None)
-        coord = next(((cols.index(a), cols.index(b)) for a, b in CSV_COORD_COLUMNS
-                      if a in cols and b in cols), None)
-        if key_col is None or coord is None:
-            raise DatasetError(
-                f"{path}: header {header} not understood; expected a key column (name or path) and "
-                "coordinate columns (east,north / utm_east,utm_north / x,y)")
-        table: dict[str, tuple[float, float]] = {}
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) != len(cols):
-                raise DatasetError(
-                    f"{path}, line {line}: {len(row)} fields, expected {len(cols)} like the header")
-            key = row[key_col].strip().replace("\\", "/")
-            try:
-                xy = (float(row[coord[0]]), float(row[coord[1]]))
-            except ValueError:
-                raise DatasetError(f"{path}, line {line}: coordinates {row[coord[0]]!r}, {row[coord[1]]!r} "
-                                   "are not numbers") from None
-            if not (key and math.isfinite(xy[0]) and math.isfinite(xy[1])):
-                raise DatasetError(f"{path}, line {line}: empty key or non-finite coordinates")
-            if key in table:
-                raise DatasetError(f"{path}, line {line}: {key!r} listed twice")
-            table[key] = xy
-    return table
+def positioned_records(root: Path, folders: Sequence[tuple[str, Path]], positions_csv: Path | None,
+                       ) -> list[list[ImageRecord]]:
+    """Records of the images in each ``(role, folder)``, with a position each and their index in the
+    folder as frame index. Positions come from ``positions_csv`` (:func:`~.files.read_positions_csv`;
+    keys are the path relative to ``root``, then the bare file name; lat/lon converted to metres), else
+    from ``@utm_east@utm_north@...`` file names (:func:`parse_utm_name`)."""
+    table, kind = read_positions_csv(positions_csv) if positions_csv is not None else ({}, "metric")
+    files, coords = [], []
+    for role, folder in folders:
+        role_files = list_images(folder)
+        if not role_files:
+            raise DatasetError(f"{folder}: no images (.jpg/.jpeg/.png/.bmp); expected the {role} images")
+        role_coords = []
+        for p in role_files:
+            if positions_csv is not None:
+                rel = p.relative_to(root).as_posix()
+                pos = table.get(rel, table.get(p.name))
+                if pos is None:
+                    raise DatasetError(f"{positions_csv}: no position for {rel} (keys are the file name or "
+                                       f"the path relative to {root})")
+            else:
+                try:
+                    pos = parse_utm_name(p.name)
+                except DatasetError as exc:
+                    raise DatasetError(f"{p}: no position: {exc}; name files @utm_east@utm_north@... or give "
+                                       "a positions CSV") from None
+            role_coords.append(pos)
+        files.append(role_files)
+        coords.append(role_coords)
+    coords = to_metres(coords, kind, positions_csv if positions_csv is not None else root)
+    return [[ImageRecord(path=p, name=p.name, position=xy, frame_index=i)
+             for i, (p, xy) in enumerate(zip(fs, cs, strict=True))]
+            for fs, cs in zip(files, coords, strict=True)]
 
 
 def load_image_folder(
@@ -359,36 +530,17 @@ def load_image_folder(
 ) -> PlaceDataset:
     """Load ``root/<database>/*`` and ``root/<queries>/*`` (jpg, jpeg, png, bmp) with distance ground truth.
 
-    Positions come from ``positions_csv`` when given, else from ``@utm_east@utm_north@...`` file names
-    (:func:`parse_utm_name`). The CSV has a header row with a key column, ``name`` or ``path``, and a
-    coordinate pair, ``east,north``, ``utm_east,utm_north`` or ``x,y`` (metres; extra columns ignored,
-    header case-insensitive). A key is matched first as the path relative to ``root`` (e.g.
-    ``database/img1.jpg``), then as the bare file name; every image needs a position.
+    Positions as :func:`positioned_records` reads them: from ``positions_csv`` when given (a key column,
+    ``name`` or ``path``, and a coordinate pair such as ``east,north``, ``x,y`` or ``lat,lon``), else from
+    ``@utm_east@utm_north@...`` file names; every image needs a position.
     """
-    root = _require_dir(Path(root), "a dataset folder holding database/ and queries/ image folders")
-    table = _read_positions_csv(Path(positions_csv)) if positions_csv is not None else None
-    parts: dict[str, list[ImageRecord]] = {}
-    for role, sub in (("database", database), ("queries", queries)):
-        folder = _require_dir(root / sub, f"the {role} images of {root}")
-        records = []
-        for p in _list_images(folder):
-            if table is not None:
-                rel = p.relative_to(root).as_posix()
-                pos = table.get(rel, table.get(p.name))
-                if pos is None:
-                    raise DatasetError(f"{positions_csv}: no position for {rel} (keys are the file name or "
-                                       "the path relative to the dataset root)")
-            else:
-                try:
-                    pos = parse_utm_name(p.name)
-                except DatasetError as e:
-                    raise DatasetError(f"{p}: no position: {e}; name files @utm_east@utm_north@... "
-                                       "or pass positions_csv") from None
-            records.append(ImageRecord(path=p, name=p.name, position=pos))
-        parts[role] = records
-    ds = PlaceDataset(name=root.name, database=parts["database"], queries=parts["queries"],
+    root = require_dir(Path(root), "a dataset folder holding database/ and queries/ image folders")
+    folders = [(role, require_dir(root / sub, f"the {role} images of {root}"))
+               for role, sub in (("database", database), ("query", queries))]
+    db, qs = positioned_records(root, folders, None if positions_csv is None else Path(positions_csv))
+    ds = PlaceDataset(name=root.name, database=db, queries=qs,
                       ground_truth=GroundTruth("distance", radius_m=radius_m))
-    return _require_nonempty(ds, root)
+    return require_nonempty(ds, root)
 
 
 # --------------------------------------------------------------------------- Nordland
@@ -422,19 +574,19 @@ def load_nordland(
     * ``drop_frozen``: a frame pixel-identical to the previous frame of its season (the video stood
       still); the first of each run is kept. Winter's first 17 and last 15 frames are such runs.
     """
-    root = _require_dir(Path(root), "the Nordland folder holding one sub-folder per season")
+    root = require_dir(Path(root), "the Nordland folder holding one sub-folder per season")
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     seasons = {}
     for role, season in (("database", database_season), ("queries", query_season)):
-        folder = _require_dir(root / season, f"the {season} images of Nordland ({role})")
-        files = {p.name: p for p in _list_images(folder)}
+        folder = require_dir(root / season, f"the {season} images of Nordland ({role})")
+        files = {p.name: p for p in list_images(folder)}
         if not files:
             raise DatasetError(f"{folder}: no images; expected {season} frames such as images-00010.png")
         seasons[role] = files
-    names = sorted(set(seasons["database"]) | set(seasons["queries"]), key=_natural_key)
+    names = sorted(set(seasons["database"]) | set(seasons["queries"]), key=natural_key)
     frame_of = {n: i for i, n in enumerate(names)}
     chosen = [n for n in names if frame_of[n] % every == 0][:limit]
     skipped: list[tuple[str, str]] = []
@@ -462,7 +614,7 @@ def load_nordland(
     ds = PlaceDataset(name=f"nordland_{database_season}_{query_season}", database=parts["database"],
                       queries=parts["queries"], ground_truth=GroundTruth("frame", tolerance=tolerance),
                       skipped=skipped)
-    return _require_nonempty(ds, root)
+    return require_nonempty(ds, root)
 
 
 # --------------------------------------------------------------------------- IE tower
@@ -490,12 +642,12 @@ def load_ie_tower(
     * ``"clip"``: same video clip and frame numbers (1 fps) within ``tolerance`` (strict, place-level).
 
     Queries and gallery come from the same videos 1 s apart, so this is an easy near-duplicate test.
-    ``every`` / ``limit`` are applied as :meth:`PlaceDataset.subset`.
+    ``every`` / ``limit`` are applied as :meth:`PlaceDataset.subsample`.
     """
     if ground_truth not in IE_TOWER_GT:
         raise ValueError(f"unknown IE tower ground truth {ground_truth!r}; expected one of {IE_TOWER_GT}")
-    root = _require_dir(Path(root), "the IE tower folder holding dataset.csv and frames/")
-    csv_path = _require_file(root / csv_name, "the IE tower index (image_path,label,split,...,area,...)")
+    root = require_dir(Path(root), "the IE tower folder holding dataset.csv and frames/")
+    csv_path = require_file(root / csv_name, "the IE tower index (image_path,label,split,...,area,...)")
     required = ("image_path", "label", "split", "area")
     parts: dict[str, list[ImageRecord]] = {"gallery": [], "query": []}
     with open(csv_path, newline="", encoding="utf-8") as f:
@@ -528,24 +680,29 @@ def load_ie_tower(
             label = {"area": f"{floor}/{area}", "floor": floor, "clip": clip}[ground_truth]
             parts[split].append(ImageRecord(path=path, name=Path(rel).name, frame_index=int(m["frame"]),
                                             label=label, sequence=clip))
-    gt = GroundTruth("frame", tolerance=tolerance) if ground_truth == "clip" else GroundTruth("label")
+    gt = (GroundTruth("frame", tolerance=tolerance) if ground_truth == "clip"
+          else GroundTruth("label",
+                           text={"area": "same floor and area", "floor": "same floor"}[ground_truth]))
     ds = PlaceDataset(name=f"ie_tower_{ground_truth}", database=parts["gallery"], queries=parts["query"],
                       ground_truth=gt)
-    _require_nonempty(ds, root)
-    return ds.subset(every, limit) if (every != 1 or limit is not None) else ds
+    require_nonempty(ds, root)
+    return ds.subsample(every, limit) if (every != 1 or limit is not None) else ds
 
 
-# --------------------------------------------------------------------------- RTAB-Map loop closure, KITTI
+# --------------------------------------------------------------------------- RTAB-Map loop, KITTI, Tokyo
 
 
-def load_rtabmap_loop(root: str | Path) -> tuple[list[ImageRecord], np.ndarray]:
-    """RTAB-Map's loop-closure sequence: records in frame order (``images/1.jpg`` ...) and the
-    ``(N, N)`` bool ground-truth matrix (``gt[i, j]``: frame i closes a loop with frame j)."""
-    root = _require_dir(Path(root), "the rtabmap_loop folder holding images/ and gt_loop_matrix.txt")
-    folder = _require_dir(root / "images", "the sequence frames 1.jpg ... N.jpg")
-    gt_path = _require_file(root / "gt_loop_matrix.txt", "the N x N 0/1 loop-closure matrix")
-    files = [p for p in _list_images(folder) if p.stem.isdigit()]
-    files.sort(key=lambda p: int(p.stem))
+def load_rtabmap_loop(root: str | Path) -> PlaceDataset:
+    """RTAB-Map's loop-closure sequence as a single traverse: every frame is a database image and a query
+    (``images/1.jpg`` ... in frame order), positives as ``gt_loop_matrix.txt`` lists them.
+
+    The matrix is ``(N, N)`` 0/1 and lower-triangular: row i (newer frame) lists the older frames j it
+    closes a loop with; :meth:`PlaceDataset.truth_matrix` gives it back as read (loop-closure scoring
+    symmetrises it)."""
+    root = require_dir(Path(root), "the rtabmap_loop folder holding images/ and gt_loop_matrix.txt")
+    folder = require_dir(root / "images", "the sequence frames 1.jpg ... N.jpg")
+    gt_path = require_file(root / "gt_loop_matrix.txt", "the N x N 0/1 loop-closure matrix")
+    files = sorted((p for p in list_images(folder) if p.stem.isdigit()), key=lambda p: int(p.stem))
     if not files:
         raise DatasetError(f"{folder}: no images named by frame number (1.jpg, 2.jpg, ...)")
     rows = []
@@ -560,18 +717,24 @@ def load_rtabmap_loop(root: str | Path) -> tuple[list[ImageRecord], np.ndarray]:
     if len(rows) != n or any(len(r) != n for r in rows):
         raise DatasetError(f"{gt_path}: expected a {n} x {n} matrix (one row and column per image), got "
                            f"{len(rows)} rows of lengths {sorted({len(r) for r in rows})}")
+    matrix = np.array(rows, dtype=bool)
+    pairs = {files[i]: frozenset(files[j] for j in np.nonzero(matrix[i])[0]) for i in range(n)}
     records = [ImageRecord(path=p, name=p.name, frame_index=i) for i, p in enumerate(files)]
-    return records, np.array(rows, dtype=bool)
+    return PlaceDataset(name="rtabmap_loop", database=records, queries=records,
+                        ground_truth=GroundTruth("pairs", pairs=pairs, text="RTAB-Map's loop matrix"))
 
 
-def load_kitti(root: str | Path, sequence: str = "00") -> list[ImageRecord]:
-    """KITTI odometry frames ``root/<sequence>/image_0/*`` with planar positions ``(x, z)`` of each camera
-    pose translation (metres, frame-0 camera coordinates). Poses are read from the first file found of
-    ``root/<sequence>/poses_official_first300.txt``, ``root/<sequence>/poses.txt``,
-    ``root/poses/<sequence>.txt``; line i is frame i (12 floats, row-major 3x4 [R|t])."""
-    root = _require_dir(Path(root), "the KITTI odometry folder holding one sub-folder per sequence")
-    seq_dir = _require_dir(root / sequence, f"KITTI sequence {sequence} (image_0/ and a poses file)")
-    folder = _require_dir(seq_dir / "image_0", f"the left grey camera frames of sequence {sequence}")
+def load_kitti(root: str | Path, sequence: str = "00", *, radius_m: float = 10.0) -> PlaceDataset:
+    """KITTI odometry frames ``root/<sequence>/image_0/*`` as a single traverse (every frame a database
+    image and a query; positives within ``radius_m``, the query's own frame excluded), with planar
+    positions ``(x, z)`` of each camera pose translation (metres, frame-0 camera coordinates).
+
+    Poses are read from the first file found of ``root/<sequence>/poses_official_first300.txt``,
+    ``root/<sequence>/poses.txt``, ``root/poses/<sequence>.txt``; line i is frame i (12 floats,
+    row-major 3x4 [R|t])."""
+    root = require_dir(Path(root), "the KITTI odometry folder holding one sub-folder per sequence")
+    seq_dir = require_dir(root / sequence, f"KITTI sequence {sequence} (image_0/ and a poses file)")
+    folder = require_dir(seq_dir / "image_0", f"the left grey camera frames of sequence {sequence}")
     candidates = [seq_dir / "poses_official_first300.txt", seq_dir / "poses.txt",
                   root / "poses" / f"{sequence}.txt"]
     pose_path = next((p for p in candidates if p.is_file()), None)
@@ -588,8 +751,7 @@ def load_kitti(root: str | Path, sequence: str = "00") -> list[ImageRecord]:
         if len(values) != 12:
             raise DatasetError(f"{pose_path}, line {line_no}: {len(values)} values, expected 12 (3x4 pose)")
         positions.append((values[3], values[11]))
-    files = [p for p in _list_images(folder) if p.stem.isdigit()]
-    files.sort(key=lambda p: int(p.stem))
+    files = sorted((p for p in list_images(folder) if p.stem.isdigit()), key=lambda p: int(p.stem))
     if not files:
         raise DatasetError(f"{folder}: no frames named by number (000000.png, ...)")
     records = []
@@ -599,7 +761,19 @@ def load_kitti(root: str | Path, sequence: str = "00") -> list[ImageRecord]:
             raise DatasetError(f"{pose_path}: {len(positions)} poses, no pose for frame {p.name}")
         records.append(ImageRecord(path=p, name=p.name, position=positions[i], frame_index=i,
                                    sequence=sequence))
-    return records
+    return PlaceDataset(name=f"kitti{sequence}", database=records, queries=records,
+                        ground_truth=GroundTruth("distance", radius_m=radius_m))
+
+
+def load_tokyo_pair(root: str | Path) -> PlaceDataset:
+    """The Tokyo 24/7 pair: ``db_tokyo.jpg`` (database) and ``query_tokyo.jpg``, each other's match."""
+    root = require_dir(Path(root), "the tokyo_pair folder holding db_tokyo.jpg and query_tokyo.jpg")
+    db = require_file(root / "db_tokyo.jpg", "the Tokyo 24/7 database image")
+    q = require_file(root / "query_tokyo.jpg", "the Tokyo 24/7 query image")
+    return PlaceDataset(name="tokyo_pair", database=[ImageRecord(path=db, name=db.name)],
+                        queries=[ImageRecord(path=q, name=q.name)],
+                        ground_truth=GroundTruth("pairs", pairs={q: frozenset({db})},
+                                                 text="one positive pair"))
 
 
 # --------------------------------------------------------------------------- dispatch

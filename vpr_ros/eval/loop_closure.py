@@ -241,7 +241,8 @@ def evaluate_loop_closure(
     vcfg = verification or VerificationConfig()
     # Verify with the lowest inlier threshold of the sweep; higher ones are applied afterwards.
     sweep_cfg = replace(vcfg, min_inliers=min(MIN_INLIERS_GRID))
-    records, gt = load_rtabmap_loop(root)
+    rtab = load_rtabmap_loop(root)
+    records, gt = rtab.database, rtab.truth_matrix()
     images = [r.load() for r in records]
     if models is None:
         models = [("structvpr_imagenet", None)]

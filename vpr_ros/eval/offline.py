@@ -24,6 +24,7 @@ from vpr_ros.core.provenance import descriptor_source
 from vpr_ros.core.transmission import TransmissionConfig, Transmitter
 from vpr_ros.data.places import ImageRecord, PlaceDataset
 from vpr_ros.eval.metrics import RECALL_NS, EvalResult, recall_at_n, save_results_json
+from vpr_ros.eval.plots import plot_match_montage, plot_recall_curves, plot_recall_vs_bytes
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,6 @@ def write_report(
     runs: Sequence[DegradationRun], dataset: PlaceDataset, out_dir: str | os.PathLike, *, top_k: int = 4
 ) -> dict[str, Path]:
     """Write results JSON, recall@N and recall-vs-bytes plots, and one match montage per run."""
-    from vpr_ros.eval.plots import plot_match_montage, plot_recall_curves, plot_recall_vs_bytes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

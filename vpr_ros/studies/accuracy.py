@@ -1,4 +1,4 @@
-"""The accuracy study (issue #8): models x datasets x link degradations -> bytes/frame and recall@N.
+"""The accuracy study: models x datasets x link degradations -> bytes/frame and recall@N.
 
 For every dataset the map is built from the high-quality images (the robot's prior map) and the queries
 are sent, in order and as one stream, through each simulated link (:mod:`.transmission`); bytes/frame are
@@ -33,16 +33,31 @@ from tqdm import tqdm
 
 from vpr_ros import paths
 from vpr_ros.core.errors import DatasetError
-from vpr_ros.core.fileio import atomic_write_text
+from vpr_ros.core.extract import DescriptorExtractor
+from vpr_ros.core.fileio import atomic_path, atomic_write_text
+from vpr_ros.core.geometry import OrbExtractor, VerificationConfig, verify_pair
+from vpr_ros.core.loop_closure import (
+    DEFAULT_EXCLUSION_WINDOW_S,
+    DEFAULT_MIN_INLIERS,
+    DEFAULT_SCORE_THRESHOLD,
+    DEFAULT_TOP_K,
+    Detection,
+    LoopCandidate,
+)
+from vpr_ros.core.models import create_model, load_model
 from vpr_ros.core.models.card import weights_digest
+from vpr_ros.core.transmission import TransmissionConfig, Transmitter
 from vpr_ros.data.places import (
     GroundTruth,
     ImageRecord,
+    PlaceDataset,
     load_ie_tower,
     load_kitti,
     load_nordland,
     load_rtabmap_loop,
+    load_tokyo_pair,
 )
+from vpr_ros.eval.loop_closure import SequenceRun, choose_operating_point, operating_stats, pr_curve
 from vpr_ros.eval.metrics import (
     RECALL_NS,
     EvalResult,
@@ -52,6 +67,7 @@ from vpr_ros.eval.metrics import (
     recall_at_n,
     sequence_recall,
 )
+from vpr_ros.eval.plots import plot_match_montage, plot_recall_vs_sequence_length
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +188,6 @@ class StudyModel:
 
     def load(self, size: tuple[int, int]) -> Any:
         """The eval-mode model (checkpoint input size; ``size`` for the ImageNet model)."""
-        from vpr_ros.core.models import create_model, load_model
 
         if self.weights is None:
             net = create_model("structvpr_mobilenetv2", pretrained=True).eval()
@@ -222,34 +237,51 @@ def build_models(cfg: StudyConfig) -> list[StudyModel]:
 # --------------------------------------------------------------------------- datasets
 
 
-@dataclass
-class StudySet:
-    """A dataset as the study uses it.
+#: Sets whose whole sequence, database then queries, goes through the link (a robot streaming to a remote
+#: SLAM back end); loop closure is scored on it. Other sets send only their queries.
+LOOP_SETS = ("rtabmap_loop",)
 
-    ``stream``: the frames sent through the link, in order; ``query_pos``: which of them are queries.
-    ``positives``: per query, the correct ``database`` indices (None: no recall, similarity only).
-    ``loop_gt``: the (N, N) loop matrix of the stream (loop-closure evaluation).
-    """
 
-    key: str
-    title: str
-    database: list[ImageRecord]
-    stream: list[ImageRecord]
-    query_pos: np.ndarray
-    positives: list[np.ndarray] | None
-    ground_truth: str
-    domain: dict[str, str]
-    ref_size: tuple[int, int]
-    loop_gt: np.ndarray | None = None
-    note: str = ""
+def stream(s: PlaceDataset) -> list[ImageRecord]:
+    """The frames the study sends through the link, in order."""
+    return s.database + s.queries if s.name in LOOP_SETS else s.queries
 
-    @property
-    def queries(self) -> list[ImageRecord]:
-        return [self.stream[int(i)] for i in self.query_pos]
 
-    def identity(self) -> str:
-        recs = [str(r.path) for r in self.database] + ["|"] + [str(r.path) for r in self.stream]
-        return hashlib.sha1("\n".join(recs).encode()).hexdigest()[:16]
+def query_positions(s: PlaceDataset) -> np.ndarray:
+    """Where the queries are in :func:`stream`."""
+    start = len(s.database) if s.name in LOOP_SETS else 0
+    return np.arange(start, start + len(s.queries))
+
+
+def recall_applies(s: PlaceDataset) -> bool:
+    """Whether recall means anything: a single database image (the Tokyo pair) gives similarity only."""
+    return len(s.database) > 1
+
+
+def loop_truth(s: PlaceDataset) -> np.ndarray | None:
+    """The ``(N, N)`` loop matrix of :func:`stream` (loop-closure evaluation); None for other sets."""
+    if s.name not in LOOP_SETS:
+        return None
+    frames = stream(s)
+    return dataclasses.replace(s, database=frames, queries=frames).truth_matrix()
+
+
+def set_identity(s: PlaceDataset) -> str:
+    """Hash of the records (database, then the stream) that keys the caches."""
+    recs = [str(r.path) for r in s.database] + ["|"] + [str(r.path) for r in stream(s)]
+    return hashlib.sha1("\n".join(recs).encode()).hexdigest()[:16]
+
+
+def domains(s: PlaceDataset) -> dict[str, str]:
+    """Per model key, whether the set is in its training domain, out of it, or its training data."""
+    if s.name == "nordland":
+        return dict(_DOMAIN_NORDLAND)
+    dom = dict(_DOMAIN_OOD)
+    if s.name == "kitti05":
+        dom["structvpr"] = "TRAINING DATA (not a test)"
+    elif s.name == "kitti00":
+        dom["structvpr"] = "in domain (KITTI, another street than its training sequence 05)"
+    return dom
 
 
 def held_out_split(weights: Path = LOQI_WEIGHTS) -> dict[str, float] | None:
@@ -281,10 +313,9 @@ _DOMAIN_OOD = {
 }
 
 
-def load_sets(cfg: StudyConfig) -> list[StudySet]:
-    """The datasets named in ``cfg.datasets`` from ``cfg.shared/data``."""
+def load_sets(cfg: StudyConfig) -> list[PlaceDataset]:
+    """The datasets named in ``cfg.datasets`` from ``cfg.shared/data``, each named by its key."""
     data = Path(cfg.shared) / "data"
-    sizes = cfg.reference_sizes
     sets = []
     for key in cfg.datasets:
         if key == "nordland":
@@ -299,113 +330,48 @@ def load_sets(cfg: StudyConfig) -> list[StudySet]:
             keep = {r.frame_index for r in qs[:: cfg.nordland_every]}
             db = [r for r in db if r.frame_index in keep] if cfg.nordland_every > 1 else db
             qs = [r for r in qs if r.frame_index in keep]
-            gt = GroundTruth("frame", tolerance=2)
-            sets.append(
-                StudySet(
-                    key,
-                    "Nordland winter -> summer, held-out places",
-                    db,
-                    qs,
-                    np.arange(len(qs)),
-                    gt.positives(db, qs),
-                    "same place within +-2 frames",
-                    dict(_DOMAIN_NORDLAND),
-                    sizes[key],
-                    note="the places held out from the LoQI student's training (blocks of "
-                    f"{split['block']:g} frames, every {split['val_every']:g}th from "
-                    f"{split['val_offset']:g}); 64x32 grey thumbnails",
-                )
-            )
+            sets.append(dataclasses.replace(
+                ds, name=key, database=db, queries=qs,
+                ground_truth=GroundTruth("frame", tolerance=2, text="same place within +-2 frames"),
+                title="Nordland winter -> summer, held-out places",
+                notes="the places held out from the LoQI student's training (blocks of "
+                f"{split['block']:g} frames, every {split['val_every']:g}th from "
+                f"{split['val_offset']:g}); 64x32 grey thumbnails",
+            ))
         elif key == "ie_tower":
-            ds = load_ie_tower(data / "ie_tower", ground_truth="area")
-            ds = ds.subset(cfg.ie_tower_every) if cfg.ie_tower_every > 1 else ds
-            sets.append(
-                StudySet(
-                    key,
-                    "IE tower (indoor office), gallery -> query",
-                    ds.database,
-                    ds.queries,
-                    np.arange(len(ds.queries)),
-                    ds.positives(),
-                    "same floor and area",
-                    dict(_DOMAIN_OOD),
-                    sizes[key],
-                    note=f"one in {cfg.ie_tower_every} gallery and query images; queries and gallery come "
-                    "from the "
-                    "same videos 1 s apart (an easy near-duplicate test)",
-                )
-            )
+            ds = load_ie_tower(data / "ie_tower", ground_truth="area").subsample(cfg.ie_tower_every)
+            sets.append(dataclasses.replace(
+                ds, name=key, title="IE tower (indoor office), gallery -> query",
+                notes=f"one in {cfg.ie_tower_every} gallery and query images; queries and gallery come from "
+                "the same videos 1 s apart (an easy near-duplicate test)",
+            ))
         elif key in ("kitti00", "kitti05"):
             seq = key[-2:]
-            recs = load_kitti(data / "kitti_first300", seq)
+            recs = load_kitti(data / "kitti_first300", seq).database
             db = [r for r in recs if r.frame_index % 10 == 0]
             qs = [r for r in recs if r.frame_index % 10 in (3, 4, 5, 6, 7)][:: cfg.kitti_query_every]
-            dom = dict(_DOMAIN_OOD)
-            dom["structvpr"] = (
-                "TRAINING DATA (not a test)"
-                if seq == "05"
-                else "in domain (KITTI, another street than its training sequence 05)"
-            )
-            sets.append(
-                StudySet(
-                    key,
-                    f"KITTI {seq} (first 300 frames), frames 3-7 after each database frame",
-                    db,
-                    qs,
-                    np.arange(len(qs)),
-                    GroundTruth("distance", radius_m=6.0).positives(db, qs),
-                    "within 6 m",
-                    dom,
-                    sizes[key],
-                    note="database every 10th frame (~7 m apart), queries 2-5 m from the nearest one: "
-                    "viewpoint "
-                    "offset + compression, no revisit (the StructVPR study's test protocol)",
-                )
-            )
+            sets.append(PlaceDataset(
+                key, db, qs, GroundTruth("distance", radius_m=6.0, text="within 6 m"),
+                title=f"KITTI {seq} (first 300 frames), frames 3-7 after each database frame",
+                notes="database every 10th frame (~7 m apart), queries 2-5 m from the nearest one: "
+                "viewpoint offset + compression, no revisit (the StructVPR study's test protocol)",
+            ))
         elif key == "rtabmap_loop":
-            recs, gt = load_rtabmap_loop(data / "rtabmap_loop")
-            g = gt | gt.T
-            half = len(recs) // 2 - 2  # frames 1-40 are the map, 41-84 (the revisit) the queries
-            q = np.arange(half, len(recs))
-            sets.append(
-                StudySet(
-                    key,
-                    "RTAB-Map loop sequence (indoor corridor)",
-                    recs[:half],
-                    recs,
-                    q,
-                    [np.nonzero(g[i, :half])[0] for i in q],
-                    "RTAB-Map's loop matrix",
-                    dict(_DOMAIN_OOD),
-                    sizes[key],
-                    loop_gt=gt,
-                    note=f"recall: frames 1-{half} are the map, {half + 1}-{len(recs)} the queries; "
-                    "loop closure: the "
-                    "whole sequence through the link, as a robot streaming to a remote SLAM back end",
-                )
-            )
+            ds = load_rtabmap_loop(data / "rtabmap_loop")
+            n = len(ds.database)
+            half = n // 2 - 2  # frames 1-40 are the map, 41-84 (the revisit) the queries
+            sets.append(dataclasses.replace(
+                ds.subset(database=range(half), queries=range(half, n)),
+                title="RTAB-Map loop sequence (indoor corridor)",
+                notes=f"recall: frames 1-{half} are the map, {half + 1}-{n} the queries; loop closure: the "
+                "whole sequence through the link, as a robot streaming to a remote SLAM back end",
+            ))
         elif key == "tokyo_pair":
-            root = data / "tokyo_pair"
-            db = [ImageRecord(path=root / "db_tokyo.jpg", name="db_tokyo.jpg")]
-            qs = [ImageRecord(path=root / "query_tokyo.jpg", name="query_tokyo.jpg")]
-            for r in db + qs:
-                if not r.path.is_file():
-                    raise DatasetError(f"{r.path}: missing (the Tokyo 24/7 pair)")
-            sets.append(
-                StudySet(
-                    key,
-                    "Tokyo 24/7, one query and its database match",
-                    db,
-                    qs,
-                    np.arange(1),
-                    None,
-                    "one positive pair",
-                    dict(_DOMAIN_OOD),
-                    sizes[key],
-                    note="a single pair gives no recall: the cosine similarity of the received "
-                    "query to its true match is reported instead",
-                )
-            )
+            sets.append(dataclasses.replace(
+                load_tokyo_pair(data / "tokyo_pair"), title="Tokyo 24/7, one query and its database match",
+                notes="a single pair gives no recall: the cosine similarity of the received query to its "
+                "true match is reported instead",
+            ))
         else:
             raise ValueError(f"unknown dataset {key!r}; expected one of {DATASET_KEYS}")
     return sets
@@ -438,7 +404,6 @@ class _Cache:
             return None
 
     def put_array(self, set_key: str, link: str, name: str, key: str, array: np.ndarray) -> None:
-        from vpr_ros.core.fileio import atomic_path
 
         path = self._dir(set_key, link) / f"{name}.npz"
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -526,7 +491,6 @@ class _Link:
 
 
 def _send(stream: Sequence[np.ndarray], spec: str, *, desc: str, progress: bool) -> _Link:
-    from vpr_ros.core.transmission import TransmissionConfig, Transmitter
 
     cfg = TransmissionConfig.parse(spec)
     tx = Transmitter(cfg)
@@ -553,7 +517,6 @@ def _send(stream: Sequence[np.ndarray], spec: str, *, desc: str, progress: bool)
 def _describe(
     model: Any, images: Sequence[np.ndarray], *, batch: int, device: str, desc: str, progress: bool
 ) -> np.ndarray:
-    from vpr_ros.core.extract import DescriptorExtractor
 
     ext = DescriptorExtractor(model, device=device, batch_size=batch)
     out = np.empty((len(images), ext.dim), dtype=np.float32)
@@ -593,24 +556,24 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
         t_set = time.perf_counter()
         log.info(
             "%s: %d database, %d streamed (%d queries)",
-            s.key,
+            s.name,
             len(s.database),
-            len(s.stream),
-            len(s.query_pos),
+            len(stream(s)),
+            len(s.queries),
         )
         loaded: dict[str, Any] = {}
 
-        def net(m: StudyModel, s: StudySet = s, loaded: dict = loaded) -> Any:
+        def net(m: StudyModel, s: PlaceDataset = s, loaded: dict = loaded) -> Any:
             if m.key not in loaded:
-                loaded[m.key] = m.load(s.ref_size)
+                loaded[m.key] = m.load(cfg.reference_sizes[s.name])
             return loaded[m.key]
 
-        size_of = {m.key: (s.ref_size if m.weights is None else None) for m in usable}
+        size_of = {m.key: (cfg.reference_sizes[s.name] if m.weights is None else None) for m in usable}
         # High-quality map descriptors.
         db_desc: dict[str, np.ndarray] = {}
         for m in usable:
-            key = _hash(s.identity(), "db", m.identity(size_of[m.key]))
-            arr = cache.get_array(s.key, "_map", m.key, key)
+            key = _hash(set_identity(s), "db", m.identity(size_of[m.key]))
+            arr = cache.get_array(s.name, "_map", m.key, key)
             if arr is None:
                 images = [r.load() for r in s.database]
                 arr = _describe(
@@ -618,35 +581,34 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
                     images,
                     batch=cfg.batch_size,
                     device=cfg.device,
-                    desc=f"{s.key} map {m.key}",
+                    desc=f"{s.name} map {m.key}",
                     progress=cfg.progress,
                 )
-                cache.put_array(s.key, "_map", m.key, key, arr)
+                cache.put_array(s.name, "_map", m.key, key, arr)
                 cache.described += 1
             else:
                 cache.reused += 1
             db_desc[m.key] = arr
         hq_stream: list[np.ndarray] | None = None
-        links[s.key] = {}
+        links[s.name] = {}
         for spec in cfg.degradations:
-            from vpr_ros.core.transmission import TransmissionConfig
 
             label = TransmissionConfig.parse(spec).label
-            link_key = _hash(s.identity(), spec)
-            stats = cache.get_json(s.key, label, "link", link_key)
+            link_key = _hash(set_identity(s), spec)
+            stats = cache.get_json(s.name, label, "link", link_key)
             descs: dict[str, np.ndarray] = {}
             keys = {m.key: _hash(link_key, m.identity(size_of[m.key])) for m in usable}
             for m in usable:
-                arr = cache.get_array(s.key, label, m.key, keys[m.key])
+                arr = cache.get_array(s.name, label, m.key, keys[m.key])
                 if arr is not None:
                     descs[m.key] = arr
             cache.reused += len(descs)
             link = _Link(spec, label, stats or {})
             if stats is None or len(descs) < len(usable):
                 if hq_stream is None:
-                    hq_stream = [r.load() for r in s.stream]
-                link = _send(hq_stream, spec, desc=f"{s.key} {label}", progress=cfg.progress)
-                cache.put_json(s.key, label, "link", link_key, link.stats)
+                    hq_stream = [r.load() for r in stream(s)]
+                link = _send(hq_stream, spec, desc=f"{s.name} {label}", progress=cfg.progress)
+                cache.put_json(s.name, label, "link", link_key, link.stats)
                 for m in usable:
                     if m.key in descs:
                         continue
@@ -655,27 +617,27 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
                         link.frames,
                         batch=cfg.batch_size,
                         device=cfg.device,
-                        desc=f"{s.key} {label} {m.key}",
+                        desc=f"{s.name} {label} {m.key}",
                         progress=cfg.progress,
                     )
-                    cache.put_array(s.key, label, m.key, keys[m.key], descs[m.key])
+                    cache.put_array(s.name, label, m.key, keys[m.key], descs[m.key])
                     cache.described += 1
-            links[s.key][label] = link.stats
+            links[s.name][label] = link.stats
             for m in usable:
-                q = descs[m.key][s.query_pos]
-                if s.positives is None:
+                q = descs[m.key][query_positions(s)]
+                if not recall_applies(s):
                     sim = float(q[0] @ db_desc[m.key][0])
-                    pair_scores.setdefault(s.key, {}).setdefault(m.key, {})[label] = sim
+                    pair_scores.setdefault(s.name, {}).setdefault(m.key, {})[label] = sim
                     continue
                 scores, ids = _top_k(q, db_desc[m.key], max(RECALL_NS))
-                rec = recall_at_n(ids, s.positives)
-                hits[(s.key, label, m.key)] = rec.first_hit
-                preds_by[(s.key, label, m.key)] = ids
-                if (s.key, m.key) == (SEQUENCE_SET, SEQUENCE_MODEL) and spec in SEQUENCE_LINKS:
+                rec = recall_at_n(ids, s.positives())
+                hits[(s.name, label, m.key)] = rec.first_hit
+                preds_by[(s.name, label, m.key)] = ids
+                if (s.name, m.key) == (SEQUENCE_SET, SEQUENCE_MODEL) and spec in SEQUENCE_LINKS:
                     sequence[label] = _sequence_curve(cache, s, label, keys[m.key], q, db_desc[m.key])
                 results.append(
                     EvalResult.from_recall(
-                        s.key,
+                        s.name,
                         m.key,
                         label,
                         rec,
@@ -685,7 +647,7 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
                     )
                 )
             loop_models = [m for m in usable if cfg.loop_models is None or m.key in cfg.loop_models]
-            if s.loop_gt is not None and loop_models and (cfg.loop_links is None or spec in cfg.loop_links):
+            if s.name in LOOP_SETS and loop_models and (cfg.loop_links is None or spec in cfg.loop_links):
                 loop.setdefault(label, {"bytes_per_frame": link.stats["bytes_per_frame"], "models": {}})
                 _loop_closure(
                     s,
@@ -695,11 +657,11 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
                     loop_models,
                     cache,
                     loop[label],
-                    hq_stream_loader=lambda s=s: [r.load() for r in s.stream],
+                    hq_stream_loader=lambda s=s: [r.load() for r in stream(s)],
                     progress=cfg.progress,
                 )
-        seconds[s.key] = time.perf_counter() - t_set
-        log.info("%s done in %.0f s", s.key, seconds[s.key])
+        seconds[s.name] = time.perf_counter() - t_set
+        log.info("%s done in %.0f s", s.name, seconds[s.name])
     seconds["total"] = time.perf_counter() - t_start + train_seconds
     seconds["cpu_evaluation"] = time.process_time() - cpu_start  # all threads of this process
     summary: dict[str, Any] = {
@@ -719,18 +681,17 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
         "finetuned": cfg.finetuned_info,
         "sets": [
             {
-                "key": s.key,
+                "key": s.name,
                 "title": s.title,
                 "database": len(s.database),
-                "queries": len(s.query_pos),
-                "streamed": len(s.stream),
-                "ground_truth": s.ground_truth,
-                "domain": s.domain,
-                "reference_size": s.ref_size,
-                "note": s.note,
-                "queries_with_positive": None
-                if s.positives is None
-                else int(sum(len(p) > 0 for p in s.positives)),
+                "queries": len(s.queries),
+                "streamed": len(stream(s)),
+                "ground_truth": s.ground_truth.describe(),
+                "domain": domains(s),
+                "reference_size": cfg.reference_sizes[s.name],
+                "note": s.notes,
+                "queries_with_positive": int(sum(len(p) > 0 for p in s.positives()))
+                if recall_applies(s) else None,
             }
             for s in sets
         ],
@@ -752,7 +713,7 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
         "gap": gap_table(
             results,
             hits,
-            {s.key: np.array([len(p) > 0 for p in s.positives]) for s in sets if s.positives is not None},
+            {s.name: np.array([len(p) > 0 for p in s.positives()]) for s in sets if recall_applies(s)},
         ),
         "operating_points": operating_points(results),
         "sequence": {"set": SEQUENCE_SET, "model": SEQUENCE_MODEL, "candidates": SEQUENCE_CANDIDATES,
@@ -763,7 +724,6 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
     pairs: dict[str, tuple[str, str]] = {}
     figures = _figures(cfg, sets, results, preds_by, hits, loop, pairs)
     if sequence:
-        from vpr_ros.eval.plots import plot_recall_vs_sequence_length
 
         figures["sequence"] = shrink_png(plot_recall_vs_sequence_length(
             {lb: {int(n): v for n, v in c.items()} for lb, c in sequence.items()},
@@ -787,16 +747,16 @@ def run_study(cfg: StudyConfig, *, train_seconds: float = 0.0) -> dict[str, Any]
     return summary
 
 
-def _sequence_curve(cache: _Cache, s: StudySet, label: str, desc_key: str, q: np.ndarray,
+def _sequence_curve(cache: _Cache, s: PlaceDataset, label: str, desc_key: str, q: np.ndarray,
                     db: np.ndarray) -> dict[str, float]:
     """R@1 of sequence matching for each of SEQUENCE_LENGTHS on one link (cached by the descriptors' key)."""
     key = _hash(desc_key, "sequence", SEQUENCE_LENGTHS, SEQUENCE_CANDIDATES)
-    curve = cache.get_json(s.key, label, "sequence", key)
+    curve = cache.get_json(s.name, label, "sequence", key)
     if curve is None:
         scores, ids = _top_k(q, db, SEQUENCE_CANDIDATES)
-        rec = sequence_recall(ids, scores, s.positives, SEQUENCE_LENGTHS)
+        rec = sequence_recall(ids, scores, s.positives(), SEQUENCE_LENGTHS)
         curve = {str(n): float(r[1]) for n, r in rec.items()}
-        cache.put_json(s.key, label, "sequence", key, curve)
+        cache.put_json(s.name, label, "sequence", key, curve)
     return curve
 
 
@@ -804,7 +764,7 @@ def _sequence_curve(cache: _Cache, s: StudySet, label: str, desc_key: str, q: np
 
 
 def _loop_closure(
-    s: StudySet,
+    s: PlaceDataset,
     label: str,
     link: _Link,
     descs: dict[str, np.ndarray],
@@ -816,23 +776,14 @@ def _loop_closure(
     progress: bool,
 ) -> None:
     """Loop-closure P/R of every model on the degraded sequence at the shipped operating point."""
-    from vpr_ros.core.geometry import OrbExtractor, VerificationConfig, verify_pair
-    from vpr_ros.core.loop_closure import (
-        DEFAULT_EXCLUSION_WINDOW_S,
-        DEFAULT_MIN_INLIERS,
-        DEFAULT_SCORE_THRESHOLD,
-        DEFAULT_TOP_K,
-        Detection,
-        LoopCandidate,
-    )
-    from vpr_ros.eval.loop_closure import SequenceRun, operating_stats, pr_curve
 
-    assert s.loop_gt is not None
+    loop_gt = loop_truth(s)
+    assert loop_gt is not None
     window = int(DEFAULT_EXCLUSION_WINDOW_S)  # 10 s = 10 frames at the sequence's 1 Hz
-    gt = s.loop_gt | s.loop_gt.T
+    gt = loop_gt | loop_gt.T
     vcfg = VerificationConfig()
-    memo_key = _hash(s.identity(), link.spec, dataclasses.asdict(vcfg))
-    memo: dict[str, list] = cache.get_json(s.key, label, "verify", memo_key) or {}
+    memo_key = _hash(set_identity(s), link.spec, dataclasses.asdict(vcfg))
+    memo: dict[str, list] = cache.get_json(s.name, label, "verify", memo_key) or {}
     features: list[Any] | None = None
     frames = link.frames
     n_new = 0
@@ -852,7 +803,7 @@ def _loop_closure(
                             frames = _send(
                                 hq_stream_loader(),
                                 link.spec,
-                                desc=f"{s.key} {label} resend",
+                                desc=f"{s.name} {label} resend",
                                 progress=progress,
                             ).frames
                         orb = OrbExtractor(vcfg)
@@ -880,7 +831,7 @@ def _loop_closure(
             run, top_k=DEFAULT_TOP_K, min_inliers=DEFAULT_MIN_INLIERS, score_threshold=DEFAULT_SCORE_THRESHOLD
         )
         curve = pr_curve(run, top_k=DEFAULT_TOP_K, min_inliers=DEFAULT_MIN_INLIERS)
-        base = loop_closure_pr(sim, s.loop_gt, exclude_window=window)
+        base = loop_closure_pr(sim, loop_gt, exclude_window=window)
         into["models"][m.key] = {
             "shipped": {k: v for k, v in shipped.items() if k != "false_pairs_1based"},
             "false_pairs_1based": shipped["false_pairs_1based"],
@@ -893,17 +844,11 @@ def _loop_closure(
             "_run": run,
         }
     if n_new:
-        cache.put_json(s.key, label, "verify", memo_key, memo)
+        cache.put_json(s.name, label, "verify", memo_key, memo)
 
 
 def _shipped_point() -> dict[str, Any]:
     """The loop-closure operating point the package ships (core defaults = config/localize.yaml)."""
-    from vpr_ros.core.loop_closure import (
-        DEFAULT_EXCLUSION_WINDOW_S,
-        DEFAULT_MIN_INLIERS,
-        DEFAULT_SCORE_THRESHOLD,
-        DEFAULT_TOP_K,
-    )
 
     return {
         "exclusion_window_s": DEFAULT_EXCLUSION_WINDOW_S,
@@ -920,7 +865,6 @@ RETUNE_LINKS = ("none", "jpeg_q10", "h264_qp40")
 def _retune(loop: dict[str, Any]) -> dict[str, Any]:
     """Per model, the point ``choose_operating_point`` picks on :data:`RETUNE_LINKS` (the shipped point's
     protocol), with its precision / recall on every link of the study."""
-    from vpr_ros.eval.loop_closure import choose_operating_point, operating_stats
 
     out = {}
     models = list(dict.fromkeys(m for v in loop.values() for m in v["models"]))
@@ -1111,7 +1055,6 @@ def plot_recall_n(
     results: Sequence[EvalResult], path: Path, *, title: str, links: Sequence[str] = CURVE_LINKS
 ) -> Path:
     """Recall@N curves (N = 1, 5, 10, 20), one panel per link, one line per model."""
-    from vpr_ros.core.transmission import TransmissionConfig
 
     labels = [TransmissionConfig.parse(x).label for x in links]
     labels = [lb for lb in labels if any(r.degradation == lb for r in results)]
@@ -1184,7 +1127,6 @@ def plot_loop_pr(loop: dict[str, Any], path: Path) -> Path:
 
 def plot_link_gallery(image: np.ndarray, specs: Sequence[str], path: Path, *, title: str) -> Path:
     """One frame as received through each link, titled with its size on the link."""
-    from vpr_ros.core.transmission import TransmissionConfig, Transmitter
 
     cols = 5
     rows = math.ceil(len(specs) / cols)
@@ -1205,17 +1147,15 @@ def plot_link_gallery(image: np.ndarray, specs: Sequence[str], path: Path, *, ti
     return shrink_png(path, colors=48)
 
 
-def _montage(s: StudySet, a: str, b: str, preds: dict, hits: dict, path: Path, n: int = 3) -> Path | None:
+def _montage(s: PlaceDataset, a: str, b: str, preds: dict, hits: dict, path: Path, n: int = 3) -> Path | None:
     """Wins (``a`` right at R@1, ``b`` wrong) and failures (``a`` wrong) at :data:`MONTAGE_LINK`."""
-    from vpr_ros.core.transmission import TransmissionConfig, Transmitter
-    from vpr_ros.eval.plots import plot_match_montage
 
     label = TransmissionConfig.parse(MONTAGE_LINK).label
-    if (s.key, label, a) not in hits or s.positives is None:
+    if (s.name, label, a) not in hits or s.positives() is None:
         return None
-    ha = hits[(s.key, label, a)]
-    hb = hits.get((s.key, label, b))
-    has_pos = np.array([len(p) > 0 for p in s.positives])
+    ha = hits[(s.name, label, a)]
+    hb = hits.get((s.name, label, b))
+    has_pos = np.array([len(p) > 0 for p in s.positives()])
     wins = np.nonzero(has_pos & (ha == 0) & ((hb != 0) if hb is not None else True))[0]
     fails = np.nonzero(has_pos & (ha != 0))[0]
     pick = (
@@ -1233,11 +1173,11 @@ def _montage(s: StudySet, a: str, b: str, preds: dict, hits: dict, path: Path, n
     cfg = TransmissionConfig.parse(MONTAGE_LINK)
     queries, retrieved, flags, titles = [], [], [], []
     for qi, kind in pick:
-        rec = s.stream[int(s.query_pos[qi])]
+        rec = s.queries[qi]
         queries.append(Transmitter(cfg).process(rec.load()).image)  # JPEG is per frame: same as in the stream
-        top = [int(p) for p in preds[(s.key, label, a)][qi][:3]]
+        top = [int(p) for p in preds[(s.name, label, a)][qi][:3]]
         retrieved.append([s.database[p].load() for p in top])
-        flags.append([p in set(s.positives[qi].tolist()) for p in top])
+        flags.append([p in set(s.positives()[qi].tolist()) for p in top])
         titles.append(f"{kind}: {rec.name[:16]}")
     p = plot_match_montage(queries, retrieved, flags, path, titles=titles)
     return shrink_png(p, colors=40)
@@ -1245,7 +1185,7 @@ def _montage(s: StudySet, a: str, b: str, preds: dict, hits: dict, path: Path, n
 
 def _figures(
     cfg: StudyConfig,
-    sets: list[StudySet],
+    sets: list[PlaceDataset],
     results: list[EvalResult],
     preds: dict,
     hits: dict,
@@ -1257,31 +1197,31 @@ def _figures(
     fdir.mkdir(parents=True, exist_ok=True)
     figs: dict[str, Path] = {}
     for s in sets:
-        rs = [r for r in results if r.name == s.key]
+        rs = [r for r in results if r.name == s.name]
         if not rs:
             continue
-        figs[f"bandwidth_{s.key}"] = plot_bandwidth(
-            rs, fdir / f"bandwidth_{s.key}.png", title=f"{s.key}: R@1 vs bytes/frame"
+        figs[f"bandwidth_{s.name}"] = plot_bandwidth(
+            rs, fdir / f"bandwidth_{s.name}.png", title=f"{s.name}: R@1 vs bytes/frame"
         )
-        figs[f"recall_{s.key}"] = plot_recall_n(
-            rs, fdir / f"recall_at_n_{s.key}.png", title=f"{s.key}: recall@N"
+        figs[f"recall_{s.name}"] = plot_recall_n(
+            rs, fdir / f"recall_at_n_{s.name}.png", title=f"{s.name}: recall@N"
         )
         have = {r.model for r in rs}
-        a, b = ("structvpr", "imagenet") if s.key.startswith("kitti") else ("loqi", "finetuned")
+        a, b = ("structvpr", "imagenet") if s.name.startswith("kitti") else ("loqi", "finetuned")
         if a not in have:
             a = "loqi"
         if b not in have:
             b = "imagenet"
-        m = _montage(s, a, b, preds, hits, fdir / f"montage_{s.key}.png")
+        m = _montage(s, a, b, preds, hits, fdir / f"montage_{s.name}.png")
         if m is not None:
-            figs[f"montage_{s.key}"] = m
-            pairs[s.key] = (a, b)
+            figs[f"montage_{s.name}"] = m
+            pairs[s.name] = (a, b)
     if loop:
         figs["loop_pr"] = plot_loop_pr(loop, fdir / "loop_pr.png")
-    tokyo = next((s for s in sets if s.key == "tokyo_pair"), None)
+    tokyo = next((s for s in sets if s.name == "tokyo_pair"), None)
     if tokyo is not None:
         figs["links_gallery"] = plot_link_gallery(
-            tokyo.stream[0].load(),
+            stream(tokyo)[0].load(),
             cfg.degradations,
             fdir / "links_tokyo.png",
             title="one Tokyo 24/7 query (640x480) as received through each link",
@@ -1616,7 +1556,7 @@ def render_page(summary: dict[str, Any], page: Path, figures: dict[str, Path]) -
 
 PAGE_HEAD = """# Results: accuracy under low-quality links
 
-What each model finds when the queries arrive over a thin link (issue #8). Regenerate with `make study`
+What each model finds when the queries arrive over a thin link. Regenerate with `make study`
 (or `python scripts/accuracy_study.py`); everything between the generated markers below is rewritten,
 the text outside them is kept.
 

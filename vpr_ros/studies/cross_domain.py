@@ -8,7 +8,7 @@ the families and sets it trained on, read from the checkpoint). The results go t
 into each checkpoint's card (``meta["card"]["cross_domain"]``, so ``vpr-ros models`` shows them), and to a
 generated block of the results page.
 
-The gate (issue 17) of a checkpoint against its teacher, the ImageNet-initialised student at the
+The gate of a checkpoint against its teacher, the ImageNet-initialised student at the
 checkpoint's input size, on each set not trained on: clean R@1 >= teacher - 1 point, and on every link
 ``R@1_student - R@1_teacher >= 0.5 * (R@1_teacher,clean - R@1_teacher,link)`` (it recovers at least half
 of what the link costs the teacher). Every verdict is reported, pass or fail.
@@ -29,7 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from vpr_ros.core.backends import default_backend
+from vpr_ros.core.extract import DescriptorExtractor
 from vpr_ros.core.fileio import atomic_write_text
+from vpr_ros.core.models import create_model, load_model
 from vpr_ros.core.models.card import (
     CARD_LINKS,
     ModelCard,
@@ -38,7 +41,20 @@ from vpr_ros.core.models.card import (
     weights_digest,
     write_card,
 )
+from vpr_ros.core.models.resolve import DEFAULT_WEIGHTS
+from vpr_ros.core.transmission import TransmissionConfig
 from vpr_ros.eval.metrics import RECALL_NS, json_default, recall_at_n
+from vpr_ros.studies.accuracy import (
+    _Cache,
+    _hash,
+    _send,
+    _top_k,
+    load_sets,
+    query_positions,
+    recall_applies,
+    set_identity,
+    stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +101,6 @@ class Column:
         return f"cross:{self.key}:{self.digest}:{self.size}:{backend}{tail}"
 
     def load(self) -> Any:
-        from vpr_ros.core.models import create_model, load_model
 
         if self.weights is None:
             net = create_model("structvpr_mobilenetv2", pretrained=True).eval()
@@ -116,7 +131,6 @@ def build_columns(cx: CrossConfig) -> list[Column]:
 
 
 def resolve_backend(backend: str) -> str:
-    from vpr_ros.core.backends import default_backend
 
     return default_backend() if backend == "auto" else backend
 
@@ -128,8 +142,6 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
     """R@N of every column on every set and link (cached); see the module docstring. Returns the raw
     results: ``results[column][set][link]`` = ``{"R@1", "R@5", "R@10", "queries"}`` (similarity sets:
     ``{"cos"}``), ``links[set][link]`` = bytes per frame, and the columns and sets."""
-    from vpr_ros.core.transmission import TransmissionConfig
-    from vpr_ros.studies.accuracy import _Cache, _hash, _send, _top_k, load_sets
 
     t0 = time.perf_counter()
     backend = resolve_backend(cx.backend)
@@ -152,7 +164,6 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
     def describe(c: Column, images: list, desc: str) -> np.ndarray:
         from tqdm import tqdm
 
-        from vpr_ros.core.extract import DescriptorExtractor
 
         if c.key not in extractors:
             extractors[c.key] = DescriptorExtractor(c.load(), device=study_cfg.device,
@@ -169,51 +180,51 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
     for s in sets:
         db: dict[str, np.ndarray] = {}
         for c in cols:
-            key = _hash(s.identity(), "db", ident(c))
-            arr = cache.get_array(s.key, "_map", fname(c), key)
+            key = _hash(set_identity(s), "db", ident(c))
+            arr = cache.get_array(s.name, "_map", fname(c), key)
             if arr is None:
-                arr = describe(c, [r.load() for r in s.database], f"{s.key} map {c.key}")
-                cache.put_array(s.key, "_map", fname(c), key, arr)
+                arr = describe(c, [r.load() for r in s.database], f"{s.name} map {c.key}")
+                cache.put_array(s.name, "_map", fname(c), key, arr)
                 cache.described += 1
             db[c.key] = arr
         hq_stream = None
-        link_bytes[s.key] = {}
+        link_bytes[s.name] = {}
         for spec in cx.links:
             label = TransmissionConfig.parse(spec).label
-            link_key = _hash(s.identity(), spec)  # the main study's link key: its byte counts are shared
-            stats = cache.get_json(s.key, label, "link", link_key)
+            link_key = _hash(set_identity(s), spec)  # the main study's link key: its byte counts are shared
+            stats = cache.get_json(s.name, label, "link", link_key)
             descs = {}
             for c in cols:
-                arr = cache.get_array(s.key, label, fname(c), _hash(link_key, ident(c)))
+                arr = cache.get_array(s.name, label, fname(c), _hash(link_key, ident(c)))
                 if arr is not None:
                     descs[c.key] = arr
             if stats is None or len(descs) < len(cols):
                 if hq_stream is None:
-                    hq_stream = [r.load() for r in s.stream]
-                link = _send(hq_stream, spec, desc=f"{s.key} {label}", progress=study_cfg.progress)
+                    hq_stream = [r.load() for r in stream(s)]
+                link = _send(hq_stream, spec, desc=f"{s.name} {label}", progress=study_cfg.progress)
                 stats = link.stats
-                cache.put_json(s.key, label, "link", link_key, stats)
+                cache.put_json(s.name, label, "link", link_key, stats)
                 for c in cols:
                     if c.key not in descs:
-                        descs[c.key] = describe(c, link.frames, f"{s.key} {label} {c.key}")
+                        descs[c.key] = describe(c, link.frames, f"{s.name} {label} {c.key}")
                         key = _hash(link_key, ident(c))
-                        cache.put_array(s.key, label, fname(c), key, descs[c.key])
+                        cache.put_array(s.name, label, fname(c), key, descs[c.key])
                         cache.described += 1
-            link_bytes[s.key][label] = float(stats["bytes_per_frame"])
+            link_bytes[s.name][label] = float(stats["bytes_per_frame"])
             for c in cols:
-                q = descs[c.key][s.query_pos]
-                if s.positives is None:
-                    results[c.key].setdefault(s.key, {})[label] = {"cos": float(q[0] @ db[c.key][0])}
+                q = descs[c.key][query_positions(s)]
+                if not recall_applies(s):
+                    results[c.key].setdefault(s.name, {})[label] = {"cos": float(q[0] @ db[c.key][0])}
                     continue
                 _, ids = _top_k(q, db[c.key], max(RECALL_NS))
-                rec = recall_at_n(ids, s.positives)
+                rec = recall_at_n(ids, s.positives())
                 cell: dict[str, Any] = {f"R@{n}": float(rec[n]) for n in RECALL_NS}
                 cell["queries"] = int(rec.n_queries)
                 cell["hits_at_1"] = int(np.sum(rec.first_hit == 0))
-                has = np.array([len(p) > 0 for p in s.positives])
+                has = np.array([len(p) > 0 for p in s.positives()])
                 cell["hit1"] = (rec.first_hit[has] == 0).astype(int).tolist()  # per query, for the bootstrap
-                results[c.key].setdefault(s.key, {})[label] = cell
-        log.info("cross-domain %s done", s.key)
+                results[c.key].setdefault(s.name, {})[label] = cell
+        log.info("cross-domain %s done", s.name)
     return {
         "backend": backend,
         "precision": cx.precision,
@@ -226,8 +237,8 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
                  "train_domains": c.card.train_domains, "train_sets": c.card.train_sets}}
             for c in cols
         ],
-        "sets": [{"key": s.key, "title": s.title, "queries": len(s.query_pos), "database": len(s.database),
-                  "recall": s.positives is not None} for s in sets],
+        "sets": [{"key": s.name, "title": s.title, "queries": len(s.queries), "database": len(s.database),
+                  "recall": recall_applies(s)} for s in sets],
         "results": results,
         "link_bytes": link_bytes,
         "described": cache.described,
@@ -341,7 +352,6 @@ def run_cross_domain(study_cfg: Any, cx: CrossConfig) -> dict[str, Any]:
     cols: list[Column] = raw.pop("_cols")
     default = cx.default
     if default is None:
-        from vpr_ros.core.models.resolve import DEFAULT_WEIGHTS
 
         default = DEFAULT_WEIGHTS
     default_key = next((c.key for c in cols if c.weights is not None and c.weights.resolve() == Path(

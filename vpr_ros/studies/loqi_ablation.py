@@ -43,7 +43,7 @@ from vpr_ros.core.models import create_model, load_model, select_device
 from vpr_ros.eval.metrics import EvalResult, save_results_json
 from vpr_ros.eval.plots import plot_recall_curves
 from vpr_ros.training.config import TrainConfig, config_from_dict
-from vpr_ros.training.data import Degrader, TupleDataset, build_places, degrade_queries, split_places
+from vpr_ros.training.data import Degrader, TupleDataset, build_places, degrade_queries
 from vpr_ros.training.engine import train
 from vpr_ros.training.evaluate import describe, evaluate_model
 from vpr_ros.training.export import export_deployed
@@ -166,8 +166,7 @@ def run_study(
         teacher = str(Path(teacher_recipe.run.dir) / "last.pt")
         teacher_seconds, teacher_steps = t_summary["train_seconds"], t_summary["steps"]
     # 2. baselines on the recipe's validation split
-    places = build_places(recipe.data)
-    _, val = split_places(places, recipe.data.split)
+    _, val = build_places(recipe.data).split_by_place(recipe.data.split)
     val = val.with_positive_queries(recipe.data.max_val_queries)
     degrader = Degrader(recipe.degradation.specs)
     device = select_device(recipe.run.device)
@@ -260,7 +259,7 @@ def run_study(
     # 5. outputs
     title = (
         f"LoQI on {val.name} ({len(val.queries)} queries, {len(val.database)} database images; "
-        f"{val.relation.describe()}), degradation {degrader.label}, input {size}"
+        f"{val.ground_truth.describe()}), degradation {degrader.label}, input {size}"
     )
     atomic_write_text(out / "table.md", markdown_table(rows, ns, title=title))
     results = [
@@ -330,7 +329,7 @@ def term_balance(recipe: TrainConfig, teacher: str, *, batches: int = 10) -> dic
     cfg.loss.ickd = cfg.loss.mse = cfg.loss.triplet = True
     cfg.loss.ickd_weight = cfg.loss.alpha = cfg.loss.beta = 1.0
     student, teacher_model = build_branches(cfg.model)
-    train_places, _ = split_places(build_places(cfg.data), cfg.data.split)
+    train_places, _ = build_places(cfg.data).split_by_place(cfg.data.split)
     ds = TupleDataset(
         train_places,
         preprocess=student.preprocess,

@@ -1,9 +1,9 @@
-"""Training data: place sets with positives/negatives, a split by place, tuples with degraded student input.
+"""Training data: place sets from the configured source, and tuples with degraded student input.
 
-A :class:`PlaceSet` is queries + database records (core :class:`~vpr_ros.data.places.ImageRecord`)
-and a :class:`Relation` that says which database images show the same place as a query (positives),
-which are too close to serve as negatives (near), and which must be ignored altogether (the query's own
-traverse a few seconds around it, for single-traverse bags). Sources:
+The sources give the one place-set type, :class:`~vpr_ros.data.places.PlaceDataset`, whose ground truth
+also says which database images are too close to a query to serve as its negatives (``negatives_beyond``)
+and which are ignored altogether (the query's own traverse a few seconds around it, for single-traverse
+bags):
 
 * :func:`nordland_places`: frame-aligned seasons, positives within +-``pos_frames`` (the "by frame"
   ground truth), negatives beyond +-``neg_frames``;
@@ -12,19 +12,18 @@ traverse a few seconds around it, for single-traverse bags). Sources:
   positives within ``pos_radius_m``, negatives beyond ``neg_radius_m``, and frames of the same bag less
   than ``min_time_gap_s`` apart never count as revisits.
 
-:func:`split_places` splits by place (frame blocks / spatial grid cells, with a gap) so validation
-places are never seen in training. :class:`TupleDataset` yields (query, positive, negatives) tuples as
-high-quality tensors for the teacher and degraded tensors for the student; the degradation and the
-sampling of each item are seeded by (seed, epoch, index) only, so they are reproducible whatever the
-worker count, process count or resume point.
+:meth:`PlaceDataset.split_by_place` splits by place so validation places are never seen in training.
+:class:`TupleDataset` yields (query, positive, negatives) tuples as high-quality tensors for the teacher
+and degraded tensors for the student; the degradation and the sampling of each item are seeded by
+(seed, epoch, index) only, so they are reproducible whatever the worker count, process count or resume
+point.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +31,12 @@ import torch
 from torch.utils.data import Dataset
 
 from vpr_ros.core.errors import DatasetError
-from vpr_ros.core.preprocess import to_tensor_batch
 from vpr_ros.core.models.registry import Preprocess
+from vpr_ros.core.preprocess import to_tensor_batch
 from vpr_ros.core.transmission import TransmissionConfig, degrade_image
 from vpr_ros.data.bags import read_image_bag
-from vpr_ros.data.places import GroundTruth, ImageRecord, load_image_folder, load_nordland
-from vpr_ros.training.config import DataConfig, SplitConfig
+from vpr_ros.data.places import GroundTruth, ImageRecord, PlaceDataset, load_image_folder, load_nordland
+from vpr_ros.training.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,122 +53,6 @@ class MemoryImageRecord(ImageRecord):
         return self.image
 
 
-@dataclass(frozen=True)
-class Relation:
-    """Which database records relate to a query: by ``frame`` index or by planar ``distance``.
-
-    positives: within ``pos`` (frames or metres); near (never negatives): within ``neg``; excluded
-    (neither positive nor negative, and left out of retrieval): the same record, and records of the
-    same ``sequence`` whose stamps are less than ``min_time_gap_s`` apart.
-    """
-
-    kind: str  # "frame" | "distance"
-    pos: float
-    neg: float
-    min_time_gap_s: float = 0.0
-
-    def describe(self) -> str:
-        unit = "frames" if self.kind == "frame" else "m"
-        text = f"positives within {self.pos:g} {unit}, negatives beyond {self.neg:g} {unit}"
-        if self.min_time_gap_s > 0:
-            text += f", same-traverse frames < {self.min_time_gap_s:g} s apart ignored"
-        return text
-
-    def relate(
-        self, queries: Sequence[ImageRecord], database: Sequence[ImageRecord]
-    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-        """(positives, near, excluded): per query, sorted database indices."""
-        if self.kind == "frame":
-            pos = GroundTruth("frame", tolerance=int(self.pos)).positives(database, queries)
-            near = GroundTruth("frame", tolerance=int(self.neg)).positives(database, queries)
-        else:
-            pos = GroundTruth("distance", radius_m=float(self.pos)).positives(database, queries)
-            near = GroundTruth("distance", radius_m=float(self.neg)).positives(database, queries)
-        excl = _temporal_exclusions(queries, database, self.min_time_gap_s)
-        pos = [
-            np.setdiff1d(p, e, assume_unique=True) if len(e) else p for p, e in zip(pos, excl, strict=True)
-        ]
-        near = [np.union1d(n, e) if len(e) else n for n, e in zip(near, excl, strict=True)]
-        return pos, near, excl
-
-
-def _temporal_exclusions(
-    queries: Sequence[ImageRecord], database: Sequence[ImageRecord], gap: float
-) -> list[np.ndarray]:
-    ident = {id(r): i for i, r in enumerate(database)}
-    by_seq: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(database):
-        if r.sequence is not None and r.stamp is not None:
-            by_seq[r.sequence].append(i)
-    index = {}
-    for seq, members in by_seq.items():
-        arr = np.asarray(members, dtype=np.int64)
-        stamps = np.asarray([database[i].stamp for i in arr], dtype=np.float64)
-        order = np.argsort(stamps, kind="stable")
-        index[seq] = (stamps[order], arr[order])
-    out = []
-    for q in queries:
-        ex: list[int] = []
-        if id(q) in ident:
-            ex.append(ident[id(q)])
-        if gap > 0 and q.sequence in index and q.stamp is not None:
-            stamps, members = index[q.sequence]
-            lo = np.searchsorted(stamps, q.stamp - gap, side="right")
-            hi = np.searchsorted(stamps, q.stamp + gap, side="left")
-            ex.extend(members[lo:hi].tolist())
-        out.append(np.unique(np.asarray(ex, dtype=np.int64)))
-    return out
-
-
-@dataclass
-class PlaceSet:
-    """Queries and database with their positives / near / excluded database indices per query."""
-
-    name: str
-    queries: list[ImageRecord]
-    database: list[ImageRecord]
-    relation: Relation
-    positives: list[np.ndarray] = field(default_factory=list)
-    near: list[np.ndarray] = field(default_factory=list)
-    excluded: list[np.ndarray] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if not self.positives:
-            self.positives, self.near, self.excluded = self.relation.relate(self.queries, self.database)
-
-    def subset(
-        self,
-        query_ids: Sequence[int] | None = None,
-        db_ids: Sequence[int] | None = None,
-        name: str | None = None,
-    ) -> PlaceSet:
-        """The places restricted to some queries / database records (relations recomputed)."""
-        qs = self.queries if query_ids is None else [self.queries[i] for i in query_ids]
-        db = self.database if db_ids is None else [self.database[i] for i in db_ids]
-        return PlaceSet(name or self.name, qs, db, self.relation)
-
-    def with_positive_queries(self, limit: int | None = None) -> PlaceSet:
-        """Only queries that have a positive (and enough non-near database images for negatives); at
-        most ``limit`` of them, evenly spaced."""
-        keep = [i for i, p in enumerate(self.positives) if len(p) > 0]
-        if limit is not None and len(keep) > limit:
-            keep = [keep[int(j)] for j in np.linspace(0, len(keep) - 1, limit).round().astype(int)]
-        return replace(
-            self,
-            queries=[self.queries[i] for i in keep],
-            positives=[self.positives[i] for i in keep],
-            near=[self.near[i] for i in keep],
-            excluded=[self.excluded[i] for i in keep],
-        )
-
-    def summary(self) -> str:
-        with_pos = sum(1 for p in self.positives if len(p))
-        return (
-            f"{self.name}: {len(self.queries)} queries ({with_pos} with a positive), "
-            f"{len(self.database)} database images; {self.relation.describe()}"
-        )
-
-
 # --------------------------------------------------------------------------- sources
 
 
@@ -181,13 +64,11 @@ def nordland_places(
     pos_frames: int = 2,
     neg_frames: int = 10,
     limit: int | None = None,
-) -> PlaceSet:
+) -> PlaceDataset:
     """Nordland (core loader, dark and frozen frames dropped; the first ``limit`` places when given):
     frame-aligned positives."""
-    ds = load_nordland(
-        root, database_season=database_season, query_season=query_season, tolerance=pos_frames, limit=limit
-    )
-    return PlaceSet(ds.name, ds.queries, ds.database, Relation("frame", pos_frames, neg_frames))
+    ds = load_nordland(root, database_season=database_season, query_season=query_season, limit=limit)
+    return replace(ds, ground_truth=GroundTruth("frame", tolerance=pos_frames, negatives_beyond=neg_frames))
 
 
 def folder_places(
@@ -196,10 +77,11 @@ def folder_places(
     positions_csv: str | Path | None = None,
     pos_radius_m: float = 10.0,
     neg_radius_m: float = 25.0,
-) -> PlaceSet:
+) -> PlaceDataset:
     """An image folder (``database/``, ``queries/``; UTM names or a positions CSV): distance positives."""
     ds = load_image_folder(root, positions_csv=positions_csv, radius_m=pos_radius_m)
-    return PlaceSet(ds.name, ds.queries, ds.database, Relation("distance", pos_radius_m, neg_radius_m))
+    gt = GroundTruth("distance", radius_m=pos_radius_m, negatives_beyond=neg_radius_m)
+    return replace(ds, ground_truth=gt)
 
 
 def bag_records(
@@ -243,7 +125,7 @@ def bag_places(
     min_time_gap_s: float = 30.0,
     max_gap_s: float = 0.2,
     every: int = 1,
-) -> PlaceSet:
+) -> PlaceDataset:
     """Recorded bags: every frame is a database image and a query; revisits (within ``pos_radius_m``,
     and at least ``min_time_gap_s`` apart when in the same bag) are its positives."""
     if not bags:
@@ -256,15 +138,12 @@ def bag_places(
             )
         )
     name = Path(bags[0]).name if len(bags) == 1 else f"{len(bags)}_bags"
-    return PlaceSet(
-        name,
-        records,
-        records,
-        Relation("distance", pos_radius_m, neg_radius_m, min_time_gap_s=min_time_gap_s),
-    )
+    gt = GroundTruth("distance", radius_m=pos_radius_m, negatives_beyond=neg_radius_m,
+                     min_time_gap_s=min_time_gap_s)
+    return PlaceDataset(name, records, records, gt)
 
 
-def build_places(cfg: DataConfig) -> PlaceSet:
+def build_places(cfg: DataConfig) -> PlaceDataset:
     """The place set a :class:`DataConfig` describes (before the split)."""
     root = Path(cfg.root)
     if cfg.kind == "nordland":
@@ -291,73 +170,6 @@ def build_places(cfg: DataConfig) -> PlaceSet:
         max_gap_s=cfg.max_gap_s,
         every=cfg.bag_every,
     )
-
-
-# --------------------------------------------------------------------------- split by place
-
-
-def _is_val_block(ids: np.ndarray, split: SplitConfig) -> np.ndarray:
-    return (ids % split.val_every) == split.val_offset
-
-
-def _val_flags(records: Sequence[ImageRecord], kind: str, split: SplitConfig) -> np.ndarray:
-    if kind == "frame":
-        frames = np.asarray([r.frame_index for r in records], dtype=np.int64)
-        return _is_val_block(np.floor_divide(frames, max(1, int(split.block))), split)
-    xy = np.asarray([r.position for r in records], dtype=np.float64).reshape(-1, 2)
-    cells = np.floor(xy / split.block).astype(np.int64)
-    ids = np.abs(cells[:, 0] * 73856093 ^ cells[:, 1] * 19349663)  # spatial hash of the grid cell
-    return _is_val_block(ids, split)
-
-
-def _near_any(points: np.ndarray, others: np.ndarray, gap: float) -> np.ndarray:
-    """Per point, whether any of ``others`` lies within ``gap`` (1-D frames or 2-D positions)."""
-    out = np.zeros(len(points), dtype=bool)
-    if len(others) == 0 or len(points) == 0:
-        return out
-    if points.ndim == 1:
-        srt = np.sort(others)
-        j = (
-            np.clip(np.searchsorted(srt, points), 1, len(srt) - 1)
-            if len(srt) > 1
-            else np.zeros(len(points), int)
-        )
-        d = np.minimum(np.abs(points - srt[j]), np.abs(points - srt[np.maximum(j - 1, 0)]))
-        return d <= gap
-    for s in range(0, len(points), 2048):
-        d2 = ((points[s : s + 2048, None, :] - others[None, :, :]) ** 2).sum(-1)
-        out[s : s + 2048] = (d2 <= gap * gap).any(axis=1)
-    return out
-
-
-def split_places(places: PlaceSet, split: SplitConfig) -> tuple[PlaceSet, PlaceSet]:
-    """(train, val) by place: frame blocks (frame relation) or spatial grid cells (distance relation).
-
-    Every record, query or database, goes to the side of its block; training records within
-    ``split.gap`` of a validation record are dropped. Raises DatasetError when a side is empty.
-    """
-    kind = places.relation.kind
-    coord = (
-        (lambda recs: np.asarray([r.frame_index for r in recs], dtype=np.float64))
-        if kind == "frame"
-        else (lambda recs: np.asarray([r.position for r in recs], dtype=np.float64).reshape(-1, 2))
-    )
-    q_val = _val_flags(places.queries, kind, split)
-    d_val = _val_flags(places.database, kind, split)
-    val_coords = np.concatenate([coord(places.queries)[q_val], coord(places.database)[d_val]])
-    q_train = ~q_val & ~_near_any(coord(places.queries), val_coords, split.gap)
-    d_train = ~d_val & ~_near_any(coord(places.database), val_coords, split.gap)
-    train = places.subset(np.nonzero(q_train)[0], np.nonzero(d_train)[0], name=f"{places.name}/train")
-    val = places.subset(np.nonzero(q_val)[0], np.nonzero(d_val)[0], name=f"{places.name}/val")
-    unit = "frames" if kind == "frame" else "m"
-    for side in (train, val):
-        if not side.queries or not side.database or not any(len(p) for p in side.positives):
-            raise DatasetError(
-                f"{side.name}: the split (blocks of {split.block:g} {unit}, every {split.val_every}th from "
-                f"{split.val_offset}, gap {split.gap:g} {unit}) leaves {len(side.queries)} queries and "
-                f"{len(side.database)} database images with no usable positive pair; change data.split"
-            )
-    return train, val
 
 
 # --------------------------------------------------------------------------- degradation and tuples
@@ -420,7 +232,7 @@ class TupleDataset(Dataset):
 
     def __init__(
         self,
-        places: PlaceSet,
+        places: PlaceDataset,
         *,
         preprocess: Preprocess,
         degrader: Degrader,
@@ -443,10 +255,9 @@ class TupleDataset(Dataset):
         self.q_desc: np.ndarray | None = None
         self.db_desc: np.ndarray | None = None
         n_db = len(places.database)
+        near = places.near()
         self.index = [
-            i
-            for i, p in enumerate(places.positives)
-            if len(p) and n_db - len(places.near[i]) >= self.negatives
+            i for i, p in enumerate(places.positives()) if len(p) and n_db - len(near[i]) >= self.negatives
         ]
         if not self.index:
             raise DatasetError(f"{places.name}: no query has a positive and {self.negatives} negatives")
@@ -469,7 +280,7 @@ class TupleDataset(Dataset):
         self.q_desc, self.db_desc = q_desc, db_desc
 
     def _negatives(self, qi: int, rng: np.random.Generator) -> np.ndarray:
-        near = self.places.near[qi]
+        near = self.places.near()[qi]
         n_db = len(self.places.database)
         want = min(self.pool if self.db_desc is not None else self.negatives, n_db - len(near))
         cands: np.ndarray = np.empty(0, dtype=np.int64)
@@ -489,7 +300,7 @@ class TupleDataset(Dataset):
         """(query, positive, negatives) record indices of item ``k`` this epoch, and its generator."""
         rng = sample_rng(self.seed, self.epoch, k)
         qi = self.index[k]
-        pos = self.places.positives[qi]
+        pos = self.places.positives()[qi]
         if self.db_desc is not None and self.q_desc is not None:
             p = int(pos[int(np.argmax(self.db_desc[pos] @ self.q_desc[qi]))])
         else:
@@ -509,6 +320,6 @@ class TupleDataset(Dataset):
         }
 
 
-def degrade_queries(places: PlaceSet, degrader: Degrader, *, seed: int = 0) -> list[np.ndarray]:
+def degrade_queries(places: PlaceDataset, degrader: Degrader, *, seed: int = 0) -> list[np.ndarray]:
     """Deterministically degraded query images (validation): query i uses generator (seed, 2**31 - 1, i)."""
     return [degrader(q.load(), sample_rng(seed, 2**31 - 1, i)) for i, q in enumerate(places.queries)]

@@ -51,14 +51,13 @@ from vpr_ros.core.errors import ConfigError, DatasetError, ModelError
 from vpr_ros.core.fileio import atomic_write_text, remove_stale_temps
 from vpr_ros.core.models import read_checkpoint, save_checkpoint, select_device
 from vpr_ros.core.models.registry import VprModel
+from vpr_ros.data.places import PlaceDataset
 from vpr_ros.training.config import OptimConfig, TrainConfig
 from vpr_ros.training.data import (
     Degrader,
-    PlaceSet,
     TupleDataset,
     build_places,
     degrade_queries,
-    split_places,
 )
 from vpr_ros.training.evaluate import describe, evaluate_model
 from vpr_ros.training.methods.loqi import LoQI, build_branches
@@ -270,10 +269,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ hooks (LoQI's by default)
 
-    def build_places(self) -> tuple[PlaceSet, PlaceSet]:
+    def build_places(self) -> tuple[PlaceDataset, PlaceDataset]:
         """(training, validation) places; errors about data come before any model is built."""
         cfg = self.cfg
-        train_p, val_p = split_places(build_places(cfg.data), cfg.data.split)
+        train_p, val_p = build_places(cfg.data).split_by_place(cfg.data.split)
         return (
             train_p.with_positive_queries(cfg.data.max_train_queries),
             val_p.with_positive_queries(cfg.data.max_val_queries),
@@ -334,7 +333,7 @@ class Trainer:
 
     def refresh_cache(self) -> None:
         """Descriptors of all training queries and database images (high quality) for hard mining."""
-        p: PlaceSet = self.train_places
+        p: PlaceDataset = self.train_places
         bs, dev, images = self.cfg.run.val_batch_size, self.dist.device, self.dataset.cache
         q = describe(self.student, [images.get(r) for r in p.queries], device=dev, batch_size=bs)
         db = (

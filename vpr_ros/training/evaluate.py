@@ -1,4 +1,4 @@
-"""Validation recall@N of a model on a held-out :class:`~vpr_ros.training.data.PlaceSet`:
+"""Validation recall@N of a model on a held-out :class:`~vpr_ros.data.places.PlaceDataset`:
 high-quality database images, degraded query images, exhaustive cosine retrieval."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 
 from vpr_ros.core.extract import DescriptorExtractor
 from vpr_ros.core.models.registry import VprModel
+from vpr_ros.data.places import PlaceDataset
 from vpr_ros.eval.metrics import RecallResult, recall_at_n
-from vpr_ros.training.data import PlaceSet
 
 
 def describe(
@@ -42,16 +42,16 @@ def retrieve(
 
 
 def recall_on_places(
-    q_desc: np.ndarray, db_desc: np.ndarray, places: PlaceSet, ns: Sequence[int] = (1, 5, 10)
+    q_desc: np.ndarray, db_desc: np.ndarray, places: PlaceDataset, ns: Sequence[int] = (1, 5, 10)
 ) -> RecallResult:
     """Recall@N of query descriptors against database descriptors with the places' positives."""
-    preds = retrieve(q_desc, db_desc, max(ns), places.excluded)
-    return recall_at_n(preds, places.positives, ns)
+    preds = retrieve(q_desc, db_desc, max(ns), places.excluded())
+    return recall_at_n(preds, places.positives(), ns)
 
 
 def evaluate_model(
     model: VprModel,
-    places: PlaceSet,
+    places: PlaceDataset,
     queries: Sequence[np.ndarray],
     *,
     db_model: VprModel | None = None,

@@ -49,12 +49,12 @@ from torch import nn
 from tqdm import tqdm
 
 from vpr_ros.core.errors import ConfigError, DatasetError, VprError
-from vpr_ros.core.preprocess import resize_rgb, to_tensor_batch
 from vpr_ros.core.fileio import atomic_path, atomic_write_text, remove_stale_temps
 from vpr_ros.core.models.registry import VprModel
+from vpr_ros.core.preprocess import resize_rgb, to_tensor_batch
 from vpr_ros.core.transmission import TransmissionConfig, degrade_image
+from vpr_ros.data.files import IMAGE_SUFFIXES
 from vpr_ros.data.places import (
-    IMAGE_SUFFIXES,
     ImageRecord,
     load_ie_tower,
     load_kitti,
@@ -287,9 +287,9 @@ def source_records(src: SourceConfig) -> list[ImageRecord]:
         ds = load_ie_tower(root)
         lists = [ds.database, ds.queries]
     elif src.kind == "kitti":
-        lists = [load_kitti(root, seq) for seq in src.sequences]
+        lists = [load_kitti(root, seq).database for seq in src.sequences]
     elif src.kind == "rtabmap_loop":
-        lists = [load_rtabmap_loop(root)[0]]
+        lists = [load_rtabmap_loop(root).database]
     elif src.kind == "images":
         if not root.is_dir():
             raise DatasetError(f"{root}: image folder not found")

@@ -42,11 +42,12 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from vpr_ros.core.errors import ConfigError, DatasetError, ModelError, VprError
-from vpr_ros.core.preprocess import to_tensor_batch
 from vpr_ros.core.fileio import atomic_write_text
 from vpr_ros.core.models import create_model, model_from_checkpoint, read_checkpoint
 from vpr_ros.core.models.registry import VprModel
 from vpr_ros.core.models.scicevpr import CricaTeacher, RegionalDinoV2, SciceStudent
+from vpr_ros.core.preprocess import to_tensor_batch
+from vpr_ros.data.places import PlaceDataset
 from vpr_ros.training.config import (
     DataConfig,
     DegradationConfig,
@@ -60,7 +61,7 @@ from vpr_ros.training.config import (
     build_config,
     validate,
 )
-from vpr_ros.training.data import Degrader, ImageCache, PlaceSet, sample_rng
+from vpr_ros.training.data import Degrader, ImageCache, sample_rng
 from vpr_ros.training.engine import Trainer, TrainResult
 from vpr_ros.training.evaluate import describe, evaluate_model
 from vpr_ros.training.export import export_deployed
@@ -265,7 +266,7 @@ class PlaceGroups(Dataset):
 
     def __init__(
         self,
-        places: PlaceSet,
+        places: PlaceDataset,
         *,
         preprocess,
         degrader: Degrader,
@@ -277,7 +278,7 @@ class PlaceGroups(Dataset):
             raise DatasetError("training needs a fixed model input size")
         self.places, self.preprocess, self.degrader = places, preprocess, degrader
         self.k, self.targets, self.seed, self.epoch = int(images_per_place), targets, int(seed), 0
-        self.index = [i for i, p in enumerate(places.positives) if len(p)]
+        self.index = [i for i, p in enumerate(places.positives()) if len(p)]
         if not self.index:
             raise DatasetError(f"{places.name}: no query has a positive")
         self.cache = ImageCache()
@@ -291,7 +292,7 @@ class PlaceGroups(Dataset):
     def __getitem__(self, k: int) -> dict[str, Any]:
         rng = sample_rng(self.seed, self.epoch, k)
         qi = self.index[k]
-        pos = self.places.positives[qi]
+        pos = self.places.positives()[qi]
         pick = rng.choice(pos, size=self.k - 1, replace=len(pos) < self.k - 1)
         records = [self.places.queries[qi], *(self.places.database[int(p)] for p in pick)]
         hq_images = [self.cache.get(r) for r in records]
@@ -316,7 +317,7 @@ class PlaceBatchSampler(Sampler):
 
     def __init__(
         self,
-        places: PlaceSet,
+        places: PlaceDataset,
         group_index: Sequence[int],
         *,
         places_per_batch: int,
@@ -336,17 +337,18 @@ class PlaceBatchSampler(Sampler):
         q_of = {q: g for g, q in enumerate(group_index)}
         pos_inv: dict[int, set[int]] = {}
         near_inv: dict[int, set[int]] = {}
+        positives, near = places.positives(), places.near()
         for g, q in enumerate(group_index):
-            for d in places.positives[q]:
+            for d in positives[q]:
                 pos_inv.setdefault(int(d), set()).add(g)
-            for d in places.near[q]:
+            for d in near[q]:
                 near_inv.setdefault(int(d), set()).add(g)
         self.clash: list[set[int]] = []
         for q in group_index:
             c: set[int] = set()
-            for d in places.near[q]:
+            for d in near[q]:
                 c |= pos_inv.get(int(d), set())
-            for d in places.positives[q]:
+            for d in positives[q]:
                 c |= near_inv.get(int(d), set())
             c.discard(q_of[q])
             self.clash.append(c)

@@ -48,7 +48,7 @@ from vpr_ros.core.images import save_image
 from vpr_ros.core.models import create_model, model_from_checkpoint, read_checkpoint
 from vpr_ros.core.models.registry import Preprocess, VprModel
 from vpr_ros.core.transmission import TransmissionConfig, degrade_image
-from vpr_ros.data.places import ImageRecord, load_kitti
+from vpr_ros.data.places import GroundTruth, ImageRecord, PlaceDataset, load_kitti
 from vpr_ros.training.config import (
     DataConfig,
     DegradationConfig,
@@ -63,13 +63,10 @@ from vpr_ros.training.config import (
 )
 from vpr_ros.training.data import (
     Degrader,
-    PlaceSet,
-    Relation,
     TupleDataset,
     build_places,
     degrade_queries,
     sample_rng,
-    split_places,
 )
 from vpr_ros.training.engine import Trainer, run_trainer
 from vpr_ros.training.evaluate import describe, recall_on_places
@@ -296,30 +293,31 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> StructVPRCon
 # --------------------------------------------------------------------------- places
 
 
-def kitti_train_places(cfg: PlacesConfig) -> PlaceSet:
+def kitti_train_places(cfg: PlacesConfig) -> PlaceDataset:
     """One KITTI sequence as queries and database; frames within ``exclude_frames`` never pair."""
-    recs = load_kitti(cfg.root, cfg.train_sequence)[:: cfg.every]
+    recs = load_kitti(cfg.root, cfg.train_sequence).database[:: cfg.every]
     recs = [dataclasses.replace(r, stamp=r.frame_index / 10.0) for r in recs]  # KITTI runs at ~10 Hz
     gap = (cfg.exclude_frames + 0.5) / 10.0
-    rel = Relation("distance", cfg.pos_radius_m, cfg.neg_radius_m, min_time_gap_s=gap)
-    places = PlaceSet(f"kitti{cfg.train_sequence}/train", recs, recs, rel)
+    gt = GroundTruth("distance", radius_m=cfg.pos_radius_m, negatives_beyond=cfg.neg_radius_m,
+                     min_time_gap_s=gap)
+    places = PlaceDataset(f"kitti{cfg.train_sequence}/train", recs, recs, gt)
     return places.with_positive_queries(cfg.max_train_queries)
 
 
-def kitti_test_places(cfg: PlacesConfig) -> PlaceSet:
+def kitti_test_places(cfg: PlacesConfig) -> PlaceDataset:
     """Database every ``test_step``-th frame, queries at ``test_offsets`` between them."""
-    recs = load_kitti(cfg.root, cfg.test_sequence)
+    recs = load_kitti(cfg.root, cfg.test_sequence).database
     db = [r for r in recs if r.frame_index % cfg.test_step == 0]
     qs = [r for r in recs if r.frame_index % cfg.test_step in cfg.test_offsets]
-    rel = Relation("distance", cfg.test_radius_m, cfg.test_radius_m)
-    return PlaceSet(f"kitti{cfg.test_sequence}/test", qs, db, rel).with_positive_queries()
+    gt = GroundTruth("distance", radius_m=cfg.test_radius_m)
+    return PlaceDataset(f"kitti{cfg.test_sequence}/test", db, qs, gt).with_positive_queries()
 
 
-def build_structvpr_places(cfg: StructVPRConfig) -> tuple[PlaceSet, PlaceSet]:
+def build_structvpr_places(cfg: StructVPRConfig) -> tuple[PlaceDataset, PlaceDataset]:
     """(train, test) places."""
     if cfg.places.kind == "kitti":
         return kitti_train_places(cfg.places), kitti_test_places(cfg.places)
-    train, val = split_places(build_places(cfg.data), cfg.data.split)
+    train, val = build_places(cfg.data).split_by_place(cfg.data.split)
     return train.with_positive_queries(cfg.data.max_train_queries), val.with_positive_queries(
         cfg.data.max_val_queries
     )
@@ -400,7 +398,7 @@ class StructTuples(TupleDataset):
 
     def __init__(
         self,
-        places: PlaceSet,
+        places: PlaceDataset,
         bank: SLMEBank | None,
         *,
         rgb: bool = True,
@@ -482,7 +480,7 @@ class StageTrainer(Trainer):
         self.sv, self.name = sv, name
         super().__init__(sv.stage_config(name, stage, self.model_name), resume=resume)
 
-    def build_places(self) -> tuple[PlaceSet, PlaceSet]:
+    def build_places(self) -> tuple[PlaceDataset, PlaceDataset]:
         return self.sv.train_places, self.sv.test_places
 
     def val_columns(self) -> list[str]:
@@ -815,7 +813,7 @@ class StructVPR:
         rgb_db = describe(rgb, [r.load() for r in p.database])
         seg_q = describe_slme(seg, bank, [r.path for r in p.queries])
         seg_db = describe_slme(seg, bank, [r.path for r in p.database])
-        pairs = rank_pairs((seg_q, seg_db), (rgb_q, rgb_db), p.positives, p.excluded, rank=rank)
+        pairs = rank_pairs((seg_q, seg_db), (rgb_q, rgb_db), p.positives(), p.excluded(), rank=rank)
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, q=pairs.q, p=pairs.p, x=pairs.x, y=pairs.y, rank=rank)
         shares = group_shares(pairs, self.cfg.stage2.weighting.n_t)
