@@ -39,9 +39,9 @@ MAX_LOSS = 0.01  # ship int8 when it loses at most 1 point of R@1 on every set a
 
 def calibration_images(n: int) -> list[np.ndarray]:
     """``n`` images spread evenly over the general recipe's training pool (no test images)."""
-    from vpr_ros.training.methods.general import build_pool, load_general_config
+    from vpr_ros.training.methods.general import METHOD, build_pool
 
-    train, _ = build_pool(load_general_config(RECIPE).data)
+    train, _ = build_pool(METHOD.load(RECIPE).data)
     pick = np.unique(np.linspace(0, len(train.records) - 1, n).round().astype(int))
     return [train.records[int(i)].load() for i in pick]
 

@@ -69,9 +69,8 @@ def batch_images(b: int, negatives: int) -> tuple[list[np.ndarray], list[np.ndar
 
 def run_size(size_text: str, args: argparse.Namespace, hq_imgs: list, lq_imgs: list) -> list[dict]:
     """Time the variants at one input size; returns the table rows."""
-    from vpr_ros.training.config import LossConfig
     from vpr_ros.training.losses import channel_correlation, mse_loss, triplet_loss
-    from vpr_ros.training.methods.loqi import LoQI, forward_outputs
+    from vpr_ros.training.methods.loqi import LoQI, LossConfig, forward_outputs
 
     b, t = args.batch, 2 + args.negatives
     rows = []

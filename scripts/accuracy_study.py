@@ -40,8 +40,7 @@ def _train(recipe: Path, overrides: list[str]) -> Path:
     """Train ``recipe`` (with ``overrides``) unless its run folder has a finished summary; return last.pt."""
     import torch
 
-    from vpr_ros.training.config import load_config
-    from vpr_ros.training.engine import train
+    from vpr_ros.training.methods.loqi import load_config, train
 
     cfg = load_config(recipe, overrides)
     run_dir = Path(cfg.run.dir)

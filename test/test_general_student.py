@@ -13,18 +13,16 @@ from vpr_ros.core.images import save_image
 from vpr_ros.core.localizer import build_extractor
 from vpr_ros.core.models import create_model, load_model, save_checkpoint
 from vpr_ros.core.models.card import read_card
-from vpr_ros.training.config import SplitConfig, apply_overrides, build_config
+from vpr_ros.training.config import SplitConfig
 from vpr_ros.training.methods.general import (
-    GeneralConfig,
+    METHOD,
     LinkMixConfig,
     PairStore,
     _nordland_kept,
     export_general,
-    load_general_config,
     pair_rng,
     source_records,
     train_general,
-    validate_general,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,13 +79,13 @@ def test_pair_store_is_encoded_once_and_deterministic(tmp_path):
 
 
 def test_recipe_file_validates_and_labels_are_refused():
-    cfg = load_general_config(REPO / "training" / "general_student.yaml")
+    cfg = METHOD.load(REPO / "training" / "general_student.yaml")
     assert cfg.model.teacher == "imagenet" and cfg.model.input_size == [240, 320]
     assert cfg.loss.ickd and cfg.loss.mse and not cfg.loss.triplet
     with pytest.raises(ConfigError, match="loss.triplet"):
-        load_general_config(REPO / "training" / "general_student.yaml", ["loss.triplet=true"])
+        METHOD.load(REPO / "training" / "general_student.yaml", ["loss.triplet=true"])
     with pytest.raises(ConfigError, match="model.crop"):
-        load_general_config(REPO / "training" / "general_student.yaml", ["model.crop=[300, 10]"])
+        METHOD.load(REPO / "training" / "general_student.yaml", ["model.crop=[300, 10]"])
 
 
 def test_two_steps_train_a_student_whose_card_names_its_data(tmp_path):
@@ -102,7 +100,7 @@ def test_two_steps_train_a_student_whose_card_names_its_data(tmp_path):
                      "log_every": 1},
         "run": {"dir": str(tmp_path / "run"), "progress": False, "tensorboard": False, "device": "cpu"},
     }
-    cfg = validate_general(build_config(GeneralConfig, apply_overrides(raw, [])))
+    cfg = METHOD.config(raw)
     result = train_general(cfg)
     assert result.steps == 2
     assert set(result.metrics) >= {"cos_clean", "cos_lq", "self_r1_lq", "teacher_cos_lq"}

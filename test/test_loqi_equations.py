@@ -16,10 +16,9 @@ import torch
 from vpr_ros.core.errors import ConfigError
 from vpr_ros.core.models.registry import Preprocess, VprModel
 from vpr_ros.data.places import GroundTruth, ImageRecord, PlaceDataset
-from vpr_ros.training.config import LossConfig, config_from_dict, load_config
 from vpr_ros.training.data import Degrader, TupleDataset
 from vpr_ros.training.losses import ickd_loss, mse_loss, triplet_loss
-from vpr_ros.training.methods.loqi import LoQI
+from vpr_ros.training.methods.loqi import LoQI, LossConfig, config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -307,7 +307,9 @@ def _recipe(tmp_path: Path, stage: str, **over) -> dict:
 
 
 def test_config_errors_name_the_key(tmp_path):
-    from vpr_ros.training.methods.scicevpr import scice_config
+    from vpr_ros.training.methods.scicevpr import METHOD
+
+    scice_config = METHOD.config
 
     with pytest.raises(ConfigError, match="model.teacher"):
         scice_config(_recipe(tmp_path, "student"))
@@ -343,7 +345,10 @@ def test_place_batches_hold_distinct_places_and_are_reproducible():
 
 
 def test_two_stages_train_export_and_load(tmp_path):
-    from vpr_ros.training.methods.scicevpr import load_scice_config, scice_config, train_scicevpr
+    from vpr_ros.cli.train import main
+    from vpr_ros.training.methods.scicevpr import METHOD, train_scicevpr
+
+    scice_config, load_scice_config = METHOD.config, METHOD.load
 
     _synthetic_places(tmp_path / "places")
     torch.manual_seed(0)
@@ -372,8 +377,6 @@ def test_two_stages_train_export_and_load(tmp_path):
     assert torch.equal(student.backbone.pos_embed, teacher.backbone.pos_embed)
     assert bool(student.reduce_fitted) and ckpt["kind"] == "training"
 
-    from vpr_ros.training.methods.scicevpr import main
-
     out = tmp_path / "scicevpr.pt"
     assert main(["export", str(r2.checkpoint), str(out)]) == 0
     deployed = read_checkpoint(out)
@@ -383,5 +386,5 @@ def test_two_stages_train_export_and_load(tmp_path):
     x = torch.randn(3, 3, 42, 56)
     with torch.no_grad():
         assert torch.allclose(model(x), student(x), atol=1e-6)
-    assert main(["plot", str(r1.run_dir), str(r2.run_dir), "--out", str(tmp_path / "curves.png")]) == 0
+    assert main(["plot-losses", str(r1.run_dir), str(r2.run_dir), "--out", str(tmp_path / "curves.png")]) == 0
     assert (tmp_path / "curves.png").stat().st_size > 1000

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from vpr_ros.core.models import create_model
 from vpr_ros.core.models.scicevpr import SciceStudent
-from vpr_ros.training.methods.scicevpr import build_models, scice_config
+from vpr_ros.training.methods.scicevpr import METHOD, build_models
 
 SMALL = {"arch": "vits14", "image_size": [56, 56]}
 
@@ -111,10 +111,10 @@ def test_dinov2_weights_are_one_recipe_line(tmp_path, student):
         "data": {"root": "x"},
         "model": {"name": "cricavpr_teacher_dinov2", "config": SMALL, "weights": str(path)},
     }
-    model, _ = build_models(scice_config(recipe))
+    model, _ = build_models(METHOD.config(recipe))
     got = model.backbone.state_dict()
     for k in ("pos_embed", "blocks.11.attn.qkv.weight", "blocks.3.ls2.gamma", "norm.bias"):
         assert torch.equal(got[k], official[k]), k
     # without the line the backbone is random, and so differs
-    random_model, _ = build_models(scice_config({**recipe, "model": {**recipe["model"], "weights": ""}}))
+    random_model, _ = build_models(METHOD.config({**recipe, "model": {**recipe["model"], "weights": ""}}))
     assert not torch.equal(random_model.backbone.state_dict()["norm.bias"], official["norm.bias"])

@@ -21,8 +21,7 @@ from vpr_ros.core.models import create_model, load_model, read_checkpoint, save_
 from vpr_ros.core.models.registry import Preprocess
 from vpr_ros.training import config_from_dict, export_deployed, train
 from vpr_ros.training.data import Degrader, TupleDataset, nordland_places
-from vpr_ros.training.engine import Trainer
-from vpr_ros.training.methods.loqi import LoQI, build_branches
+from vpr_ros.training.methods.loqi import LoQI, LoQITrainer, build_branches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -276,7 +275,7 @@ def test_teacher_cache_trains_to_the_same_losses(nordland_dir, torch_home, tmp_p
         recipe["schedule"]["epochs"] = 2
         recipe["optim"]["name"] = "sgd"
         recipe["loss"] = {"cache_teacher": cache}
-        trainer = Trainer(config_from_dict(recipe))
+        trainer = LoQITrainer(config_from_dict(recipe))
         try:
             trainer.run()
         finally:
@@ -294,7 +293,7 @@ def test_teacher_cache_trains_to_the_same_losses(nordland_dir, torch_home, tmp_p
     class Augmented(TupleDataset):
         deterministic_hq = False
 
-    class AugmentedTrainer(Trainer):
+    class AugmentedTrainer(LoQITrainer):
         def build_dataset(self):
             d = self.cfg.data
             return Augmented(self.train_places, preprocess=self.student.preprocess, degrader=self.degrader,

@@ -10,12 +10,13 @@ import pytest
 import torch
 import yaml
 
+from vpr_ros.core.config_file import expand_env
 from vpr_ros.core.errors import ConfigError, ModelError
 from vpr_ros.core.models import create_model, save_checkpoint
-from vpr_ros.training.config import TrainConfig, config_from_dict, expand_env, load_config
+from vpr_ros.training.config import save_recipe
 from vpr_ros.training.engine import LrSchedule
 from vpr_ros.training.losses import channel_correlation, correlation, ickd_loss, mse_loss, triplet_loss
-from vpr_ros.training.methods.loqi import LoQI, build_branches
+from vpr_ros.training.methods.loqi import LoQI, TrainConfig, build_branches, config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"data": {"root": "/data/x"}, "model": {"teacher": "imagenet"}}
@@ -93,7 +94,7 @@ def test_env_expansion_and_saved_config_round_trip(tmp_path, monkeypatch):
         expand_env("${VPR_TEST_UNSET}")
     cfg = config_from_dict(BASE, ["optim.lr=3e-4", "degradation.specs=[jpeg:10, resize:0.5]"])
     assert cfg.optim.lr == 3e-4 and cfg.degradation.specs == ["jpeg:10", "resize:0.5"]
-    cfg.save(tmp_path / "config.yaml")
+    save_recipe(cfg, tmp_path / "config.yaml")
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again == cfg and isinstance(again, TrainConfig)
     with pytest.raises(ConfigError, match="not found"):

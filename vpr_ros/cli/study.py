@@ -17,7 +17,7 @@ def _names(text: str) -> list[str]:
 def cmd_loqi_ablation(args: argparse.Namespace) -> int:
     # torch and the training room load only when a study runs
     from vpr_ros.studies.loqi_ablation import VARIANTS, run_study, term_balance
-    from vpr_ros.training.config import load_config
+    from vpr_ros.training.methods.loqi import load_config
 
     recipe = load_config(args.recipe, [*args.overrides, *args.set_student])
     if args.balance:

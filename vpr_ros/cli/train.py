@@ -1,8 +1,11 @@
-"""Training subcommands: ``train``, ``export``, ``bag-dataset``.
+"""Training subcommands of ``vpr-ros``: ``train`` (any method's recipe), ``export``, ``plot-losses``,
+``bag-dataset``.
 
-The project CLI calls :func:`register` with its subparsers; ``python -m vpr_ros.training`` uses
-:func:`main`. Handlers turn arguments into explicit library calls (no argparse namespace reaches
-library code).
+The project CLI calls :func:`register` with its subparsers; :func:`main` parses these subcommands alone.
+``train`` reads the recipe's method from its ``method:`` key (or its sections) through
+:mod:`vpr_ros.training.methods`; ``export`` writes the deployed student the way the checkpoint's method
+does. Handlers turn arguments into explicit library calls (no argparse namespace reaches library code)
+and import the training modules when they run, so building the tree does not import torch.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ from pathlib import Path
 from vpr_ros.core.errors import VprError
 from vpr_ros.core.fileio import display_path
 
+METHOD_NAMES = ("loqi", "general", "scicevpr", "structvpr")  # spelled out: parsing must not import torch
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``train``, ``export`` and ``bag-dataset`` to ``subparsers``."""
+    """Add ``train``, ``export``, ``plot-losses`` and ``bag-dataset`` to ``subparsers``."""
     p = subparsers.add_parser(
         "train",
-        help="train a recipe (LoQI distillation)",
-        description="Train a recipe; --set overrides keys, --resume continues run.dir.",
+        help=f"train a recipe of any method ({', '.join(METHOD_NAMES)})",
+        description="Train a recipe (training/*.yaml); its `method:` key picks the method (a recipe without "
+        "one is read by its sections). --set overrides keys, --resume continues run.dir.",
     )
     p.add_argument("--config", required=True, help="recipe YAML (see training/*.yaml)")
     p.add_argument(
@@ -36,17 +42,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="override a recipe key, e.g. --set optim.lr=1e-4 --set data.root=/data/nordland",
     )
     p.add_argument("--resume", action="store_true", help="continue from run.dir/last.pt")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--export", metavar="OUT", help="also write the trained student as deployed weights (OUT)")
     p.set_defaults(func=_cmd_train)
 
     p = subparsers.add_parser("export", help="training checkpoint -> deployed weights (student only)")
     p.add_argument("checkpoint", help="training checkpoint (run.dir/last.pt)")
     p.add_argument("out", help="deployed weights file to write (.pt)")
-    p.add_argument("--sidecar", action="store_true", help="also write OUT.json describing the training")
+    p.add_argument(
+        "--sidecar",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also write OUT.json describing the training (default: the general student's export does)",
+    )
     p.set_defaults(func=_cmd_export)
+
+    p = subparsers.add_parser("plot-losses", help="loss curves of training runs (train.csv) to an image")
+    p.add_argument("runs", nargs="+", help="run directories (each holds train.csv)")
+    p.add_argument("--out", required=True, help="image to write (.png, .pdf, .svg)")
+    p.set_defaults(func=_cmd_plot_losses)
 
     p = subparsers.add_parser("bag-dataset", help="summarise (and export) the place set of recorded bags")
     p.add_argument("bags", nargs="+", help="rosbag2 folders (or ROS 1 .bag files)")
-    p.add_argument("--image-topic", default="/camera/image_raw")
+    p.add_argument("--image-topic", default="/camera/image_raw", help="sensor_msgs/Image topic")
     p.add_argument("--position-topic", default="/odom", help="nav_msgs/Odometry or sensor_msgs/NavSatFix")
     p.add_argument("--max-gap", type=float, default=0.2, help="max image-position time gap (s)")
     p.add_argument("--pos-radius", type=float, default=10.0, help="revisit radius (m)")
@@ -60,21 +78,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from vpr_ros.training.config import load_config
-    from vpr_ros.training.engine import train
+    import torch  # heavy: only a training run needs it
 
-    cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
+    from vpr_ros.training.methods import load_recipe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    method, cfg = load_recipe(args.config, args.overrides)
+    result = method.train(cfg, resume=args.resume)
     metrics = "  ".join(f"{k} {100 * v:.1f}" for k, v in result.metrics.items())
-    print(f"{result.run_dir}: {result.steps} steps in {result.train_seconds:.1f} s; {metrics}")
+    print(f"{result.run_dir}: {method.name}, {result.steps} steps in {result.train_seconds:.1f} s; {metrics}")
+    if args.export:
+        path = method.export(result.checkpoint, args.export, sidecar=method.sidecar)
+        print(f"wrote {path}")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from vpr_ros.training.export import export_deployed
+    from vpr_ros.training.methods import export
 
-    path = export_deployed(args.checkpoint, args.out, sidecar=args.sidecar)
-    print(f"wrote {path}")
+    print(f"wrote {export(args.checkpoint, args.out, sidecar=args.sidecar)}")
+    return 0
+
+
+def _cmd_plot_losses(args: argparse.Namespace) -> int:
+    from vpr_ros.training.curves import plot_losses
+
+    print(f"wrote {plot_losses(args.runs, args.out)}")
     return 0
 
 
@@ -120,8 +150,8 @@ def run_handler(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m vpr_ros.training``."""
-    parser = argparse.ArgumentParser(prog="python -m vpr_ros.training", description=__doc__.split("\n")[0])
+    """These subcommands alone (``vpr-ros`` holds them too)."""
+    parser = argparse.ArgumentParser(prog="vpr-ros", description=__doc__.split("\n")[0])
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:

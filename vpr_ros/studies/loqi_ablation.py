@@ -42,12 +42,17 @@ from vpr_ros.core.fileio import atomic_write_text
 from vpr_ros.core.models import create_model, load_model, select_device
 from vpr_ros.eval.metrics import EvalResult, save_results_json
 from vpr_ros.eval.plots import plot_recall_curves
-from vpr_ros.training.config import TrainConfig, config_from_dict
 from vpr_ros.training.data import Degrader, TupleDataset, build_places, degrade_queries
-from vpr_ros.training.engine import train
 from vpr_ros.training.evaluate import describe, evaluate_model
 from vpr_ros.training.export import export_deployed
-from vpr_ros.training.methods.loqi import LoQI, build_branches, forward_outputs
+from vpr_ros.training.methods.loqi import (
+    LoQI,
+    TrainConfig,
+    build_branches,
+    config_from_dict,
+    forward_outputs,
+    train,
+)
 
 log = logging.getLogger("vpr_ros.studies.loqi_ablation")
 

@@ -1,34 +1,33 @@
-"""Training configuration: YAML recipe -> nested dataclasses, validated before anything is built.
+"""Training recipes: the sections every method shares (``data``, ``degradation``, ``optim``, ``schedule``,
+``run``), their checks, and the one way a recipe is read (YAML -> overrides -> typed dataclasses).
 
-A recipe has the sections ``data``, ``model``, ``degradation``, ``loss``, ``optim``, ``schedule``
-and ``run`` (see ``training/*.yaml`` and ``docs/training.md``). Every problem raises
-:class:`~vpr_ros.core.errors.ConfigError` naming the dotted key: an unknown key (with the valid
-keys), a wrong type, a value out of range. Strings may use ``${VAR}`` / ``${VAR:-default}``
-environment variables (e.g. ``${VPR_ROS_SHARED:-../shared}``); relative paths are relative to the
-working directory.
+A method's recipe is a dataclass made of these sections and its own (``training/*.yaml``,
+``docs/training.md``). Every problem raises :class:`~vpr_ros.core.errors.ConfigError` naming the dotted
+key: an unknown key (with the valid keys), a wrong type, a value out of range. Strings may use ``${VAR}`` /
+``${VAR:-default}`` environment variables (e.g. ``${VPR_ROS_SHARED:-../shared}``); relative paths are
+relative to the working directory.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from vpr_ros.core.config_file import expand_env, load_yaml, parse_value
 from vpr_ros.core.errors import ConfigError, TransmissionError
 from vpr_ros.core.fileio import atomic_write_text
 from vpr_ros.core.transmission import TransmissionConfig
 
 DATA_KINDS = ("nordland", "folder", "bags")
 MINING = ("random", "hard")
-TRIPLET_DISTANCES = ("squared", "euclidean")
-TRIPLET_NEGATIVES = ("sum", "mean")
-MSE_REDUCTIONS = ("mean", "sum")
 DEGRADE_TARGETS = ("all", "query")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("constant", "cosine", "step")
@@ -48,6 +47,8 @@ class SplitConfig:
 
 @dataclass
 class DataConfig:
+    """A labelled place source (queries, database, positives), its split, and the training tuples."""
+
     kind: str = "nordland"  # nordland | folder | bags
     root: str = ""
     # nordland: frame-aligned seasons, positives within +-pos_frames, negatives beyond +-neg_frames
@@ -79,42 +80,11 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    name: str = "structvpr_mobilenetv2"
-    config: dict[str, Any] = field(default_factory=dict)  # registry config keys of the model
-    input_size: list[int] | None = None  # [H, W]; None keeps the registry's preprocessing
-    init: str = "teacher"  # teacher | imagenet | random | <checkpoint path>
-    teacher: str | None = None  # checkpoint path | imagenet | None (no distillation)
-    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept fixed
-
-
-@dataclass
 class DegradationConfig:
     """The student's input degradation: one transmission spec per sample, drawn from ``specs``."""
 
     specs: list[str] = field(default_factory=lambda: ["jpeg:10"])
     targets: str = "all"  # all: every tuple image is degraded (paper) | query: only the query
-
-
-@dataclass
-class LossConfig:
-    """L = ickd_weight * L_ickd + alpha * L_mse + beta * L_triplet, each term switchable (LoQI's
-    L = L_theta1 + alpha L_theta2 + beta L_theta3); the defaults are the paper's forms (docs/training.md)."""
-
-    ickd: bool = True
-    mse: bool = True
-    triplet: bool = True
-    ickd_weight: float = 1.0
-    alpha: float = 1000.0  # MSE weight: the authors' term balance (docs/training.md, "alpha and beta")
-    beta: float = 5.0  # triplet weight, likewise
-    margin: float = 0.1  # NetVLAD's m, in the units of triplet_distance
-    triplet_distance: str = "squared"  # squared (NetVLAD Eq. 7) | euclidean
-    triplet_negatives: str = "sum"  # sum over a query's negatives (NetVLAD Eq. 7) | mean
-    mse_reduction: str = "mean"  # mean over all elements (MSE) | sum (over dimensions, mean over the batch)
-    ickd_maps: list[int] | None = None  # indices into forward_features(); None: the latent code z (the last)
-    # compute the frozen teacher's outputs (ICKD correlations, descriptor) once per training image and
-    # reuse them when the image is drawn again: the same loss values, fewer teacher passes (in memory)
-    cache_teacher: bool = False
 
 
 @dataclass
@@ -151,45 +121,7 @@ class RunConfig:
     recall_ns: list[int] = field(default_factory=lambda: [1, 5, 10])
 
 
-@dataclass
-class TrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    degradation: DegradationConfig = field(default_factory=DegradationConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the resolved config as YAML (atomically)."""
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    @property
-    def distills(self) -> bool:
-        return self.loss.ickd or self.loss.mse
-
-
-# --------------------------------------------------------------------------- parsing
-
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand_env(text: str, *, where: str = "value") -> str:
-    """Replace ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is an error."""
-
-    def sub(m: re.Match) -> str:
-        value = os.environ.get(m.group(1))
-        if value is None or value == "":
-            if m.group(2) is None:
-                raise ConfigError(f"{where}: environment variable {m.group(1)} is not set and has no default")
-            return m.group(2)
-        return value
-
-    return _ENV.sub(sub, text)
+# --------------------------------------------------------------------------- raw mapping -> dataclasses
 
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
@@ -247,8 +179,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 def build_config(cls: type, data: Any, where: str = "") -> Any:
     """Dataclass ``cls`` from a raw mapping (nested dataclasses included), converting and checking types;
-    an unknown key or a wrong type raises :class:`ConfigError` naming the dotted key (prefixed ``where``).
-    Method recipes (StructVPR, SciceVPR) build their own dataclasses with it."""
+    an unknown key or a wrong type raises :class:`ConfigError` naming the dotted key (prefixed ``where``)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -265,139 +196,17 @@ def build_config(cls: type, data: Any, where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _check(cond: bool, where: str, text: str) -> None:
-    if not cond:
-        raise ConfigError(f"{where}: {text}")
-
-
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Range and consistency checks; raises ConfigError naming the key."""
-    d, m, lo, o, s, r = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.schedule, cfg.run
-    _check(d.kind in DATA_KINDS, "data.kind", f"{d.kind!r} is not one of {', '.join(DATA_KINDS)}")
-    _check(
-        bool(d.root), "data.root", "the dataset root is required (e.g. ${VPR_ROS_SHARED:-../shared}/data/...)"
-    )
-    _check(d.pos_frames >= 0, "data.pos_frames", f"must be >= 0, got {d.pos_frames}")
-    _check(d.neg_frames >= d.pos_frames, "data.neg_frames", f"must be >= data.pos_frames, got {d.neg_frames}")
-    _check(d.pos_radius_m > 0, "data.pos_radius_m", f"must be > 0, got {d.pos_radius_m}")
-    _check(
-        d.neg_radius_m >= d.pos_radius_m,
-        "data.neg_radius_m",
-        f"must be >= data.pos_radius_m ({d.pos_radius_m}), got {d.neg_radius_m}",
-    )
-    _check(d.max_gap_s >= 0, "data.max_gap_s", f"must be >= 0, got {d.max_gap_s}")
-    _check(d.min_time_gap_s >= 0, "data.min_time_gap_s", f"must be >= 0, got {d.min_time_gap_s}")
-    _check(d.bag_every >= 1, "data.bag_every", f"must be >= 1, got {d.bag_every}")
-    _check(d.kind != "bags" or bool(d.bags), "data.bags", "list at least one bag for data.kind 'bags'")
-    _check(d.split.block > 0, "data.split.block", f"must be > 0, got {d.split.block}")
-    _check(d.split.val_every >= 2, "data.split.val_every", f"must be >= 2, got {d.split.val_every}")
-    _check(
-        0 <= d.split.val_offset < d.split.val_every,
-        "data.split.val_offset",
-        f"must be in 0..{d.split.val_every - 1}, got {d.split.val_offset}",
-    )
-    _check(d.split.gap >= 0, "data.split.gap", f"must be >= 0, got {d.split.gap}")
-    _check(d.negatives >= 1, "data.negatives", f"must be >= 1, got {d.negatives}")
-    _check(d.mining in MINING, "data.mining", f"{d.mining!r} is not one of {', '.join(MINING)}")
-    _check(
-        d.mining_pool >= d.negatives, "data.mining_pool", f"must be >= data.negatives, got {d.mining_pool}"
-    )
-    _check(d.cache_every >= 0, "data.cache_every", f"must be >= 0, got {d.cache_every}")
-    for key in ("max_train_queries", "max_val_queries", "limit"):
-        v = getattr(d, key)
-        _check(v is None or v >= 1, f"data.{key}", f"must be >= 1 or null, got {v}")
-    _check(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
-    _check(bool(m.name), "model.name", "a registered model name is required")
-    if m.input_size is not None:
-        _check(
-            len(m.input_size) == 2 and min(m.input_size) >= 16,
-            "model.input_size",
-            f"must be [H, W] with H, W >= 16, got {m.input_size}",
-        )
-    _check(bool(m.init), "model.init", "must be teacher, imagenet, random or a checkpoint path")
-    _check(
-        not (m.init == "teacher" and m.teacher is None),
-        "model.init",
-        "'teacher' needs model.teacher (a checkpoint path or imagenet); use imagenet or random without one",
-    )
-    _check(
-        bool(cfg.degradation.specs), "degradation.specs", "list at least one spec ('none' for no degradation)"
-    )
-    for i, spec in enumerate(cfg.degradation.specs):
-        try:
-            TransmissionConfig.parse(spec)
-        except TransmissionError as exc:
-            raise ConfigError(f"degradation.specs[{i}]: {exc}") from None
-    _check(
-        cfg.degradation.targets in DEGRADE_TARGETS,
-        "degradation.targets",
-        f"{cfg.degradation.targets!r} is not one of {', '.join(DEGRADE_TARGETS)}",
-    )
-    _check(lo.ickd or lo.mse or lo.triplet, "loss", "enable at least one of ickd, mse, triplet")
-    _check(
-        not (cfg.distills and m.teacher is None),
-        "model.teacher",
-        "loss.ickd / loss.mse distil from a teacher: set model.teacher (checkpoint path or imagenet)",
-    )
-    _check(
-        not lo.cache_teacher or cfg.distills,
-        "loss.cache_teacher",
-        "caches the teacher's outputs for loss.ickd / loss.mse: enable one of them or set it false",
-    )
-    for key in ("ickd_weight", "alpha", "beta"):
-        _check(getattr(lo, key) >= 0, f"loss.{key}", f"must be >= 0, got {getattr(lo, key)}")
-    _check(lo.margin > 0, "loss.margin", f"must be > 0, got {lo.margin}")
-    for key, allowed in (
-        ("triplet_distance", TRIPLET_DISTANCES),
-        ("triplet_negatives", TRIPLET_NEGATIVES),
-        ("mse_reduction", MSE_REDUCTIONS),
-    ):
-        value = getattr(lo, key)
-        _check(value in allowed, f"loss.{key}", f"{value!r} is not one of {', '.join(allowed)}")
-    _check(o.name in OPTIMIZERS, "optim.name", f"{o.name!r} is not one of {', '.join(OPTIMIZERS)}")
-    _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _check(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
-    _check(s.epochs >= 1, "schedule.epochs", f"must be >= 1, got {s.epochs}")
-    _check(s.max_steps is None or s.max_steps >= 1, "schedule.max_steps", f"must be >= 1, got {s.max_steps}")
-    _check(s.batch_size >= 1, "schedule.batch_size", f"must be >= 1, got {s.batch_size}")
-    _check(
-        s.scheduler in SCHEDULERS,
-        "schedule.scheduler",
-        f"{s.scheduler!r} is not one of {', '.join(SCHEDULERS)}",
-    )
-    for key in ("warmup_steps", "val_every"):
-        _check(getattr(s, key) >= 0, f"schedule.{key}", f"must be >= 0, got {getattr(s, key)}")
-    for key in ("log_every", "ckpt_every", "step_size"):
-        _check(getattr(s, key) >= 1, f"schedule.{key}", f"must be >= 1, got {getattr(s, key)}")
-    _check(0 < s.gamma <= 1, "schedule.gamma", f"must be in (0, 1], got {s.gamma}")
-    _check(bool(r.dir), "run.dir", "a run directory is required")
-    _check(r.val_batch_size >= 1, "run.val_batch_size", f"must be >= 1, got {r.val_batch_size}")
-    _check(
-        bool(r.recall_ns) and min(r.recall_ns) >= 1, "run.recall_ns", f"must be positive, got {r.recall_ns}"
-    )
-    return cfg
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.lr=1e-4"`` -> (["optim", "lr"], 1e-4); the value is read as a YAML scalar/list."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key.sub=value")
-    key, raw = text.split("=", 1)
-    parts = [p for p in key.strip().split(".")]
-    if not all(parts):
-        raise ConfigError(f"override {text!r}: empty key part")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
-    return parts, value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set ``key.sub=value`` overrides in a raw config dict (sections are created as needed)."""
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Set ``key.sub=value`` overrides (values read as YAML scalars/lists) in a raw recipe mapping;
+    sections are created as needed."""
     for text in overrides:
-        parts, value = parse_override(text)
+        if "=" not in text:
+            raise ConfigError(f"override {text!r}: expected key.sub=value")
+        key, raw = text.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {text!r}: empty key part")
+        value = parse_value(raw, where=f"override {key.strip()}")
         node = data
         for p in parts[:-1]:
             nxt = node.get(p)
@@ -410,27 +219,111 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def config_from_dict(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Build and validate a :class:`TrainConfig` from a raw dict plus ``key=value`` overrides."""
-    import copy
-
-    raw = copy.deepcopy(data or {})
-    apply_overrides(raw, list(overrides))
-    return validate(build_config(TrainConfig, raw))
+def build_recipe(cls: type, data: dict[str, Any] | None, overrides: Sequence[str] = ()) -> Any:
+    """Recipe dataclass ``cls`` from a raw mapping plus ``key=value`` overrides (the mapping is not
+    changed); types and keys are checked, ranges are the method's ``validate``."""
+    return build_config(cls, apply_overrides(copy.deepcopy(data or {}), overrides))
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML recipe, apply overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    try:
-        return config_from_dict(data, overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw mapping of a recipe file (one-line ConfigError naming the file when it cannot be read)."""
+    return load_yaml(Path(path), what="training recipe")
+
+
+def save_recipe(cfg: Any, path: str | os.PathLike) -> None:
+    """Write a resolved recipe dataclass as YAML (atomically): the run's ``config.yaml``."""
+    atomic_write_text(path, yaml.safe_dump(asdict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- checks of the shared sections
+
+
+def check(cond: bool, where: str, text: str) -> None:
+    """Raise ConfigError ``where: text`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(f"{where}: {text}")
+
+
+def _one_of(value: str, allowed: Sequence[str], where: str) -> None:
+    check(value in allowed, where, f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def validate_data(d: DataConfig) -> None:
+    """Range and consistency checks of a ``data`` section."""
+    _one_of(d.kind, DATA_KINDS, "data.kind")
+    check(
+        bool(d.root), "data.root", "the dataset root is required (e.g. ${VPR_ROS_SHARED:-../shared}/data/...)"
+    )
+    check(d.pos_frames >= 0, "data.pos_frames", f"must be >= 0, got {d.pos_frames}")
+    check(d.neg_frames >= d.pos_frames, "data.neg_frames", f"must be >= data.pos_frames, got {d.neg_frames}")
+    check(d.pos_radius_m > 0, "data.pos_radius_m", f"must be > 0, got {d.pos_radius_m}")
+    check(
+        d.neg_radius_m >= d.pos_radius_m,
+        "data.neg_radius_m",
+        f"must be >= data.pos_radius_m ({d.pos_radius_m}), got {d.neg_radius_m}",
+    )
+    check(d.max_gap_s >= 0, "data.max_gap_s", f"must be >= 0, got {d.max_gap_s}")
+    check(d.min_time_gap_s >= 0, "data.min_time_gap_s", f"must be >= 0, got {d.min_time_gap_s}")
+    check(d.bag_every >= 1, "data.bag_every", f"must be >= 1, got {d.bag_every}")
+    check(d.kind != "bags" or bool(d.bags), "data.bags", "list at least one bag for data.kind 'bags'")
+    check(d.split.block > 0, "data.split.block", f"must be > 0, got {d.split.block}")
+    check(d.split.val_every >= 2, "data.split.val_every", f"must be >= 2, got {d.split.val_every}")
+    check(
+        0 <= d.split.val_offset < d.split.val_every,
+        "data.split.val_offset",
+        f"must be in 0..{d.split.val_every - 1}, got {d.split.val_offset}",
+    )
+    check(d.split.gap >= 0, "data.split.gap", f"must be >= 0, got {d.split.gap}")
+    check(d.negatives >= 1, "data.negatives", f"must be >= 1, got {d.negatives}")
+    _one_of(d.mining, MINING, "data.mining")
+    check(d.mining_pool >= d.negatives, "data.mining_pool", f"must be >= data.negatives, got {d.mining_pool}")
+    check(d.cache_every >= 0, "data.cache_every", f"must be >= 0, got {d.cache_every}")
+    for key in ("max_train_queries", "max_val_queries", "limit"):
+        v = getattr(d, key)
+        check(v is None or v >= 1, f"data.{key}", f"must be >= 1 or null, got {v}")
+    check(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
+
+
+def validate_degradation(deg: DegradationConfig) -> None:
+    """Every spec parses; ``targets`` is known."""
+    check(bool(deg.specs), "degradation.specs", "list at least one spec ('none' for no degradation)")
+    for i, spec in enumerate(deg.specs):
+        try:
+            TransmissionConfig.parse(spec)
+        except TransmissionError as exc:
+            raise ConfigError(f"degradation.specs[{i}]: {exc}") from None
+    _one_of(deg.targets, DEGRADE_TARGETS, "degradation.targets")
+
+
+def validate_loop(o: OptimConfig, s: ScheduleConfig, r: RunConfig) -> None:
+    """Checks of the sections the engine's loop reads (``optim``, ``schedule``, ``run``)."""
+    validate_optim(o)
+    validate_schedule(s)
+    validate_run(r)
+
+
+def validate_optim(o: OptimConfig) -> None:
+    _one_of(o.name, OPTIMIZERS, "optim.name")
+    check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    check(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
+
+
+def validate_schedule(s: ScheduleConfig) -> None:
+    check(s.epochs >= 1, "schedule.epochs", f"must be >= 1, got {s.epochs}")
+    check(s.max_steps is None or s.max_steps >= 1, "schedule.max_steps", f"must be >= 1, got {s.max_steps}")
+    check(s.batch_size >= 1, "schedule.batch_size", f"must be >= 1, got {s.batch_size}")
+    _one_of(s.scheduler, SCHEDULERS, "schedule.scheduler")
+    for key in ("warmup_steps", "val_every"):
+        check(getattr(s, key) >= 0, f"schedule.{key}", f"must be >= 0, got {getattr(s, key)}")
+    for key in ("log_every", "ckpt_every", "step_size"):
+        check(getattr(s, key) >= 1, f"schedule.{key}", f"must be >= 1, got {getattr(s, key)}")
+    check(0 < s.gamma <= 1, "schedule.gamma", f"must be in (0, 1], got {s.gamma}")
+
+
+def validate_run(r: RunConfig) -> None:
+    check(bool(r.dir), "run.dir", "a run directory is required")
+    check(r.val_batch_size >= 1, "run.val_batch_size", f"must be >= 1, got {r.val_batch_size}")
+    check(
+        bool(r.recall_ns) and min(r.recall_ns) >= 1, "run.recall_ns", f"must be positive, got {r.recall_ns}"
+    )

@@ -1,27 +1,19 @@
-"""The training loop: one place-recognition method on a place split, with logging, validation, atomic
-checkpoints, resume and DDP.
+"""The method-agnostic training engine: the loop every method's stages run on (tqdm progress, ``train.csv`` /
+``val.csv`` / TensorBoard logs, validation, atomic self-describing checkpoints, resume, DDP), the standard
+place-recognition stage, and :class:`Method`, the record a method registers.
 
-:class:`Trainer` is the loop; a method plugs in through its public hooks (data, models, objective,
-parameters, validation, checkpoint contents), and its defaults are LoQI's. SciceVPR
-(:class:`~vpr_ros.training.methods.scicevpr.SciceTrainer`) and StructVPR's stages
-(:mod:`vpr_ros.training.methods.structvpr.pipeline`) are subclasses. Public helpers for methods:
-:func:`make_optimizer`, :class:`LrSchedule`, :class:`CsvLog`, :func:`run_trainer`, and
-:func:`~vpr_ros.training.config.build_config` for their recipe dataclasses.
-
-:func:`train` runs one LoQI recipe (:class:`~vpr_ros.training.config.TrainConfig`) to its final step:
-
-* everything that can be wrong (data, split, models, teacher/checkpoint of another model, resume state)
-  fails with a clear error before the first step;
-* tqdm progress, ``train.csv`` / ``val.csv`` logs and TensorBoard (when installed) in ``run.dir``;
-* validation recall@N on the held-out places with degraded queries against the high-quality database,
-  described by the student itself (``R@N``, what a deployed model does) and by the teacher
-  (``teacher_db/R@N``, the paper's protocol);
-* ``last.pt``: a self-describing ``kind="training"`` checkpoint (student weights, optimizer, scheduler,
-  python/numpy/torch RNG states, step, epoch, config, hard-mining cache) written atomically every
-  ``schedule.ckpt_every`` steps; ``train(cfg, resume=True)`` continues from it after a kill and stops at
-  the same final step (data order and degradations depend only on seed, epoch and index);
-* DistributedDataParallel when started by ``torchrun`` (gloo on CPU, nccl on GPU; DistributedSampler;
-  ``schedule.batch_size`` is per process; only rank 0 validates and writes).
+* :class:`Trainer` is one stage: a method subclasses it and fills in its hooks (data, models, objective,
+  loss of a batch, validation, checkpoint contents); the loop itself is never copied.
+* :class:`PlaceTrainer` is a :class:`Trainer` on labelled places (``data`` split by place, tuples of
+  query / positive / negatives with optional hard mining, degraded queries, recall@N validation), which
+  LoQI, SciceVPR and StructVPR's stages build on.
+* Everything that can be wrong (data, split, models, resume state) fails with a clear error before the
+  first step. ``last.pt`` is a ``kind="training"`` checkpoint (student weights, optimizer, scheduler,
+  python/numpy/torch RNG states, step, epoch, recipe, the method's extras) written atomically every
+  ``schedule.ckpt_every`` steps; ``resume=True`` continues from it after a kill and stops at the same final
+  step (data order and degradations depend only on seed, epoch and index).
+* DistributedDataParallel when started by ``torchrun`` (gloo on CPU, nccl on GPU; ``schedule.batch_size``
+  is per process; only rank 0 validates and writes).
 """
 
 from __future__ import annotations
@@ -34,8 +26,8 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
@@ -52,7 +45,7 @@ from vpr_ros.core.fileio import atomic_write_text, remove_stale_temps
 from vpr_ros.core.models import read_checkpoint, save_checkpoint, select_device
 from vpr_ros.core.models.registry import VprModel
 from vpr_ros.data.places import PlaceDataset
-from vpr_ros.training.config import OptimConfig, TrainConfig
+from vpr_ros.training.config import OptimConfig, build_recipe, read_recipe, save_recipe
 from vpr_ros.training.data import (
     Degrader,
     TupleDataset,
@@ -60,11 +53,8 @@ from vpr_ros.training.data import (
     degrade_queries,
 )
 from vpr_ros.training.evaluate import describe, evaluate_model
-from vpr_ros.training.methods.loqi import LoQI, build_branches
 
 log = logging.getLogger("vpr_ros.training")
-
-LOSS_TERMS = ("loss", "ickd", "mse", "triplet")
 
 
 @dataclass
@@ -220,45 +210,84 @@ def _tensorboard(run_dir: Path, enabled: bool):
     return SummaryWriter(log_dir=str(run_dir / "tb"))
 
 
+
+# --------------------------------------------------------------------------- the method record
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method as the registry (:mod:`vpr_ros.training.methods`) and the CLI see it.
+
+    ``recipe`` is the method's recipe dataclass (its sections; the shared ones are in
+    :mod:`~vpr_ros.training.config`), ``validate`` checks ranges of a built recipe (ConfigError naming
+    the key) and returns it, ``train(recipe, resume=...)`` runs the method's stages on the engine and
+    returns the last stage's result, ``export(checkpoint, out, sidecar=...)`` writes the deployed student
+    of a training checkpoint. ``sidecar`` is whether ``export`` writes ``OUT.json`` by default.
+    """
+
+    name: str
+    summary: str
+    recipe: type
+    validate: Callable[[Any], Any]
+    train: Callable[..., TrainResult]
+    export: Callable[..., Path]
+    sidecar: bool = False
+
+    def config(self, data: dict[str, Any] | None, overrides: Sequence[str] = ()) -> Any:
+        """A validated recipe from a raw mapping (an optional ``method:`` key must name this method)
+        plus ``key=value`` overrides."""
+        raw = dict(data or {})
+        named = raw.pop("method", self.name)
+        if named != self.name:
+            raise ConfigError(f"method: the recipe names {named!r}, it is read as a {self.name!r} recipe")
+        return self.validate(build_recipe(self.recipe, raw, overrides))
+
+    def load(self, path: str | os.PathLike, overrides: Sequence[str] = ()) -> Any:
+        """A validated recipe from a YAML file plus ``key=value`` overrides."""
+        raw = read_recipe(path)
+        try:
+            return self.config(raw, overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
 # --------------------------------------------------------------------------- the loop
 
 
 class Trainer:
-    """One run of a recipe: the loop, logs, validation, atomic checkpoints, resume and DDP.
+    """One training stage: the loop, logs, validation, atomic checkpoints, resume and DDP.
 
-    :func:`train` is the usual entry point. The method is plugged in through the hooks below; the
-    defaults are LoQI's, so ``Trainer`` itself trains LoQI (:class:`~vpr_ros.training.methods.loqi.LoQI`).
-    A method subclasses ``Trainer`` and overrides only what differs (SciceVPR's place batches and
-    multi-similarity objective, StructVPR's stages); the loop itself is never copied.
+    A method subclasses ``Trainer`` (or :class:`PlaceTrainer`) and fills in the hooks:
 
     ===============================  =============================================================
-    hook                             LoQI default
+    hook                             what it gives
     ===============================  =============================================================
-    :meth:`build_places`             ``data`` source, split by place -> (train, validation)
-    :meth:`build_models`             (student, frozen teacher) from ``model``
-    :meth:`build_dataset`            :class:`~vpr_ros.training.data.TupleDataset` (hq / lq tuples)
-    :meth:`build_sampler`            ``DistributedSampler`` (this process's share, seeded per epoch)
-    :meth:`build_objective`          the module whose forward gives the loss parts (``LoQI``)
-    :meth:`trainable_parameters`     the student's parameters that require gradients
+    :meth:`build_places`             (training, validation) data; errors come before any model
+    :meth:`build_models`             (the model being trained, a frozen teacher or None)
+    :meth:`build_dataset`            training items by index (``set_epoch(epoch)`` each epoch)
+    :meth:`build_sampler`            this process's item order (default ``DistributedSampler``)
+    :meth:`build_objective`          the module whose forward gives the loss parts
     :meth:`compute_loss`             batch -> ``{"loss": total, part: value, ...}``
-    :meth:`refresh_cache`            hard-mining descriptors (``data.mining: hard``)
-    :meth:`validate`                 recall@N on the validation places (``{}``: none)
+    :meth:`trainable_parameters`     what the optimizer updates (default: the student's)
+    :meth:`start_epoch`,             called before an epoch's first batch / after each step
+    :meth:`after_step`               (e.g. a hard-mining refresh)
+    :meth:`validate`,                metrics on the validation data and their ``val.csv`` columns
+    :meth:`val_columns`              (default: none, no validation)
     :meth:`checkpoint_meta`,         what the checkpoint says about the run / carries besides the
     :meth:`checkpoint_extra`,        student weights, and how a resume restores it
     :meth:`load_extra`
     ===============================  =============================================================
 
     Class attributes: ``method`` (the checkpoint's ``meta["method"]``) and ``loss_terms`` (the
-    ``train.csv`` columns); :meth:`val_columns` (the ``val.csv`` columns, empty: no validation).
-    ``cfg`` is a :class:`~vpr_ros.training.config.TrainConfig` or a method recipe with the same
-    ``data``, ``degradation``, ``optim``, ``schedule`` and ``run`` sections, a ``model.name``,
-    ``to_dict()`` and ``save()``.
+    ``train.csv`` columns). ``cfg`` is the stage's recipe: a dataclass with ``optim``
+    (:class:`~vpr_ros.training.config.OptimConfig`), ``schedule`` and ``run`` sections, plus whatever
+    the hooks read; it is saved as ``run.dir/config.yaml`` and in the checkpoint.
     """
 
-    method = "loqi"
-    loss_terms: tuple[str, ...] = LOSS_TERMS
+    method = ""
+    loss_terms: tuple[str, ...] = ("loss",)
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
+    def __init__(self, cfg: Any, *, resume: bool = False) -> None:
         self.cfg = cfg
         self.dist = _init_distributed(cfg.run.device)
         try:
@@ -267,33 +296,19 @@ class Trainer:
             self.close()
             raise
 
-    # ------------------------------------------------------------------ hooks (LoQI's by default)
+    # ------------------------------------------------------------------ hooks
 
-    def build_places(self) -> tuple[PlaceDataset, PlaceDataset]:
-        """(training, validation) places; errors about data come before any model is built."""
-        cfg = self.cfg
-        train_p, val_p = build_places(cfg.data).split_by_place(cfg.data.split)
-        return (
-            train_p.with_positive_queries(cfg.data.max_train_queries),
-            val_p.with_positive_queries(cfg.data.max_val_queries),
-        )
+    def build_places(self) -> tuple[Any, Any]:
+        """(training, validation) data, each with ``name`` and ``summary()``."""
+        raise NotImplementedError
 
     def build_models(self) -> tuple[VprModel, VprModel | None]:
         """(the model being trained, the frozen teacher or None)."""
-        return build_branches(self.cfg.model)
+        raise NotImplementedError
 
     def build_dataset(self) -> Dataset:
         """Training items by index; ``set_epoch(epoch)`` is called at each epoch start."""
-        cfg = self.cfg
-        return TupleDataset(
-            self.train_places,
-            preprocess=self.student.preprocess,
-            degrader=self.degrader,
-            negatives=cfg.data.negatives,
-            targets=cfg.degradation.targets,
-            seed=cfg.run.seed,
-            pool=cfg.data.mining_pool,
-        )
+        raise NotImplementedError
 
     def build_sampler(self) -> Sampler:
         """This process's item order of an epoch (``set_epoch``); its length fixes the steps per epoch."""
@@ -309,88 +324,43 @@ class Trainer:
 
     def build_objective(self) -> nn.Module:
         """The module whose forward gives the loss parts; it holds the student (and any frozen teacher)."""
-        objective = LoQI(self.student, self.teacher, self.cfg.loss)
-        if self.cfg.loss.cache_teacher:
-            if not getattr(self.dataset, "deterministic_hq", False):
-                raise ConfigError(
-                    "loss.cache_teacher: the training data does not declare deterministic high-quality "
-                    f"images ({type(self.dataset).__name__}.deterministic_hq), so cached teacher outputs "
-                    "could differ from fresh ones; set loss.cache_teacher: false"
-                )
-            objective.teacher_cache = objective.make_teacher_cache()
-        return objective
+        raise NotImplementedError
+
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """``{"loss": total, ...}`` of one batch; ``self.model`` is the objective (DDP-wrapped if needed)."""
+        raise NotImplementedError
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
 
-    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """``{"loss": total, ...}`` of one batch; ``self.model`` is the objective (DDP-wrapped if needed)."""
-        dev = self.dist.device
-        hq, lq = batch["hq"].to(dev, non_blocking=True), batch["lq"].to(dev, non_blocking=True)
-        if getattr(self.objective, "teacher_cache", None) is not None:
-            return self.model(hq, lq, batch["ids"])
-        return self.model(hq, lq)
+    def loader_workers(self) -> int:
+        """DataLoader worker processes."""
+        return 0
 
-    def refresh_cache(self) -> None:
-        """Descriptors of all training queries and database images (high quality) for hard mining."""
-        p: PlaceDataset = self.train_places
-        bs, dev, images = self.cfg.run.val_batch_size, self.dist.device, self.dataset.cache
-        q = describe(self.student, [images.get(r) for r in p.queries], device=dev, batch_size=bs)
-        db = (
-            q
-            if p.database is p.queries
-            else describe(self.student, [images.get(r) for r in p.database], device=dev, batch_size=bs)
-        )
-        self.dataset.set_cache(q, db)
+    def start_epoch(self, epoch: int, skip: int) -> None:
+        """Before the first batch of ``epoch`` (``skip`` > 0: resuming after that many of its steps)."""
+
+    def after_step(self, end_of_epoch: bool) -> None:
+        """After each optimizer step (``self.step`` already counts it)."""
 
     def validate(self) -> dict[str, float]:
-        """Recall@N on the validation places (rank 0); degraded queries, high-quality database."""
-        cfg, dev = self.cfg, self.dist.device
-        if self.val_queries is None:
-            self.val_queries = degrade_queries(self.val_places, self.degrader, seed=cfg.run.seed)
-        bs, ns = cfg.run.val_batch_size, cfg.run.recall_ns
-        rec, _ = evaluate_model(
-            self.student, self.val_places, self.val_queries, device=dev, batch_size=bs, ns=ns
-        )
-        metrics = {f"R@{n}": float(rec[n]) for n in ns}
-        if self.teacher is not None:
-            if self.teacher_db is None:
-                self.teacher_db = describe(
-                    self.teacher, [r.load() for r in self.val_places.database], device=dev, batch_size=bs
-                )
-            rec_t, _ = evaluate_model(
-                self.student,
-                self.val_places,
-                self.val_queries,
-                db_desc=self.teacher_db,
-                device=dev,
-                batch_size=bs,
-                ns=ns,
-            )
-            metrics.update({f"teacher_db/R@{n}": float(rec_t[n]) for n in ns})
-        self.metrics = metrics
-        return metrics
+        """Validation metrics (rank 0); the keys are :meth:`val_columns`."""
+        return {}
 
     def val_columns(self) -> list[str]:
-        ns = self.cfg.run.recall_ns
-        return [*(f"R@{n}" for n in ns), *(f"teacher_db/R@{n}" for n in ns)]
+        """The ``val.csv`` columns; empty: no validation."""
+        return []
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        """Method-specific entries of the checkpoint's ``meta`` (beside method, step, data, degradation)."""
-        return {"teacher": self.cfg.model.teacher}
+        """Method-specific entries of the checkpoint's ``meta`` (beside method, step and dataset)."""
+        return {}
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """Method-specific top-level checkpoint entries (tensors, numbers, strings: ``weights_only``)."""
-        q, db = getattr(self.dataset, "q_desc", None), getattr(self.dataset, "db_desc", None)
-        if q is None or db is None:
-            return {}
-        return {"mining_cache": {"q": torch.from_numpy(q), "db": torch.from_numpy(db)}}
+        return {}
 
     def load_extra(self, ckpt: dict[str, Any]) -> None:
         """Restore what :meth:`checkpoint_extra` saved (on resume)."""
-        cache = ckpt.get("mining_cache")
-        if cache is not None:
-            self.dataset.set_cache(cache["q"].numpy(), cache["db"].numpy())
 
     # ------------------------------------------------------------------ set-up
 
@@ -412,7 +382,11 @@ class Trainer:
         random.seed(cfg.run.seed)
         self.train_places, self.val_places = self.build_places()
         self.student, self.teacher = self.build_models()
-        self.degrader = Degrader(cfg.degradation.specs)
+        if resume_ckpt is not None and resume_ckpt["model"]["name"] != self.student.name:
+            raise ModelError(
+                f"{self.ckpt_path}: holds model {resume_ckpt['model']['name']!r}, the recipe trains "
+                f"{self.student.name!r}"
+            )
         self.dataset = self.build_dataset()
         self.sampler = self.build_sampler()
         bs = cfg.schedule.batch_size
@@ -437,21 +411,17 @@ class Trainer:
             self._load_state(resume_ckpt)
         self.model: nn.Module = self.objective
         if d.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.model = DDP(
+            self.model = DistributedDataParallel(
                 self.objective,
                 device_ids=[d.device.index] if d.device.type == "cuda" else None,
                 find_unused_parameters=True,
             )
-        self.val_queries: list[np.ndarray] | None = None
-        self.teacher_db: np.ndarray | None = None
         self.csv_train = self.csv_val = self.tb = None
         if d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for stale in remove_stale_temps(self.ckpt_path):  # checkpoint writes a kill interrupted
                 log.info("removed %s (an unfinished checkpoint write)", stale)
-            cfg.save(self.run_dir / "config.yaml")
+            save_recipe(cfg, self.run_dir / "config.yaml")
             keep = self.step if resume_ckpt is not None else None
             self.csv_train = CsvLog(
                 self.run_dir / "train.csv",
@@ -459,9 +429,8 @@ class Trainer:
                 keep_until=keep,
             )
             if self.val_columns():
-                self.csv_val = CsvLog(
-                    self.run_dir / "val.csv", ["step", *self.val_columns()], keep_until=keep
-                )
+                columns = ["step", *self.val_columns()]
+                self.csv_val = CsvLog(self.run_dir / "val.csv", columns, keep_until=keep)
             self.tb = _tensorboard(self.run_dir, cfg.run.tensorboard)
         log.info(
             "[rank %d/%d] %s %s | %s | %s | %d items, %d steps/epoch, %d steps total, %d trainable "
@@ -469,7 +438,7 @@ class Trainer:
             d.rank,
             d.world,
             self.method,
-            cfg.model.name,
+            self.student.name,
             self.train_places.summary(),
             self.val_places.summary(),
             len(self.dataset),
@@ -487,11 +456,6 @@ class Trainer:
         ckpt = read_checkpoint(self.ckpt_path)
         if ckpt.get("kind") != "training" or "optimizer" not in ckpt:
             raise ModelError(f"{self.ckpt_path}: not a training checkpoint (kind {ckpt.get('kind')!r})")
-        if ckpt["model"]["name"] != self.cfg.model.name:
-            raise ModelError(
-                f"{self.ckpt_path}: holds model {ckpt['model']['name']!r}, the recipe trains "
-                f"{self.cfg.model.name!r}"
-            )
         return ckpt
 
     def _load_state(self, ckpt: dict[str, Any]) -> None:
@@ -525,7 +489,7 @@ class Trainer:
             "epoch": self.step // self.steps_per_epoch,
             "total_steps": self.total_steps,
             "train_seconds": self.train_seconds,
-            "config": self.cfg.to_dict(),
+            "config": asdict(self.cfg),
             "metrics": dict(self.metrics),
             **self.checkpoint_extra(),
         }
@@ -533,7 +497,6 @@ class Trainer:
             "method": self.method,
             "step": self.step,
             "total_steps": self.total_steps,
-            "degradation": self.degrader.label,
             "dataset": self.train_places.name,
             **self.checkpoint_meta(),
         }
@@ -596,14 +559,12 @@ class Trainer:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch)
             self.dataset.set_epoch(epoch)
-            if cfg.data.mining == "hard" and (skip == 0 or self.dataset.db_desc is None):
-                self.refresh_cache()
-                self.objective.train()
+            self.start_epoch(epoch, skip)
             loader = DataLoader(
                 self.dataset,
                 batch_size=bs,
                 sampler=_SkipSampler(self.sampler, skip * bs),
-                num_workers=cfg.data.workers,
+                num_workers=self.loader_workers(),
                 drop_last=True,
             )
             for batch in loader:
@@ -612,9 +573,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 out["loss"].backward()
                 if cfg.optim.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(
-                        self.optimizer.param_groups[0]["params"], cfg.optim.grad_clip
-                    )
+                    params = self.optimizer.param_groups[0]["params"]
+                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
@@ -628,14 +588,7 @@ class Trainer:
                 if self.step % s.log_every == 0 and d.world > 1:
                     log.info("[rank %d/%d] step %d loss %.4f", d.rank, d.world, self.step, parts["loss"])
                 end_of_epoch = self.step % self.steps_per_epoch == 0
-                if (
-                    cfg.data.mining == "hard"
-                    and cfg.data.cache_every
-                    and self.step % cfg.data.cache_every == 0
-                    and not end_of_epoch
-                ):
-                    self.refresh_cache()
-                    self.objective.train()
+                self.after_step(end_of_epoch)
                 if (
                     (s.val_every and self.step % s.val_every == 0)
                     or (not s.val_every and end_of_epoch)
@@ -665,7 +618,6 @@ class Trainer:
                 "world_size": d.world,
                 "train_places": self.train_places.summary(),
                 "val_places": self.val_places.summary(),
-                "degradation": self.degrader.label,
                 **self.checkpoint_meta(),
             }
             text = json.dumps(summary, indent=2, default=str) + "\n"
@@ -695,6 +647,106 @@ def run_trainer(trainer_cls: type[Trainer], *args: Any, **kwargs: Any) -> TrainR
         trainer.close()
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """Run (or, with ``resume``, continue) a recipe to its final step; see the module docstring."""
-    return run_trainer(Trainer, cfg, resume=resume)
+# --------------------------------------------------------------------------- the place-recognition stage
+
+
+class PlaceTrainer(Trainer):
+    """A stage on labelled places: ``cfg.data`` split by place (:class:`~vpr_ros.training.config.DataConfig`),
+    :class:`~vpr_ros.training.data.TupleDataset` tuples whose student input is degraded by
+    ``cfg.degradation``, hard negatives from a cache of the student's descriptors (``data.mining: hard``,
+    refreshed at each epoch start and every ``data.cache_every`` steps, kept in the checkpoint), and
+    recall@N validation of degraded queries against the high-quality database. A method still gives
+    :meth:`build_models`, :meth:`build_objective` and :meth:`compute_loss`."""
+
+    def __init__(self, cfg: Any, *, resume: bool = False) -> None:
+        self.degrader = Degrader(cfg.degradation.specs)
+        self.val_queries: list[np.ndarray] | None = None
+        super().__init__(cfg, resume=resume)
+
+    def build_places(self) -> tuple[PlaceDataset, PlaceDataset]:
+        d = self.cfg.data
+        train_p, val_p = build_places(d).split_by_place(d.split)
+        return (
+            train_p.with_positive_queries(d.max_train_queries),
+            val_p.with_positive_queries(d.max_val_queries),
+        )
+
+    def build_dataset(self) -> Dataset:
+        cfg = self.cfg
+        return TupleDataset(
+            self.train_places,
+            preprocess=self.student.preprocess,
+            degrader=self.degrader,
+            negatives=cfg.data.negatives,
+            targets=cfg.degradation.targets,
+            seed=cfg.run.seed,
+            pool=cfg.data.mining_pool,
+        )
+
+    def loader_workers(self) -> int:
+        return self.cfg.data.workers
+
+    @property
+    def mining(self) -> bool:
+        return self.cfg.data.mining == "hard"
+
+    def start_epoch(self, epoch: int, skip: int) -> None:
+        if self.mining and (skip == 0 or self.dataset.db_desc is None):
+            self.refresh_cache()
+            self.objective.train()
+
+    def after_step(self, end_of_epoch: bool) -> None:
+        every = self.cfg.data.cache_every
+        if self.mining and every and self.step % every == 0 and not end_of_epoch:
+            self.refresh_cache()
+            self.objective.train()
+
+    def refresh_cache(self) -> None:
+        """Descriptors of all training queries and database images (high quality) for hard mining."""
+        p: PlaceDataset = self.train_places
+        bs, dev, images = self.cfg.run.val_batch_size, self.dist.device, self.dataset.cache
+        q = describe(self.student, [images.get(r) for r in p.queries], device=dev, batch_size=bs)
+        db = (
+            q
+            if p.database is p.queries
+            else describe(self.student, [images.get(r) for r in p.database], device=dev, batch_size=bs)
+        )
+        self.dataset.set_cache(q, db)
+
+    def validation_model(self) -> VprModel:
+        """The model whose descriptors validation ranks (default: the student)."""
+        return self.student
+
+    def validate(self) -> dict[str, float]:
+        """Recall@N on the validation places (rank 0); degraded queries, high-quality database."""
+        cfg = self.cfg
+        if self.val_queries is None:
+            self.val_queries = degrade_queries(self.val_places, self.degrader, seed=cfg.run.seed)
+        ns = cfg.run.recall_ns
+        rec, _ = evaluate_model(
+            self.validation_model(),
+            self.val_places,
+            self.val_queries,
+            device=self.dist.device,
+            batch_size=cfg.run.val_batch_size,
+            ns=ns,
+        )
+        self.metrics = {f"R@{n}": float(rec[n]) for n in ns}
+        return self.metrics
+
+    def val_columns(self) -> list[str]:
+        return [f"R@{n}" for n in self.cfg.run.recall_ns]
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"degradation": self.degrader.label}
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        q, db = getattr(self.dataset, "q_desc", None), getattr(self.dataset, "db_desc", None)
+        if q is None or db is None:
+            return {}
+        return {"mining_cache": {"q": torch.from_numpy(q), "db": torch.from_numpy(db)}}
+
+    def load_extra(self, ckpt: dict[str, Any]) -> None:
+        cache = ckpt.get("mining_cache")
+        if cache is not None:
+            self.dataset.set_cache(cache["q"].numpy(), cache["db"].numpy())

@@ -36,7 +36,7 @@ def export_deployed(
     model = model_from_checkpoint(ckpt, source=str(checkpoint))
     cfg = ckpt.get("config", {})
     provenance = {
-        "method": "loqi",
+        "method": ckpt.get("meta", {}).get("method") or "loqi",
         "source_checkpoint": Path(checkpoint).name,
         "step": int(ckpt.get("step", 0)),
         "total_steps": int(ckpt.get("total_steps", 0)),

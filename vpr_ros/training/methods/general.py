@@ -23,19 +23,19 @@ Validation (``val.csv``): a fixed set of pool images held out of training, at th
 on the clean image) and ``self_r1_lq`` (each received image finds its own clean original among the
 validation images, student descriptors), with the teacher's ``cos_lq`` / ``self_r1_lq`` as reference.
 
-    python -m vpr_ros.training.methods.general train --config training/general_student.yaml [--threads 2]
-    python -m vpr_ros.training.methods.general export runs/general_student/last.pt student.pt
+    vpr-ros train --config training/general_student.yaml --threads 2
+    vpr-ros export runs/general_student/last.pt student.pt     # with its model card (and OUT.json)
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,15 +44,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
-from vpr_ros.core.errors import ConfigError, DatasetError, VprError
+from vpr_ros.core.errors import ConfigError, DatasetError
 from vpr_ros.core.fileio import atomic_path, atomic_write_text, remove_stale_temps
+from vpr_ros.core.models import read_checkpoint
 from vpr_ros.core.models.registry import VprModel
 from vpr_ros.core.preprocess import resize_rgb, to_tensor_batch
 from vpr_ros.core.transmission import TransmissionConfig, degrade_image
+from vpr_ros.data.bags import read_image_bag
 from vpr_ros.data.files import IMAGE_SUFFIXES
 from vpr_ros.data.places import (
     ImageRecord,
@@ -62,20 +63,25 @@ from vpr_ros.data.places import (
     load_rtabmap_loop,
 )
 from vpr_ros.training.config import (
-    DegradationConfig,
-    LossConfig,
-    ModelConfig,
     OptimConfig,
     RunConfig,
     ScheduleConfig,
     SplitConfig,
-    TrainConfig,
-    apply_overrides,
     build_config,
-    validate,
+    check,
+    validate_loop,
 )
-from vpr_ros.training.engine import LOSS_TERMS, Trainer, TrainResult, run_trainer
-from vpr_ros.training.methods.loqi import LoQI, load_branch
+from vpr_ros.training.data import MemoryImageRecord, sample_rng
+from vpr_ros.training.engine import Method, Trainer, TrainResult, run_trainer
+from vpr_ros.training.export import export_deployed
+from vpr_ros.training.methods.loqi import (
+    LOSS_TERMS,
+    LoQI,
+    LossConfig,
+    ModelConfig,
+    load_branch,
+    validate_loss,
+)
 
 log = logging.getLogger("vpr_ros.training.methods.general")
 
@@ -118,10 +124,6 @@ class PoolConfig:
     val_every: int = 40  # every val_every-th pool image is held out for validation
     store: str = ".cache/general_pairs"  # pre-encoded pairs (keyed by a hash of what produced them)
     workers: int = 0
-
-    @property
-    def mining(self) -> str:  # the engine's hard-mining switch: this method has no tuples to mine
-        return "random"
 
 
 @dataclass
@@ -184,28 +186,12 @@ class GeneralConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/general_student"))
-    # The engine's per-image degradation; this method draws its links from ``links`` instead.
-    degradation: DegradationConfig = field(default_factory=lambda: DegradationConfig(specs=["none"]))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def save(self, path: str | os.PathLike) -> None:
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def validate_general(cfg: GeneralConfig) -> GeneralConfig:
-    """The engine's checks of the shared sections, then this method's; raises ConfigError naming the key."""
+    """Range and consistency checks of a general-student recipe; raises ConfigError naming the key."""
     d, m, lk = cfg.data, cfg.model, cfg.links
-    validate(TrainConfig(model=ModelConfig(name=m.name, input_size=m.input_size, teacher=m.teacher),
-                         loss=cfg.loss, optim=cfg.optim,
-                         schedule=cfg.schedule, run=cfg.run, data=dataclasses.replace(
-                             TrainConfig().data, root="-")))
-
-    def check(cond: bool, where: str, text: str) -> None:
-        if not cond:
-            raise ConfigError(f"{where}: {text}")
-
+    check(bool(m.name), "model.name", "a registered model name is required")
     check(bool(d.sources), "data.sources", "list at least one image source")
     for i, s in enumerate(d.sources):
         where = f"data.sources[{i}]"
@@ -235,26 +221,9 @@ def validate_general(cfg: GeneralConfig) -> GeneralConfig:
     check(not cfg.loss.triplet, "loss.triplet", "the pool has no labels: the triplet loss cannot be used")
     check(not cfg.loss.cache_teacher, "loss.cache_teacher",
           "the teacher sees a new random crop each epoch, so its outputs cannot be cached")
-    check(cfg.degradation.specs == ["none"], "degradation.specs",
-          "this method draws its links from the links section; leave degradation at ['none']")
+    validate_loss(cfg.loss)
+    validate_loop(cfg.optim, cfg.schedule, cfg.run)
     return cfg
-
-
-def load_general_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> GeneralConfig:
-    """Read a YAML recipe, apply ``key=value`` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    try:
-        return validate_general(build_config(GeneralConfig, apply_overrides(raw, list(overrides))))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- the image pool
@@ -296,9 +265,6 @@ def source_records(src: SourceConfig) -> list[ImageRecord]:
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         lists = [[ImageRecord(path=p, name=str(p.relative_to(root))) for p in files]]
     else:  # bags: every frame of each bag, no positions needed
-        from vpr_ros.data.bags import read_image_bag
-        from vpr_ros.training.data import MemoryImageRecord
-
         lists = []
         for b in src.bags:
             frames = read_image_bag(root / b, src.image_topic, None, require_positions=False)
@@ -436,8 +402,6 @@ class LinkPairs(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        from vpr_ros.training.data import sample_rng
-
         rng = sample_rng(self.seed, self.epoch, k)
         h, w = self.store.hq.shape[1:3]
         ch, cw = self.crop
@@ -542,8 +506,12 @@ class GeneralTrainer(Trainer):
         return GeneralObjective(self.student, self.teacher, self.cfg.loss,
                                 freeze_bn=self.cfg.model.freeze_bn)
 
-    def refresh_cache(self) -> None:  # no mining
-        return None
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        dev = self.dist.device
+        return self.model(batch["hq"].to(dev, non_blocking=True), batch["lq"].to(dev, non_blocking=True))
+
+    def loader_workers(self) -> int:
+        return self.cfg.data.workers
 
     def val_columns(self) -> list[str]:
         return ["cos_clean", "cos_lq", "self_r1_lq", "teacher_cos_lq", "teacher_self_r1_lq"]
@@ -596,61 +564,34 @@ def train_general(cfg: GeneralConfig, *, resume: bool = False) -> TrainResult:
 def export_general(checkpoint: str | os.PathLike, out: str | os.PathLike, *, sidecar: bool = True) -> Path:
     """Training checkpoint -> deployed student whose ``meta["card"]`` names its training data and input size
     (the study adds the cross-domain numbers)."""
-    from vpr_ros.core.models import read_checkpoint
-    from vpr_ros.training.export import export_deployed
-
     ckpt = read_checkpoint(checkpoint)
     meta = ckpt.get("meta", {})
     if meta.get("method") != "general" or "card" not in meta:
         raise ConfigError(f"{checkpoint}: not a checkpoint of the general-student recipe")
     cfg = ckpt.get("config", {})
     n = meta["card"].get("train_images")
-    if n is None:  # checkpoints written before the card counted its images: the count is in the text
-        import re
-
+    if n is None:  # a card without the count holds it in its text
         found = re.search(r"(\d+) images, no labels", meta["card"].get("train_data", ""))
         n = int(found.group(1)) if found else 0
-    card = pool_card(build_config(GeneralConfig, cfg), int(n))  # the card from the recipe the run used
+    # the card from the recipe the run used (the sections it reads: a checkpoint's config may hold others)
+    recipe = build_config(GeneralConfig, {k: cfg[k] for k in ("data", "model", "links") if k in cfg})
+    card = pool_card(recipe, int(n))
     extra = {"method": "general", "degradation": meta.get("degradation"), "card": card,
              "loss": cfg.get("loss", {}), "teacher": meta.get("teacher"),
              "recipe": {k: cfg.get(k) for k in ("data", "links", "model", "optim", "schedule")}}
     return export_deployed(checkpoint, out, meta=extra, sidecar=sidecar)
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vpr_ros.training.methods.general {train,export}``."""
-    ap = argparse.ArgumentParser(prog="python -m vpr_ros.training.methods.general",
-                                 description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train the recipe (training/general_student.yaml)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--resume", action="store_true", help="continue from run.dir/last.pt")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p = sub.add_parser("export", help="training checkpoint -> deployed weights with its model card")
-    p.add_argument("checkpoint")
-    p.add_argument("out")
-    p.add_argument("--no-sidecar", action="store_true", help="do not write OUT.json")
-    args = ap.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "train":
-            if args.threads:
-                torch.set_num_threads(args.threads)
-            r = train_general(load_general_config(args.config, args.overrides), resume=args.resume)
-            print(f"{r.run_dir}: {r.steps} steps in {r.train_seconds:.1f} s; "
-                  + "  ".join(f"{k} {v:.3f}" for k, v in r.metrics.items()))
-        else:
-            print(f"wrote {export_general(args.checkpoint, args.out, sidecar=not args.no_sidecar)}")
-    except VprError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
+METHOD = Method(
+    name="general",
+    summary="general low-quality student: LoQI from the ImageNet model over random links, no labels",
+    recipe=GeneralConfig,
+    validate=validate_general,
+    train=train_general,
+    export=export_general,
+    sidecar=True,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("python -m vpr_ros.training.methods.general moved: use `vpr-ros train --config R` and "
+             "`vpr-ros export CHECKPOINT OUT`")

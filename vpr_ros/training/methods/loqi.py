@@ -17,24 +17,150 @@ earlier forms are named options (``loss.ickd_maps``, ``mse_reduction``, ``triple
 
 Model-agnostic: any registered :class:`~vpr_ros.core.models.VprModel` whose ``forward_features``
 returns its latent maps, the encoder's output last (StructVPR's three stages, GeM/NetVLAD's last stage).
-Only the student is deployed; the teacher is a training-time device.
+Only the student is deployed; the teacher is a training-time device. This module holds the recipe
+(:class:`TrainConfig`), the objective (:class:`LoQI`), the two branches and the stage on the engine
+(:class:`LoQITrainer`, a :class:`~vpr_ros.training.engine.PlaceTrainer`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from vpr_ros.core.errors import ConfigError, ModelError
 from vpr_ros.core.models import create_model, model_from_checkpoint, read_checkpoint
 from vpr_ros.core.models.registry import VprModel
-from vpr_ros.training.config import LossConfig, ModelConfig
+from vpr_ros.training.config import (
+    DataConfig,
+    DegradationConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    check,
+    validate_data,
+    validate_degradation,
+    validate_loop,
+)
+from vpr_ros.training.engine import Method, PlaceTrainer, TrainResult, run_trainer
+from vpr_ros.training.evaluate import describe, evaluate_model
+from vpr_ros.training.export import export_deployed
 from vpr_ros.training.losses import Correlation, correlation, ickd_loss, mse_loss, triplet_loss
+
+TRIPLET_DISTANCES = ("squared", "euclidean")
+TRIPLET_NEGATIVES = ("sum", "mean")
+MSE_REDUCTIONS = ("mean", "sum")
+LOSS_TERMS = ("loss", "ickd", "mse", "triplet")
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+@dataclass
+class ModelConfig:
+    name: str = "structvpr_mobilenetv2"
+    config: dict[str, Any] = field(default_factory=dict)  # registry config keys of the model
+    input_size: list[int] | None = None  # [H, W]; None keeps the registry's preprocessing
+    init: str = "teacher"  # teacher | imagenet | random | <checkpoint path>
+    teacher: str | None = None  # checkpoint path | imagenet | None (no distillation)
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept fixed
+
+
+@dataclass
+class LossConfig:
+    """L = ickd_weight * L_ickd + alpha * L_mse + beta * L_triplet, each term switchable (LoQI's
+    L = L_theta1 + alpha L_theta2 + beta L_theta3); the defaults are the paper's forms (docs/training.md)."""
+
+    ickd: bool = True
+    mse: bool = True
+    triplet: bool = True
+    ickd_weight: float = 1.0
+    alpha: float = 1000.0  # MSE weight: the authors' term balance (docs/training.md, "alpha and beta")
+    beta: float = 5.0  # triplet weight, likewise
+    margin: float = 0.1  # NetVLAD's m, in the units of triplet_distance
+    triplet_distance: str = "squared"  # squared (NetVLAD Eq. 7) | euclidean
+    triplet_negatives: str = "sum"  # sum over a query's negatives (NetVLAD Eq. 7) | mean
+    mse_reduction: str = "mean"  # mean over all elements (MSE) | sum (over dimensions, mean over the batch)
+    ickd_maps: list[int] | None = None  # indices into forward_features(); None: the latent code z (the last)
+    # compute the frozen teacher's outputs (ICKD correlations, descriptor) once per training image and
+    # reuse them when the image is drawn again: the same loss values, fewer teacher passes (in memory)
+    cache_teacher: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """A LoQI recipe (``training/loqi_*.yaml``, ``training/teacher_nordland.yaml``)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def distills(self) -> bool:
+        return self.loss.ickd or self.loss.mse
+
+
+def validate_loss(lo: LossConfig) -> None:
+    """Checks of a ``loss`` section of the LoQI terms."""
+    check(lo.ickd or lo.mse or lo.triplet, "loss", "enable at least one of ickd, mse, triplet")
+    for key in ("ickd_weight", "alpha", "beta"):
+        check(getattr(lo, key) >= 0, f"loss.{key}", f"must be >= 0, got {getattr(lo, key)}")
+    check(lo.margin > 0, "loss.margin", f"must be > 0, got {lo.margin}")
+    for key, allowed in (
+        ("triplet_distance", TRIPLET_DISTANCES),
+        ("triplet_negatives", TRIPLET_NEGATIVES),
+        ("mse_reduction", MSE_REDUCTIONS),
+    ):
+        value = getattr(lo, key)
+        check(value in allowed, f"loss.{key}", f"{value!r} is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Range and consistency checks of a LoQI recipe; raises ConfigError naming the key."""
+    m, lo = cfg.model, cfg.loss
+    validate_data(cfg.data)
+    check(bool(m.name), "model.name", "a registered model name is required")
+    if m.input_size is not None:
+        check(
+            len(m.input_size) == 2 and min(m.input_size) >= 16,
+            "model.input_size",
+            f"must be [H, W] with H, W >= 16, got {m.input_size}",
+        )
+    check(bool(m.init), "model.init", "must be teacher, imagenet, random or a checkpoint path")
+    check(
+        not (m.init == "teacher" and m.teacher is None),
+        "model.init",
+        "'teacher' needs model.teacher (a checkpoint path or imagenet); use imagenet or random without one",
+    )
+    validate_degradation(cfg.degradation)
+    validate_loss(lo)
+    check(
+        not (cfg.distills and m.teacher is None),
+        "model.teacher",
+        "loss.ickd / loss.mse distil from a teacher: set model.teacher (checkpoint path or imagenet)",
+    )
+    check(
+        not lo.cache_teacher or cfg.distills,
+        "loss.cache_teacher",
+        "caches the teacher's outputs for loss.ickd / loss.mse: enable one of them or set it false",
+    )
+    validate_loop(cfg.optim, cfg.schedule, cfg.run)
+    return cfg
 
 
 def forward_outputs(
@@ -270,3 +396,100 @@ def build_branches(cfg: ModelConfig) -> tuple[VprModel, VprModel | None]:
             if any(n.startswith(prefix) for prefix in cfg.freeze):
                 p.requires_grad_(False)
     return student, teacher
+
+
+# --------------------------------------------------------------------------- the stage on the engine
+
+
+class LoQITrainer(PlaceTrainer):
+    """The engine's place stage with the LoQI objective: student and frozen teacher from ``model``, the
+    teacher's outputs optionally cached (``loss.cache_teacher``), validation both by the student's own
+    database descriptors (``R@N``, what a deployed model does) and by the teacher's (``teacher_db/R@N``,
+    the paper's protocol)."""
+
+    cfg: TrainConfig
+    method = "loqi"
+    loss_terms = LOSS_TERMS
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False) -> None:
+        self.teacher_db: np.ndarray | None = None
+        super().__init__(cfg, resume=resume)
+
+    def build_models(self) -> tuple[VprModel, VprModel | None]:
+        return build_branches(self.cfg.model)
+
+    def build_objective(self) -> LoQI:
+        objective = LoQI(self.student, self.teacher, self.cfg.loss)
+        if self.cfg.loss.cache_teacher:
+            if not getattr(self.dataset, "deterministic_hq", False):
+                raise ConfigError(
+                    "loss.cache_teacher: the training data does not declare deterministic high-quality "
+                    f"images ({type(self.dataset).__name__}.deterministic_hq), so cached teacher outputs "
+                    "could differ from fresh ones; set loss.cache_teacher: false"
+                )
+            objective.teacher_cache = objective.make_teacher_cache()
+        return objective
+
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        dev = self.dist.device
+        hq, lq = batch["hq"].to(dev, non_blocking=True), batch["lq"].to(dev, non_blocking=True)
+        if self.objective.teacher_cache is not None:
+            return self.model(hq, lq, batch["ids"])
+        return self.model(hq, lq)
+
+    def validate(self) -> dict[str, float]:
+        metrics = super().validate()
+        if self.teacher is not None:
+            dev, bs, ns = self.dist.device, self.cfg.run.val_batch_size, self.cfg.run.recall_ns
+            if self.teacher_db is None:
+                self.teacher_db = describe(
+                    self.teacher, [r.load() for r in self.val_places.database], device=dev, batch_size=bs
+                )
+            rec_t, _ = evaluate_model(
+                self.student,
+                self.val_places,
+                self.val_queries,
+                db_desc=self.teacher_db,
+                device=dev,
+                batch_size=bs,
+                ns=ns,
+            )
+            metrics.update({f"teacher_db/R@{n}": float(rec_t[n]) for n in ns})
+        self.metrics = metrics
+        return metrics
+
+    def val_columns(self) -> list[str]:
+        return [*super().val_columns(), *(f"teacher_db/R@{n}" for n in self.cfg.run.recall_ns)]
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {**super().checkpoint_meta(), "teacher": self.cfg.model.teacher}
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Run (or, with ``resume``, continue) a LoQI recipe to its final step."""
+    return run_trainer(LoQITrainer, cfg, resume=resume)
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, *, sidecar: bool = False) -> Path:
+    """The student of a LoQI training checkpoint as deployed weights."""
+    return export_deployed(checkpoint, out, sidecar=sidecar)
+
+
+METHOD = Method(
+    name="loqi",
+    summary="LoQI distillation of a low-quality student from a frozen teacher (ICKD + MSE + triplet)",
+    recipe=TrainConfig,
+    validate=validate,
+    train=train,
+    export=export,
+)
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A validated LoQI recipe from a raw mapping plus ``key=value`` overrides."""
+    return METHOD.config(data, overrides)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A validated LoQI recipe from a YAML file plus ``key=value`` overrides."""
+    return METHOD.load(path, overrides)

@@ -10,21 +10,18 @@
   correlations are what is distilled). With ``reduce_dim`` in the model config, a PCA of the training
   database's descriptors is fitted at the end and stored in the same checkpoint.
 
-The loop, logs, validation, atomic checkpoints, resume and DDP are the engine's (:mod:`.engine`):
-:class:`SciceTrainer` builds this method's data, models and objective in its place. A recipe has the engine's
-``data``, ``degradation``, ``optim``, ``schedule`` and ``run`` sections and its own ``stage``, ``model``,
-``places`` and ``loss`` (see ``training/scicevpr_*.yaml`` and ``docs/scicevpr.md``)::
+The loop, logs, validation, atomic checkpoints, resume and DDP are the engine's: :class:`SciceTrainer` is a
+:class:`~vpr_ros.training.engine.PlaceTrainer` with this method's place batches, models and objective. A
+recipe has the shared ``data``, ``degradation``, ``optim``, ``schedule`` and ``run`` sections and its own
+``stage``, ``model``, ``places`` and ``loss`` (see ``training/scicevpr_*.yaml`` and ``docs/scicevpr.md``)::
 
-    python -m vpr_ros.training.methods.scicevpr train --config training/scicevpr_stage1.yaml
-    python -m vpr_ros.training.methods.scicevpr train --config training/scicevpr_stage2.yaml
-    python -m vpr_ros.training.methods.scicevpr export runs/scicevpr_stage2/last.pt scicevpr.pt
+    vpr-ros train --config training/scicevpr_stage1.yaml
+    vpr-ros train --config training/scicevpr_stage2.yaml
+    vpr-ros export runs/scicevpr_stage2/last.pt scicevpr.pt
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import csv
 import dataclasses
 import json
 import logging
@@ -37,11 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
-from vpr_ros.core.errors import ConfigError, DatasetError, ModelError, VprError
+from vpr_ros.core.errors import ConfigError, DatasetError, ModelError
 from vpr_ros.core.fileio import atomic_write_text
 from vpr_ros.core.models import create_model, model_from_checkpoint, read_checkpoint
 from vpr_ros.core.models.registry import VprModel
@@ -51,18 +47,16 @@ from vpr_ros.data.places import PlaceDataset
 from vpr_ros.training.config import (
     DataConfig,
     DegradationConfig,
-    LossConfig,
-    ModelConfig,
     OptimConfig,
     RunConfig,
     ScheduleConfig,
-    TrainConfig,
-    apply_overrides,
-    build_config,
-    validate,
+    check,
+    validate_data,
+    validate_degradation,
+    validate_loop,
 )
 from vpr_ros.training.data import Degrader, ImageCache, sample_rng
-from vpr_ros.training.engine import Trainer, TrainResult
+from vpr_ros.training.engine import Method, PlaceTrainer, TrainResult
 from vpr_ros.training.evaluate import describe, evaluate_model
 from vpr_ros.training.export import export_deployed
 from vpr_ros.training.losses import mse_loss
@@ -184,31 +178,14 @@ class SciceConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(dir="runs/scicevpr"))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def save(self, path: str | os.PathLike) -> None:
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-
 
 def validate_scice(cfg: SciceConfig) -> SciceConfig:
-    """The engine's checks of the shared sections, then this method's; raises ConfigError naming the key."""
-    shim = TrainConfig(
-        data=cfg.data,
-        model=ModelConfig(name=cfg.model.name, init="random"),
-        degradation=cfg.degradation,
-        loss=LossConfig(ickd=False, mse=False, triplet=True),
-        optim=cfg.optim,
-        schedule=cfg.schedule,
-        run=cfg.run,
-    )
-    validate(shim)
+    """The checks of the shared sections, then this method's; raises ConfigError naming the key."""
     m, lo = cfg.model, cfg.loss
-
-    def check(cond: bool, where: str, text: str) -> None:
-        if not cond:
-            raise ConfigError(f"{where}: {text}")
-
+    validate_data(cfg.data)
+    check(bool(m.name), "model.name", "a registered model name is required")
+    validate_degradation(cfg.degradation)
+    validate_loop(cfg.optim, cfg.schedule, cfg.run)
     check(cfg.stage in STAGES, "stage", f"{cfg.stage!r} is not one of {', '.join(STAGES)}")
     check(
         cfg.stage == "teacher" or bool(m.teacher),
@@ -232,26 +209,6 @@ def validate_scice(cfg: SciceConfig) -> SciceConfig:
     check(lo.gamma > 0 or (cfg.stage == "student" and lo.eta > 0), "loss.gamma", "no loss term is enabled")
     check(m.pca_images >= 1, "model.pca_images", f"must be >= 1, got {m.pca_images}")
     return cfg
-
-
-def scice_config(data: dict[str, Any] | None, overrides: Sequence[str] = ()) -> SciceConfig:
-    """A validated :class:`SciceConfig` from a raw dict plus ``key=value`` overrides."""
-    raw = apply_overrides(copy.deepcopy(data or {}), list(overrides))
-    return validate_scice(build_config(SciceConfig, raw))
-
-
-def load_scice_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> SciceConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    try:
-        return scice_config(data, overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- place batches
@@ -545,10 +502,11 @@ def _same_backbone(a: RegionalDinoV2, b: RegionalDinoV2) -> bool:
 # --------------------------------------------------------------------------- the engine, with this method
 
 
-class SciceTrainer(Trainer):
-    """The engine's :class:`~vpr_ros.training.engine.Trainer` (loop, logs, checkpoints, resume, DDP) with the
-    SciceVPR hooks: place batches, the stage's models, the MS (+ distillation) objective, validation of the
-    unreduced descriptor. ``self.student`` is the model being trained (teacher or student stage)."""
+class SciceTrainer(PlaceTrainer):
+    """The engine's place stage (split, degradation, recall@N validation, loop, checkpoints, resume, DDP)
+    with the SciceVPR hooks: place batches, the stage's models, the MS (+ distillation) objective,
+    validation of the unreduced descriptor. ``self.student`` is the model being trained (teacher or
+    student stage)."""
 
     cfg: SciceConfig
     method = "scicevpr"
@@ -590,29 +548,16 @@ class SciceTrainer(Trainer):
         log.info("stage %s: shared backbone pass %s", self.cfg.stage, objective.shared)
         return objective
 
+    def compute_loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        dev = self.dist.device
+        return self.model(batch["hq"].to(dev, non_blocking=True), batch["lq"].to(dev, non_blocking=True))
+
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"stage": self.cfg.stage, "teacher": self.cfg.model.teacher}
+        return {**super().checkpoint_meta(), "stage": self.cfg.stage, "teacher": self.cfg.model.teacher}
 
-    def val_columns(self) -> list[str]:
-        return [f"R@{n}" for n in self.cfg.run.recall_ns]
-
-    def validate(self) -> dict[str, float]:
-        """Recall@N of the trained model's unreduced descriptor (degraded queries, high-quality database)."""
-        from vpr_ros.training.data import degrade_queries
-
-        cfg = self.cfg
-        if self.val_queries is None:
-            self.val_queries = degrade_queries(self.val_places, self.degrader, seed=cfg.run.seed)
-        rec, _ = evaluate_model(
-            FullDescriptor(self.student),
-            self.val_places,
-            self.val_queries,
-            device=self.dist.device,
-            batch_size=cfg.run.val_batch_size,
-            ns=cfg.run.recall_ns,
-        )
-        self.metrics = {f"R@{n}": float(rec[n]) for n in cfg.run.recall_ns}
-        return self.metrics
+    def validation_model(self) -> VprModel:
+        """Validation ranks the unreduced descriptor (the PCA is fitted after training)."""
+        return FullDescriptor(self.student)
 
     def fit_pca(self) -> None:
         """Fit the student's ``reduce_dim`` PCA on training database descriptors; validate the result."""
@@ -671,79 +616,21 @@ def train_scicevpr(cfg: SciceConfig, *, resume: bool = False) -> TrainResult:
         trainer.close()
 
 
-# --------------------------------------------------------------------------- curves and CLI
+def export_scicevpr(checkpoint: str | os.PathLike, out: str | os.PathLike, *, sidecar: bool = False) -> Path:
+    """The trained model of a stage checkpoint as deployed weights (with its stage in ``meta``)."""
+    stage = read_checkpoint(checkpoint).get("meta", {}).get("stage")
+    return export_deployed(checkpoint, out, meta={"method": "scicevpr", "stage": stage}, sidecar=sidecar)
 
 
-def plot_losses(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Loss terms against step (one panel per run, from its train.csv) written to ``out`` (PNG/PDF/SVG)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.2 * len(run_dirs), 3.8), dpi=110)
-    for i, run in enumerate(run_dirs):
-        with open(Path(run) / "train.csv", newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        if not rows:
-            raise ValueError(f"{run}: train.csv has no rows")
-        ax = fig.add_subplot(1, len(run_dirs), i + 1)
-        steps = [int(float(r["step"])) for r in rows]
-        for key in ("loss", "ms", "distill"):
-            vals = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
-            if len(vals) == len(steps) and (key == "loss" or vals != [float(r["loss"]) for r in rows]):
-                ax.plot(steps, vals, label=key, marker="." if len(steps) < 40 else None)
-        ax.set_title(Path(run).name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(out)
-    return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m vpr_ros.training.methods.scicevpr {train,export,plot}``."""
-    ap = argparse.ArgumentParser(
-        prog="python -m vpr_ros.training.methods.scicevpr", description=__doc__.split("\n")[0]
-    )
-    sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train one stage (teacher or student) from a recipe")
-    p.add_argument("--config", required=True)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p = sub.add_parser("export", help="training checkpoint -> deployed weights")
-    p.add_argument("checkpoint")
-    p.add_argument("out")
-    p = sub.add_parser("plot", help="loss curves of runs (their train.csv) to an image")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "train":
-            if args.threads:
-                torch.set_num_threads(args.threads)
-            r = train_scicevpr(load_scice_config(args.config, args.overrides), resume=args.resume)
-            print(
-                f"{r.run_dir}: {r.steps} steps in {r.train_seconds:.1f} s; "
-                + "  ".join(f"{k} {100 * v:.1f}" for k, v in r.metrics.items())
-            )
-        elif args.command == "export":
-            ckpt = read_checkpoint(args.checkpoint)
-            meta = {"method": "scicevpr", "stage": ckpt.get("meta", {}).get("stage")}
-            print(f"wrote {export_deployed(args.checkpoint, args.out, meta=meta)}")
-        else:
-            print(f"wrote {plot_losses(args.runs, args.out)}")
-    except VprError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
+METHOD = Method(
+    name="scicevpr",
+    summary="SciceVPR: the cross-image teacher (stage teacher) or the distilled student (stage student)",
+    recipe=SciceConfig,
+    validate=validate_scice,
+    train=train_scicevpr,
+    export=export_scicevpr,
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("python -m vpr_ros.training.methods.scicevpr moved: use `vpr-ros train --config R`, "
+             "`vpr-ros export CHECKPOINT OUT` and `vpr-ros plot-losses RUN... --out F`")

@@ -1,6 +1,6 @@
 """The StructVPR pipeline: segment -> SLME -> Stage I (both branches) -> partition -> Stage II -> export.
 
-    python -m vpr_ros.training.methods.structvpr.pipeline --config training/structvpr_kitti.yaml
+    vpr-ros train --config training/structvpr_kitti.yaml [--export student.pt]
 
 1. **Segment** every training (and evaluation) image once with the configured segmenter; label maps are
    cached as PNGs keyed by image path and segmenter id (:class:`.segmentation.LabelCache`).
@@ -14,11 +14,11 @@
    drawn pair by pair so that every group D1-D4 is trained on (:class:`StructTuples`).
 6. **Export**: the student alone as deployed weights (a plain ``structvpr_mobilenetv2``).
 
-Data, tuples, degradation, the triplet loss, optimiser, learning-rate schedule, the training loop,
-evaluation and checkpoints are the training engine's (:mod:`vpr_ros.training`): each stage is a
-:class:`~vpr_ros.training.engine.Trainer` subclass (:class:`RgbBranchStage`, :class:`SegBranchStage`,
-:class:`DistillStage`) that overrides only the engine's hooks (models, tuples, objective); what is
-StructVPR's lives here. Places come from the engine's sources (``places.kind: engine`` with a ``data``
+Data, tuples, degradation, hard mining, optimiser, learning-rate schedule, the training loop and
+checkpoints are the training engine's: each stage is a :class:`~vpr_ros.training.engine.PlaceTrainer`
+(:class:`RgbBranchStage`, :class:`SegBranchStage`, :class:`DistillStage`) run on a :class:`StageRecipe`
+(the recipe's shared sections with the stage's schedule), overriding only the hooks that are StructVPR's
+(models, tuples, objective). Places come from the engine's sources (``places.kind: engine`` with a ``data``
 section: nordland / folder / bags, split by place) or from KITTI odometry sequences with poses
 (``places.kind: kitti``: one sequence to train, another to test). A stage whose run directory holds
 ``summary.json`` is reused; one killed midway resumes from its ``last.pt`` (every ``ckpt_every`` steps).
@@ -26,11 +26,10 @@ section: nordland / folder / bags, split by place) or from KITTI odometry sequen
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,10 +38,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
-from vpr_ros.core.errors import ConfigError
+from vpr_ros.core.errors import ConfigError, TransmissionError
 from vpr_ros.core.fileio import atomic_path, atomic_write_text
 from vpr_ros.core.images import save_image
 from vpr_ros.core.models import create_model, model_from_checkpoint, read_checkpoint
@@ -52,14 +50,12 @@ from vpr_ros.data.places import GroundTruth, ImageRecord, PlaceDataset, load_kit
 from vpr_ros.training.config import (
     DataConfig,
     DegradationConfig,
-    LossConfig,
-    ModelConfig,
     OptimConfig,
     RunConfig,
     ScheduleConfig,
-    TrainConfig,
-    apply_overrides,
-    build_config,
+    validate_data,
+    validate_degradation,
+    validate_optim,
 )
 from vpr_ros.training.data import (
     Degrader,
@@ -68,7 +64,7 @@ from vpr_ros.training.data import (
     degrade_queries,
     sample_rng,
 )
-from vpr_ros.training.engine import Trainer, run_trainer
+from vpr_ros.training.engine import Method, PlaceTrainer, TrainResult, run_trainer
 from vpr_ros.training.evaluate import describe, recall_on_places
 from vpr_ros.training.export import export_deployed
 from vpr_ros.training.methods.structvpr.partition import (
@@ -207,10 +203,21 @@ class StructVPRConfig:
         return asdict(self)
 
 
-def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ()) -> StructVPRConfig:
-    """Build and check a :class:`StructVPRConfig` (unknown keys, types and ranges raise ConfigError)."""
-    raw = apply_overrides(copy.deepcopy(data or {}), list(overrides))
-    cfg: StructVPRConfig = build_config(StructVPRConfig, raw)
+@dataclass
+class StageRecipe:
+    """What one stage runs on the engine (:meth:`StructVPR.stage_recipe`): the recipe's tuples
+    (``data``), degradation and optimiser (at the stage's learning rate), the stage's schedule, and a run
+    in ``DIR/<stage>`` on the CPU."""
+
+    data: DataConfig
+    degradation: DegradationConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    run: RunConfig
+
+
+def validate_structvpr(cfg: StructVPRConfig) -> StructVPRConfig:
+    """Range checks of a StructVPR recipe (ConfigError naming the key)."""
     p, s, w = cfg.places, cfg.segmentation, cfg.stage2.weighting
     checks = [
         (p.kind in ("kitti", "engine"), "places.kind", f"{p.kind!r} is not kitti or engine"),
@@ -275,19 +282,15 @@ def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ())
     for ok, where, text in checks:
         if not ok:
             raise ConfigError(f"{where}: {text}")
-    for spec in [*cfg.degradation.specs, *cfg.eval_degradations]:
-        TransmissionConfig.parse(spec)
+    validate_data(cfg.data)
+    validate_degradation(cfg.degradation)
+    for i, spec in enumerate(cfg.eval_degradations):
+        try:
+            TransmissionConfig.parse(spec)
+        except TransmissionError as exc:
+            raise ConfigError(f"eval_degradations[{i}]: {exc}") from None
+    validate_optim(cfg.optim)
     return cfg
-
-
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> StructVPRConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- places
@@ -466,19 +469,18 @@ class TripletObjective(nn.Module):
         return {"loss": loss, "triplet": loss}
 
 
-class StageTrainer(Trainer):
-    """One StructVPR stage on the engine's :class:`~vpr_ros.training.engine.Trainer` (loop, ``train.csv``,
-    atomic self-describing checkpoints, mid-stage resume, hard-mining refresh). The recipe of a stage is
-    the engine's (:meth:`StructVPR.stage_config`); places, SLME maps and the partition come from the
-    :class:`StructVPR` run. No validation during a stage: :meth:`StructVPR.evaluate` tests afterwards."""
+class StageTrainer(PlaceTrainer):
+    """One StructVPR stage on the engine's :class:`~vpr_ros.training.engine.PlaceTrainer` (loop,
+    ``train.csv``, atomic self-describing checkpoints, mid-stage resume, hard-mining refresh) with a
+    :class:`StageRecipe` (:meth:`StructVPR.stage_recipe`); places, SLME maps and the partition come from
+    the :class:`StructVPR` run. No validation during a stage: :meth:`StructVPR.evaluate` tests afterwards."""
 
     method = "structvpr"
-    model_name = "structvpr_mobilenetv2"
     loss_terms = ("loss", "triplet")
 
     def __init__(self, sv: StructVPR, name: str, stage: StageConfig, *, resume: bool = False) -> None:
         self.sv, self.name = sv, name
-        super().__init__(sv.stage_config(name, stage, self.model_name), resume=resume)
+        super().__init__(sv.stage_recipe(name, stage), resume=resume)
 
     def build_places(self) -> tuple[PlaceDataset, PlaceDataset]:
         return self.sv.train_places, self.sv.test_places
@@ -487,7 +489,7 @@ class StageTrainer(Trainer):
         return []
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"stage": self.name}
+        return {**super().checkpoint_meta(), "stage": self.name}
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {**super().checkpoint_extra(), "structvpr_config": self.sv.cfg.to_dict()}
@@ -521,7 +523,6 @@ class SegBranchStage(TripletStage):
     """Stage I, seg-branch: trained from scratch with the triplet loss on the SLME maps of the same
     tuples (maps of the high-quality frames); its hard negatives come from its own descriptors."""
 
-    model_name = "structvpr_segbranch"
     input_key = "slme"
 
     def build_models(self) -> tuple[VprModel, None]:
@@ -752,15 +753,13 @@ class StructVPR:
             pool=d.mining_pool,
         )
 
-    def stage_config(self, name: str, stage: StageConfig, model_name: str) -> TrainConfig:
+    def stage_recipe(self, name: str, stage: StageConfig) -> StageRecipe:
         """The engine recipe of one stage: this recipe's tuples (``data``), degradation, optimiser (at the
         stage's learning rate) and seed; the stage's steps, batch and schedule; CPU; run dir DIR/name."""
         c = self.cfg
-        return TrainConfig(
+        return StageRecipe(
             data=c.data,
-            model=ModelConfig(name=model_name, init="random"),
             degradation=c.degradation,
-            loss=LossConfig(ickd=False, mse=False, margin=c.margin),
             optim=dataclasses.replace(c.optim, lr=stage.lr),
             schedule=ScheduleConfig(
                 epochs=stage.steps,  # as many as the steps need; max_steps ends the stage
@@ -862,19 +861,7 @@ class StructVPR:
 
     def export(self, name: str = "stage2", out: str | Path | None = None) -> Path:
         """Step 6: the Stage-II student alone as deployed weights (``structvpr_mobilenetv2``)."""
-        out = Path(out or self.root / f"{name}_deployed.pt")
-        summary = _finished(self.root / name) or {}
-        return export_deployed(
-            self.root / name / "last.pt",
-            out,
-            expected_name="structvpr_mobilenetv2",
-            meta={
-                "method": "structvpr",
-                "stage": name,
-                "weighting": summary.get("weighting"),
-                "segmenter_used_in_training": summary.get("segmenter"),
-            },
-        )
+        return export_structvpr(self.root / name / "last.pt", out or self.root / f"{name}_deployed.pt")
 
     # ------------------------------------------------------------------ evaluation
 
@@ -941,19 +928,62 @@ def describe_slme(
     return np.concatenate(out).astype(np.float32) if out else np.empty((0, model.descriptor_dim), np.float32)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m vpr_ros.training.methods.structvpr.pipeline", description=__doc__.split("\n")[0]
+def export_structvpr(checkpoint: str | os.PathLike, out: str | os.PathLike, *, sidecar: bool = False) -> Path:
+    """The student of a Stage-II checkpoint as deployed weights (a plain ``structvpr_mobilenetv2``), with the
+    weighting and segmenter of its stage (its run directory's ``summary.json``) in ``meta``."""
+    run_dir = Path(checkpoint).parent
+    summary = _finished(run_dir) or {}
+    return export_deployed(
+        checkpoint,
+        out,
+        expected_name="structvpr_mobilenetv2",
+        meta={
+            "method": "structvpr",
+            "stage": run_dir.name,
+            "weighting": summary.get("weighting"),
+            "segmenter_used_in_training": summary.get("segmenter"),
+        },
+        sidecar=sidecar,
     )
-    ap.add_argument("--config", required=True, help="StructVPR recipe (training/structvpr_*.yaml)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--export", help="deployed weights file to write (default DIR/stage2_deployed.pt)")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = StructVPR(load_config(args.config, args.overrides)).run(args.export)
-    print(json.dumps(result, indent=2))
-    return 0
+
+
+def train_structvpr(cfg: StructVPRConfig, *, resume: bool = True) -> TrainResult:
+    """Steps 1-6 (:meth:`StructVPR.run`; finished stages are reused and a killed one resumes, whatever
+    ``resume`` says); the result is Stage II's, with the test recalls as ``<degradation>/R@N``."""
+    out = StructVPR(cfg).run()
+    stage2 = Path(cfg.dir) / "stage2"
+    summary = _finished(stage2) or {}
+    metrics = {f"{label}/R@{n}": r for label, rec in out["test"].items() for n, r in rec.items()}
+    log.info("wrote %s", out["deployed"])
+    return TrainResult(
+        stage2,
+        stage2 / "last.pt",
+        int(summary.get("steps", 0)),
+        int(summary.get("epochs", 0)),
+        float(summary.get("train_seconds", 0.0)),
+        metrics,
+    )
+
+
+METHOD = Method(
+    name="structvpr",
+    summary="StructVPR: segmentation structure distilled into the RGB student (Stage I, partition, Stage II)",
+    recipe=StructVPRConfig,
+    validate=validate_structvpr,
+    train=train_structvpr,
+    export=export_structvpr,
+)
+
+
+def config_from_dict(data: dict[str, Any] | None, overrides: Sequence[str] = ()) -> StructVPRConfig:
+    """A validated StructVPR recipe from a raw mapping plus ``key=value`` overrides."""
+    return METHOD.config(data, overrides)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> StructVPRConfig:
+    """A validated StructVPR recipe from a YAML file plus ``key=value`` overrides."""
+    return METHOD.load(path, overrides)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit("python -m vpr_ros.training.methods.structvpr.pipeline moved: use `vpr-ros train --config R`")
