@@ -76,6 +76,7 @@ import faiss
 import numpy as np
 
 from vpr_ros.core.errors import MapError
+from vpr_ros.core.geometry import Features
 
 __all__ = [
     "FORMAT_NAME",
@@ -576,7 +577,6 @@ class PlaceMap:
     def _check_features(self, features: Sequence[Any] | None, n: int) -> list[Any]:
         if features is None:
             return [None] * n
-        from vpr_ros.core.geometry import Features
 
         features = list(features)
         if len(features) != n:
@@ -1034,7 +1034,6 @@ def _read_entries(path: Path, count: int) -> dict[str, np.ndarray]:
 
 def _read_features(path: Path, count: int) -> list[Any]:
     """Per-row :class:`~vpr_ros.core.geometry.Features` (views into the file's arrays) or None."""
-    from vpr_ros.core.geometry import Features
 
     try:
         with np.load(path, allow_pickle=False) as npz:

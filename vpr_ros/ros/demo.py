@@ -20,15 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vpr_ros_msgs.msg import PlaceMatch, TransmissionStats
 
 from vpr_ros.core.extract import DescriptorExtractor
 from vpr_ros.core.fileio import atomic_write_text
+from vpr_ros.core.localizer import build_extractor
 from vpr_ros.core.mapdb import PlaceMap, map_path
 from vpr_ros.core.transmission import TransmissionConfig, Transmitter
 from vpr_ros.data.places import PlaceDataset, load_nordland
 from vpr_ros.eval.metrics import recall_at_n
 from vpr_ros.eval.offline import map_from_records
 from vpr_ros.ros import graph as node_graph
+from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
+from vpr_ros.ros.runner import InProcessGraph
 
 __all__ = ["run_graph_demo"]
 
@@ -141,10 +145,7 @@ def _graph_runs(ext: DescriptorExtractor, label: str, map_dir: Path, frames: lis
     from rclpy.qos import QoSProfile, qos_profile_sensor_data
     from sensor_msgs.msg import Image
     from std_msgs.msg import Header
-    from vpr_ros_msgs.msg import PlaceMatch, TransmissionStats
 
-    from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
-    from vpr_ros.ros.runner import InProcessGraph
 
     ns = f"/vpr_demo_{uuid.uuid4().hex[:8]}"
     params = node_graph.wire({  # camera -> transmitter -> localizer, wired as the launch file does
@@ -232,7 +233,6 @@ def run_graph_demo(*, nordland_root: str | os.PathLike, out_dir: str | os.PathLi
     ``graph_demo.png`` (latency histogram, recall graph vs offline) under ``out_dir``.
     ``backend`` / ``precision`` / ``threads``: how the model runs (the localizer's parameters).
     """
-    from vpr_ros.core.localizer import build_extractor
 
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     out = Path(out_dir)

@@ -33,13 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vpr_ros_msgs.msg import LoopClosure, PlaceMatch
 
 from vpr_ros.core.errors import ConfigError, DatasetError
 from vpr_ros.core.fileio import atomic_write_text, check_output_dir, display_path
+from vpr_ros.core.localizer import build_extractor
 from vpr_ros.core.loop_closure import DEFAULT_EXCLUSION_WINDOW_S
 from vpr_ros.core.timeline import to_ns, to_seconds
-from vpr_ros.data.bags import bag_topics
-from vpr_ros.data.dataset_bags import read_positions
+from vpr_ros.data.bags import COMPRESSED_TYPE, IMAGE_TYPE, NAVSAT_TYPE, ODOMETRY_TYPE, bag_topics, open_reader
+from vpr_ros.data.dataset_bags import read_positions, vpr_typestore
 from vpr_ros.eval.metrics import json_default
 from vpr_ros.eval.replay import (
     Candidate,
@@ -53,6 +55,7 @@ from vpr_ros.eval.replay import (
     score_replay,
 )
 from vpr_ros.ros import graph as node_graph
+from vpr_ros.ros.runner import InProcessGraph
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +124,6 @@ class _BagInput:
 
 
 def _pick_connections(reader: Any, cfg: ReplayConfig) -> _BagInput:
-    from vpr_ros.data.bags import COMPRESSED_TYPE, IMAGE_TYPE, NAVSAT_TYPE, ODOMETRY_TYPE
 
     conns = list(reader.connections)
     listing = ", ".join(f"{c.topic} ({c.msgtype})" for c in conns) or "none"
@@ -158,7 +160,6 @@ def write_record(path: Path, place_matches: Sequence[Any], closures: Sequence[An
     from rclpy.serialization import serialize_message
     from rosbags.rosbag2 import StoragePlugin, Writer
 
-    from vpr_ros.data.dataset_bags import vpr_typestore
 
     ts = vpr_typestore()
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
@@ -225,10 +226,6 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
     """Replay ``cfg.bag`` through the real nodes; write the report (and ``cfg.record``); return the report."""
     from rclpy.qos import QoSProfile, qos_profile_sensor_data
 
-    from vpr_ros.core.localizer import build_extractor
-    from vpr_ros.data.bags import open_reader
-    from vpr_ros.data.dataset_bags import vpr_typestore
-    from vpr_ros.ros.runner import InProcessGraph
 
     cfg.validate()
     check_output_dir(cfg.out_dir)  # an unwritable --out is found before the replay, not after it
@@ -247,7 +244,6 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
                                          threads=int(loc_file.get("threads", 0)))
         from nav_msgs.msg import Odometry
         from sensor_msgs.msg import CompressedImage, Image, NavSatFix
-        from vpr_ros_msgs.msg import LoopClosure, PlaceMatch
 
         img_type = CompressedImage if inp.compressed else Image
         pos_type = None

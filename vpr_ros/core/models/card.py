@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 
+from vpr_ros.core.backends import model_hash
 from vpr_ros.core.errors import ModelError
 from vpr_ros.core.fileio import atomic_path, atomic_write_text
-from vpr_ros.core.models.checkpoint import read_checkpoint
+from vpr_ros.core.models.checkpoint import model_from_checkpoint, read_checkpoint
 
 #: Study set -> dataset family (the unit of "in domain").
 SET_FAMILY = {
@@ -128,8 +129,6 @@ def write_card(path: str | os.PathLike, updates: dict[str, Any]) -> bool:
 
 def weights_digest(path: str | os.PathLike) -> str:
     """sha256 of the model a checkpoint holds (description + every tensor), unchanged by its ``meta``."""
-    from vpr_ros.core.backends import model_hash
-    from vpr_ros.core.models.checkpoint import model_from_checkpoint
 
     path = Path(path)
     return model_hash(model_from_checkpoint(read_checkpoint(path), source=str(path)))
