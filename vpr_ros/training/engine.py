@@ -203,7 +203,7 @@ def _tensorboard(run_dir: Path, enabled: bool):
     if not enabled:
         return None
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
     except ImportError:  # tensorboard not installed: CSV logs only
         log.info("tensorboard is not installed; logging to CSV only")
         return None
