@@ -19,7 +19,7 @@ pytest.importorskip("ros_support")  # rclpy and the built messages, or skip sayi
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
-from ros_support import REPO, ROS_TESTS, T0, fresh_namespace, run_node_main, unique
+from ros_support import ROS_TESTS, T0, fresh_namespace, run_node_main, unique
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from vpr_ros_msgs.msg import LoopClosure, PlaceCandidate, PlaceMatch
@@ -178,12 +178,3 @@ def test_main_exits_2_with_the_reason(tmp_path):
                                 ROS_LOG_DIR=str(tmp_path))
     assert out.returncode == 2, out.stderr
     assert errors == ["loop_closure_node: error: loop_closure: max_closures (3) must not exceed top_k (2)"]
-
-
-def test_docs_parameter_table_in_sync():
-    from vpr_ros.ros.loop_closure_node import PARAMS
-    from vpr_ros.ros.node_kit import spec_table
-
-    text = (REPO / "docs" / "loop_closure.md").read_text(encoding="utf-8")
-    block = text.split("<!-- loop-closure-params -->\n", 1)[1].split("\n<!-- /loop-closure-params -->", 1)[0]
-    assert block.strip() == spec_table(PARAMS).strip(), "regenerate it with vpr_ros.ros.node_kit.spec_table"

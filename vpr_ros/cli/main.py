@@ -26,6 +26,7 @@ from vpr_ros.cli import study as study_commands
 from vpr_ros.cli import train as train_commands
 from vpr_ros.core.errors import OutputError, VprError
 from vpr_ros.core.fileio import check_output_dir, display_path
+from vpr_ros.data.files import IMAGE_SUFFIXES
 
 log = logging.getLogger("vpr_ros")
 
@@ -196,9 +197,6 @@ def cmd_models(args: argparse.Namespace) -> int:
         is_default = DEFAULT_WEIGHTS.is_file() and path.resolve() == DEFAULT_WEIGHTS.resolve()
         print("\n".join(["", *format_card(read_card(path), default=is_default)]))
     return 0
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
 def _image_files(src: Path) -> list[Path]:
