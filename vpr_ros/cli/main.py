@@ -150,7 +150,7 @@ def _dataset(args: argparse.Namespace):
     if args.root is None:
         raise VprError("--root is required (the dataset folder)")
     if getattr(args, "format", None):
-        from vpr_ros.data.formats import load_format
+        from vpr_ros.data.formats import load_format  # runs with the command: keeps `vpr-ros --help` light
 
         ds = load_format(args.format, args.root, tolerance=args.tolerance, radius_m=args.radius,
                          ground_truth=args.ground_truth, positions=args.positions)
@@ -188,6 +188,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{name:24s} {get_spec(name).description}")
     state = "present" if DEFAULT_WEIGHTS.is_file() else "not built"
     print(f"\npackaged default weights: {DEFAULT_WEIGHTS} ({state})")
+    # runs with the command: keeps `vpr-ros --help` free of torch
     from vpr_ros.core.models.card import format_card, packaged_checkpoints, read_card
 
     paths = packaged_checkpoints()
@@ -231,6 +232,7 @@ def cmd_degrade(args: argparse.Namespace) -> int:
     # OpenCV, PyAV and tqdm load only when images are degraded
     from tqdm import tqdm
 
+    # runs with the command: keeps `vpr-ros --help` light
     from vpr_ros.core.images import ImageError, load_image, save_image
     from vpr_ros.core.transmission import TransmissionConfig, Transmitter, budget_summary
 
@@ -293,6 +295,7 @@ def cmd_build_map(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     orb = None
     if args.local_features:
+        # runs with the command: keeps `vpr-ros --help` light
         from vpr_ros.core.geometry import OrbExtractor
 
         orb = OrbExtractor()  # the loop-closure node's default ORB settings

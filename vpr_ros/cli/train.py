@@ -80,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch  # heavy: only a training run needs it
 
-    from vpr_ros.training.methods import load_recipe
+    from vpr_ros.training.methods import load_recipe  # torch: only when training runs
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,20 +95,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from vpr_ros.training.methods import export
+    from vpr_ros.training.methods import export  # torch: only when exporting
 
     print(f"wrote {export(args.checkpoint, args.out, sidecar=args.sidecar)}")
     return 0
 
 
 def _cmd_plot_losses(args: argparse.Namespace) -> int:
-    from vpr_ros.training.curves import plot_losses
+    from vpr_ros.training.curves import plot_losses  # matplotlib: only when plotting
 
     print(f"wrote {plot_losses(args.runs, args.out)}")
     return 0
 
 
 def _cmd_bag_dataset(args: argparse.Namespace) -> int:
+    # runs with the command: keeps `vpr-ros --help` light
     from vpr_ros.core.fileio import check_output_dir, write_file_checked
     from vpr_ros.core.images import save_image
     from vpr_ros.training.data import bag_places

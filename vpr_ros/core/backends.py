@@ -285,7 +285,7 @@ class TorchBackend(InferenceBackend):
 
 def _ort():
     try:
-        import onnxruntime
+        import onnxruntime  # optional extra "fast"
     except ImportError as exc:
         raise ModelError("backend 'onnx' needs onnxruntime: pip install 'vpr_ros[fast]' "
                          "(onnxruntime or onnxruntime-gpu, and onnx for the export)") from exc
@@ -393,7 +393,7 @@ def int8_folders(cache_dir: str | os.PathLike | None = None) -> list[Path]:
 
 def _int8_hash(path: Path) -> str | None:
     try:
-        import onnx
+        import onnx  # optional extra "fast"
 
         m = onnx.load(str(path), load_external_data=False)
     except Exception:  # not an ONNX file: not a match
@@ -420,7 +420,7 @@ def quantize_int8(model: VprModel, calibration: Sequence[np.ndarray], out: str |
     min-max ranges) of ``model``'s fp32 export, calibrated on ``calibration`` (RGB uint8 images,
     preprocessed as the backend does). Writes ``out`` (atomically) with the model's hash in its metadata,
     which :func:`find_int8_export` matches."""
-    import onnx
+    import onnx  # optional extra "fast"
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

@@ -20,6 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from sensor_msgs.msg import Image
+from std_msgs.msg import Header
 from vpr_ros_msgs.msg import PlaceMatch, TransmissionStats
 
 from vpr_ros.core.extract import DescriptorExtractor
@@ -108,8 +114,6 @@ def _pct(values: Sequence[float], q: float) -> float:
 
 
 def _plot(runs: list[_Run], recalls: dict[str, dict[str, dict[int, float]]], path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10.0, 4.0), dpi=110)
     ax1, ax2 = fig.subplots(1, 2)
@@ -142,9 +146,6 @@ def _plot(runs: list[_Run], recalls: dict[str, dict[str, dict[int, float]]], pat
 def _graph_runs(ext: DescriptorExtractor, label: str, map_dir: Path, frames: list[np.ndarray],
                 runs: list[_Run], rate_hz: float) -> None:
     """Send ``frames`` through transmitter + localizer once per run; fill graph ids and latencies."""
-    from rclpy.qos import QoSProfile, qos_profile_sensor_data
-    from sensor_msgs.msg import Image
-    from std_msgs.msg import Header
 
 
     ns = f"/vpr_demo_{uuid.uuid4().hex[:8]}"
@@ -212,7 +213,6 @@ def _graph_runs(ext: DescriptorExtractor, label: str, map_dir: Path, frames: lis
 
 
 def graph_param(name: str, value: Any) -> Any:
-    from rclpy.parameter import Parameter
 
     return Parameter(name, value=value)
 

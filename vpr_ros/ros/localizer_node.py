@@ -271,7 +271,7 @@ class LocalizerNode(Node):
         if v["odom_topic"]:
             self.create_subscription(Odometry, v["odom_topic"], self._on_odom, QoSProfile(depth=50))
         if v["transmission_stats_topic"]:
-            from vpr_ros_msgs.msg import TransmissionStats
+            from vpr_ros_msgs.msg import TransmissionStats  # built by `make setup`; see above
 
             self.create_subscription(TransmissionStats, v["transmission_stats_topic"], self._on_stats,
                                      QoSProfile(depth=50))

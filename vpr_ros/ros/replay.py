@@ -33,6 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from nav_msgs.msg import Odometry
+from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from rclpy.serialization import deserialize_message, serialize_message
+from rosbags.rosbag2 import StoragePlugin, Writer
+from sensor_msgs.msg import CompressedImage, Image, NavSatFix
 from vpr_ros_msgs.msg import LoopClosure, PlaceMatch
 
 from vpr_ros.core.errors import ConfigError, DatasetError
@@ -157,8 +162,6 @@ def write_record(path: Path, place_matches: Sequence[Any], closures: Sequence[An
                  storage: str = "mcap") -> Path:
     """Write node outputs to a new rosbag2 bag: PlaceMatch on /vpr/place_match at its image stamp,
     LoopClosure on /vpr/loop_closure at its query stamp (so they line up with the input bag's time)."""
-    from rclpy.serialization import serialize_message
-    from rosbags.rosbag2 import StoragePlugin, Writer
 
 
     ts = vpr_typestore()
@@ -192,7 +195,6 @@ def _bag_messages(reader: Any, connection: Any, bag: Path) -> Iterator[tuple[Any
 
 def _deserialize(raw: bytes, msg_type: type, bag: Path) -> Any:
     """A bag message as ``msg_type``; bytes that do not deserialise are a :class:`DatasetError`."""
-    from rclpy.serialization import deserialize_message
 
     try:
         return deserialize_message(raw, msg_type)
@@ -224,7 +226,6 @@ def _node_params(cfg: ReplayConfig) -> dict[str, dict[str, Any]]:
 
 def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
     """Replay ``cfg.bag`` through the real nodes; write the report (and ``cfg.record``); return the report."""
-    from rclpy.qos import QoSProfile, qos_profile_sensor_data
 
 
     cfg.validate()
@@ -242,8 +243,6 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
                                          backend=str(loc_file.get("backend", "auto")),
                                          precision=str(loc_file.get("precision", "fp32")),
                                          threads=int(loc_file.get("threads", 0)))
-        from nav_msgs.msg import Odometry
-        from sensor_msgs.msg import CompressedImage, Image, NavSatFix
 
         img_type = CompressedImage if inp.compressed else Image
         pos_type = None

@@ -28,7 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from PIL import Image
 from tqdm import tqdm
 
 from vpr_ros import paths
@@ -981,7 +986,6 @@ def _figure_dir(cfg: StudyConfig) -> Path:
 
 def shrink_png(path: Path, colors: int = 96) -> Path:
     """Re-save a PNG with a palette of ``colors`` (figures for the repo stay around 50-150 kB)."""
-    from PIL import Image
 
     with Image.open(path) as im:
         small = im.convert("RGB").quantize(
@@ -992,8 +996,6 @@ def shrink_png(path: Path, colors: int = 96) -> Path:
 
 
 def _new_figure(w: float, h: float, dpi: int = 90):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(w, h), dpi=dpi)
     FigureCanvasAgg(fig)
@@ -1038,7 +1040,6 @@ def plot_bandwidth(results: Sequence[EvalResult], path: Path, *, title: str) -> 
     ax.set_ylabel("R@1 (%)")
     ax.grid(True, which="both", alpha=0.25)
     ax.set_title(title, fontsize=10)
-    from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=_MODEL_COLORS.get(m, "k"), lw=2, label=m) for m in models]
     handles += [
@@ -1089,7 +1090,6 @@ def plot_recall_n(
 def plot_loop_pr(loop: dict[str, Any], path: Path) -> Path:
     """Loop-closure PR over the score threshold, a column per model: verified (top-5, >= 25 inliers) on
     top (precision axis from 0.8), descriptor top-1 alone below; one colour per link."""
-    import matplotlib
 
     models = list(dict.fromkeys(m for v in loop.values() for m in v["models"]))
     fig = _new_figure(2.6 * len(models) + 0.6, 5.6)

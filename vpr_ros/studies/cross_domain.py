@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from vpr_ros.core.backends import default_backend
 from vpr_ros.core.extract import DescriptorExtractor
@@ -162,7 +163,6 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
         return f"cross_{c.key}" if prec(c) == "fp32" else f"cross_{c.key}.{prec(c)}"
 
     def describe(c: Column, images: list, desc: str) -> np.ndarray:
-        from tqdm import tqdm
 
 
         if c.key not in extractors:

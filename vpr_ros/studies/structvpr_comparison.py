@@ -36,7 +36,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Patch
 
 from vpr_ros.core.errors import ConfigError
 from vpr_ros.core.fileio import atomic_write_text
@@ -110,11 +113,8 @@ def _summary(run_dir: Path) -> dict[str, Any]:
 def slme_picture(sv: StructVPR, out: Path, frames: int = 4) -> Path:
     """Frames of the training sequence: image | segmenter classes | SLME groups (colour = group,
     brightness = weight)."""
-    import matplotlib  # matplotlib loads only when a picture is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
     recs = sv.train_places.queries
     picks = [recs[int(i)] for i in np.linspace(0, len(recs) - 1, frames).round()]

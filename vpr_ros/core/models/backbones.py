@@ -28,6 +28,7 @@ def mobilenet_v2_features(pretrained: bool) -> nn.Sequential:
     ``pretrained`` uses ``MobileNet_V2_Weights.IMAGENET1K_V1``; offline, torchvision finds the
     file in ``$TORCH_HOME/hub/checkpoints`` before trying to download it.
     """
+    # torchvision: only models with an ImageNet backbone
     from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
     net = mobilenet_v2(weights=None)

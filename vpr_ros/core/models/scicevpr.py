@@ -69,7 +69,7 @@ def dinov2_backbone(arch: str, pretrained: bool = False, weights: str = "") -> n
     (the official checkpoint URL through ``torch.hub``, cached in ``$TORCH_HOME/hub/checkpoints``), or
     ``""`` (timm's pretrained tag ``lvd142m`` from the Hugging Face hub).
     """
-    import timm
+    import timm  # optional extra "train": only the DINOv2 models
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     if arch not in DINOV2_ARCHS:

@@ -602,6 +602,7 @@ class TorchvisionSegmenter(TorchSegmenter):
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__(device=device)
+        # torchvision segmenters: only when chosen
         from torchvision.models import get_model, get_model_weights
 
         try:
@@ -636,6 +637,7 @@ class TransformersSegmenter(TorchSegmenter):
         self, name_or_path: str, *, size: tuple[int, int] = (512, 1024), device: str | torch.device = "cpu"
     ) -> None:
         try:
+            # optional: HuggingFace segmenters only when chosen
             from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
         except ImportError:
             raise ModelError("TransformersSegmenter needs the 'transformers' package") from None
