@@ -1,8 +1,8 @@
 """vpr_ros: visual place recognition for low-quality robot camera images.
 
-Three rooms with one-way doors: ``vpr_ros.core`` (models, transmission, map,
-evaluation; never imports rclpy), ``vpr_ros.ros`` (nodes, message conversion) and
-``vpr_ros.training`` (distillation pipelines). ros -> core <- training.
+Rooms with one-way doors (docs/architecture.md): ``core`` (what a robot runs, ROS-free) <- ``data``
+<- ``eval`` <- ``training`` <- ``studies`` <- ``cli``; ``ros`` (the only room that imports rclpy) builds
+on core, data and eval. ``paths`` says where shared data, weights and caches live.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""ROS 2 layer of vpr_ros: message conversions and nodes.
+"""ROS 2 layer: the node graph's description, thin node adapters over the core, conversions, runner, replay.
 
-Modules here may import rclpy and message packages; ``vpr_ros.core`` never imports them.
+The only room that imports rclpy and message packages; it builds on core, data and eval.
 """
