@@ -140,3 +140,24 @@ def test_localizer_takes_a_packaged_student_by_name():
     assert ext.preprocess.input_size == (240, 320) and ext.dim == 448
     with pytest.raises(Exception, match="does not exist"):
         build_extractor("no_such_student", "", "", "cpu", 4, backend="torch")
+
+
+def test_gray_share_makes_whole_images_gray_for_teacher_and_link(tmp_path):
+    from vpr_ros.training.methods.general import SourceConfig, to_gray_rgb
+
+    # BT.601 luma of (100, 200, 50): 0.299*100 + 0.587*200 + 0.114*50 = 29.9 + 117.4 + 5.7 = 153
+    assert to_gray_rgb(np.array([[[100, 200, 50]]], dtype=np.uint8)).tolist() == [[[153, 153, 153]]]
+    recs = source_records(SourceConfig(kind="images", root=str(_images(tmp_path / "img", 8))))
+    half = LinkMixConfig(gray=0.5)
+    flags = [half.is_gray(3, i) for i in range(200)]
+    assert flags == [half.is_gray(3, i) for i in range(200)] and 70 < sum(flags) < 130  # 100 expected
+    all_gray = LinkMixConfig(gray=1.0)
+    s = PairStore.build(recs, size=[32, 48], draws=2, seed=3, mix=all_gray, root=tmp_path / "s",
+                        progress=False)
+    for i in range(len(recs)):
+        for img in (s.hq[i], s.lq[i, 0], s.lq[i, 1]):  # the clean view and every received one
+            assert np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2])
+    colour = PairStore.build(recs, size=[32, 48], draws=2, seed=3, mix=LinkMixConfig(), root=tmp_path / "s",
+                             progress=False)
+    assert colour.folder != s.folder and not np.array_equal(colour.hq[0][..., 0], colour.hq[0][..., 1])
+    assert "grayscale" in all_gray.label() and "grayscale" not in LinkMixConfig().label()

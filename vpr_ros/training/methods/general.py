@@ -4,7 +4,8 @@ The packaged domain students (Nordland LoQI, KITTI StructVPR) are fine-tuned on 
 one domain and lose what the ImageNet backbone knew elsewhere. This recipe keeps it: the teacher is the
 frozen ImageNet-initialised model at the deployment size (240x320 by default), the student starts as a
 copy of it, and every training image is sent through a random link (JPEG q 5-50, resolution 1/4-1/2,
-H.264 / H.265 QP 30-50, or clean) before the student sees it. The student is distilled to the teacher's
+H.264 / H.265 QP 30-50, or clean) before the student sees it (``links.gray`` of the images are made
+grayscale first, for both, as from a monochrome camera). The student is distilled to the teacher's
 view of the high-quality image with the LoQI losses (:class:`~vpr_ros.training.methods.loqi.LoQI`: ICKD on the
 latent maps + MSE on the descriptor); no labels are used, so any image may train it. Clean images are in
 the mix (student input = teacher input, loss 0 at the start) so the clean descriptor is held in place,
@@ -138,6 +139,9 @@ class LinkMixConfig:
     jpeg_quality: list[int] = field(default_factory=lambda: [5, 50])
     resize_scale: list[float] = field(default_factory=lambda: [0.25, 0.5])
     qp: list[int] = field(default_factory=lambda: [30, 50])
+    # share of the pool's images made grayscale (3 equal channels) before the teacher and the link see them:
+    # many robot cameras are monochrome, and a link's artefacts differ without colour (no chroma planes)
+    gray: float = 0.0
 
     def weights(self) -> np.ndarray:
         w = np.array([getattr(self, k) for k in LINK_KINDS], dtype=np.float64)
@@ -163,7 +167,13 @@ class LinkMixConfig:
         for k in ("h264", "h265"):
             if getattr(self, k):
                 parts.append(f"{k} qp{self.qp[0]}-{self.qp[1]} {getattr(self, k):g}")
-        return "random link: " + ", ".join(parts)
+        gray = f"; {self.gray:g} of the images grayscale" if self.gray else ""
+        return "random link: " + ", ".join(parts) + gray
+
+    def is_gray(self, seed: int, image: int) -> bool:
+        """Whether pool image ``image`` is made grayscale (the same for its clean view and every draw)."""
+        return self.gray > 0 and bool(np.random.default_rng([int(seed) & 0xFFFFFFFF, 11, int(image)]).random()
+                                      < self.gray)
 
 
 @dataclass
@@ -217,6 +227,7 @@ def validate_general(cfg: GeneralConfig) -> GeneralConfig:
           "links.resize_scale", f"must be [lo, hi] within (0, 1], got {lk.resize_scale}")
     check(len(lk.qp) == 2 and 0 <= lk.qp[0] <= lk.qp[1] <= 51, "links.qp",
           f"must be [lo, hi] within 0..51, got {lk.qp}")
+    check(0 <= lk.gray <= 1, "links.gray", f"must be within 0..1, got {lk.gray}")
     check(cfg.loss.ickd or cfg.loss.mse, "loss", "enable loss.ickd or loss.mse")
     check(not cfg.loss.triplet, "loss.triplet", "the pool has no labels: the triplet loss cannot be used")
     check(not cfg.loss.cache_teacher, "loss.cache_teacher",
@@ -310,6 +321,12 @@ def build_pool(cfg: PoolConfig) -> tuple[ImagePool, ImagePool]:
 # --------------------------------------------------------------------------- pre-encoded pairs
 
 
+def to_gray_rgb(image: np.ndarray) -> np.ndarray:
+    """RGB uint8 -> its luma (ITU-R BT.601) in three equal channels, uint8."""
+    y = image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return np.repeat(np.clip(np.rint(y), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
 def pair_rng(seed: int, image: int, draw: int) -> np.random.Generator:
     """The generator of one (image, draw): depends only on the seed, the image's pool index and the draw."""
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, 7, int(image), int(draw)])
@@ -339,8 +356,11 @@ class PairStore:
     @staticmethod
     def key(records: Sequence[ImageRecord], size: Sequence[int], draws: int, seed: int,
             mix: LinkMixConfig) -> str:
+        links = dataclasses.asdict(mix)
+        if not mix.gray:  # stores built before the option keep their key
+            links.pop("gray")
         text = json.dumps([STORE_VERSION, [f"{r.path}|{r.name}" for r in records], list(size), draws, seed,
-                           dataclasses.asdict(mix)])
+                           links])
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     @classmethod
@@ -363,6 +383,8 @@ class PairStore:
             lq = np.lib.format.open_memmap(tmp_lq, mode="w+", dtype=np.uint8, shape=(n, draws, h, w, 3))
             for i, rec in enumerate(tqdm(records, desc=desc, unit="image", disable=not progress)):
                 image = rec.load()
+                if mix.is_gray(seed, i):
+                    image = to_gray_rgb(image)
                 hq[i] = resize_rgb(image, (h, w))
                 row = []
                 for d in range(draws):
