@@ -542,7 +542,7 @@ def test_node_main_serves_then_saves_map_on_sigint(nordland_dir, torch_home, tmp
     monkeypatch.setenv("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")  # images between processes
     tp = topics()
     target = tmp_path / "main_map"
-    env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TORCH_HOME": str(torch_home), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "vpr_ros.ros.localizer_node", "--ros-args", "-p", f"map_path:={target}",
            "-p", "mode:=both", "-p", "weights:=imagenet", "-p", "input_size:=native", "-p", "device:=cpu",
            "-p", f"image_topic:={tp['image_topic']}", "-p", f"match_topic:={tp['match_topic']}"]
