@@ -42,11 +42,6 @@ PRECISION_CHOICES = ("fp32", "fp16", "int8")
 FORMAT_CHOICES = ("vprbench", "aligned", "positions", "msls")
 
 
-def default_shared() -> Path:
-    """``$VPR_ROS_SHARED``, else ``../shared`` beside the current directory."""
-    return paths.shared_root()
-
-
 # --------------------------------------------------------------------------- shared options
 
 
@@ -403,7 +398,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    shared = Path(args.shared) if args.shared else default_shared()
+    shared = Path(args.shared) if args.shared else paths.shared_root()
     root = shared / "data" / "nordland_64x32"
     if not root.is_dir():
         raise VprError(f"the demo needs the Nordland data at {root}; pass --shared or set VPR_ROS_SHARED")
@@ -422,7 +417,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"every {split['val_every']}th from {split['val_offset']} (--places all for every place)")
     args.dataset, args.root, args.limit = "nordland", root, None
     args.frame_filter = _held_out_filter(split) if split else None
-    _, paths = run_eval(args, args.degrade or list(DEMO_DEGRADATIONS))
+    _, outputs = run_eval(args, args.degrade or list(DEMO_DEGRADATIONS))
     if packaged:  # Nordland is the default student's domain: its card says how it does elsewhere
         from vpr_ros.core.models.card import format_card, read_card
 
@@ -430,9 +425,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "docs/results.md):")
         print("\n".join(format_card(read_card(DEFAULT_WEIGHTS), default=True)))
     if not args.no_ros:
-        paths.update(_demo_ros(args, root))
+        outputs.update(_demo_ros(args, root))
     print("\nplots and results:")
-    for name, p in paths.items():
+    for name, p in outputs.items():
         print(f"  {name:28s} {p}")
     return 0
 

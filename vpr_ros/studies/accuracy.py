@@ -131,17 +131,13 @@ CACHE_VERSION = 1
 # --------------------------------------------------------------------------- configuration
 
 
-def _default_shared() -> Path:
-    return paths.shared_root()
-
-
 @dataclass
 class StudyConfig:
     """What to run. ``finetuned``: checkpoint of the no-distillation control (None: left out)."""
 
     out: Path = Path("results/accuracy")
     page: Path | None = Path("docs/results.md")
-    shared: Path = field(default_factory=_default_shared)
+    shared: Path = field(default_factory=paths.shared_root)
     models: tuple[str, ...] = ("imagenet", "finetuned", "loqi", "structvpr", "scicevpr")
     datasets: tuple[str, ...] = DATASET_KEYS
     degradations: tuple[str, ...] = DEGRADATIONS
