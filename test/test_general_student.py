@@ -161,3 +161,41 @@ def test_gray_share_makes_whole_images_gray_for_teacher_and_link(tmp_path):
                              progress=False)
     assert colour.folder != s.folder and not np.array_equal(colour.hq[0][..., 0], colour.hq[0][..., 1])
     assert "grayscale" in all_gray.label() and "grayscale" not in LinkMixConfig().label()
+
+
+def test_flip_mirrors_teacher_and_student_views_together(tmp_path):
+    from vpr_ros.training.methods.general import LinkPairs, SourceConfig
+
+    recs = source_records(SourceConfig(kind="images", root=str(_images(tmp_path / "img", 6))))
+    store = PairStore.build(recs, size=[32, 48], draws=1, seed=3, mix=LinkMixConfig(clean=0.0),
+                            root=tmp_path / "s", progress=False)
+    pre = create_model("structvpr_mobilenetv2", pretrained=False).preprocess
+    plain = LinkPairs(store, preprocess=pre, crop=None, seed=0)
+    always = LinkPairs(store, preprocess=pre, crop=None, seed=0, flip=1.0)
+    half = LinkPairs(store, preprocess=pre, crop=None, seed=0, flip=0.5)
+    flipped = 0
+    for k in range(len(store)):
+        a, b, h = plain[k], always[k], half[k]
+        for view in ("hq", "lq"):  # both views mirrored: the link's artefacts stay where the image's are
+            assert torch.equal(b[view], a[view].flip(-1))
+        assert not torch.equal(b["lq"], a["lq"])  # the pair is not symmetric: mirroring changed it
+        same = torch.equal(h["hq"], a["hq"])
+        assert same or torch.equal(h["hq"], b["hq"])
+        assert torch.equal(h["lq"], a["lq"] if same else b["lq"])  # one decision per item, for both views
+        flipped += not same
+    assert 0 < flipped < len(store)  # flip 0.5: some items mirrored, some not (fixed seed)
+
+
+def test_flip_outside_0_1_is_refused():
+    from vpr_ros.training.methods.general import (
+        GeneralConfig,
+        GeneralModelConfig,
+        PoolConfig,
+        SourceConfig,
+        validate_general,
+    )
+
+    pool = PoolConfig(sources=[SourceConfig(kind="images", root="imgs")])
+    validate_general(GeneralConfig(data=pool, model=GeneralModelConfig(flip=0.5)))
+    with pytest.raises(ConfigError, match="model.flip"):
+        validate_general(GeneralConfig(data=pool, model=GeneralModelConfig(flip=1.5)))

@@ -182,6 +182,7 @@ class GeneralModelConfig:
     input_size: list[int] = field(default_factory=lambda: [240, 320])  # [H, W]: the deployment size
     teacher: str = "imagenet"  # imagenet | a checkpoint of model.name
     crop: list[int] | None = field(default_factory=lambda: [128, 160])  # training window; null: whole input
+    flip: float = 0.0  # share of training items mirrored left-right (teacher and student alike)
     freeze_bn: bool = True  # keep the student's BatchNorm statistics (the teacher's)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes kept fixed
 
@@ -216,6 +217,7 @@ def validate_general(cfg: GeneralConfig) -> GeneralConfig:
     check(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
     check(len(m.input_size) == 2 and min(m.input_size) >= 32, "model.input_size",
           f"must be [H, W] with H, W >= 32, got {m.input_size}")
+    check(0 <= m.flip <= 1, "model.flip", f"must be within 0..1, got {m.flip}")
     if m.crop is not None:
         check(len(m.crop) == 2 and 32 <= m.crop[0] <= m.input_size[0] and 32 <= m.crop[1] <= m.input_size[1],
               "model.crop", f"must be [h, w] within model.input_size {m.input_size}, >= 32, got {m.crop}")
@@ -411,8 +413,9 @@ class LinkPairs(torch.utils.data.Dataset):
     # the teacher's input (a random crop) differs between epochs: its outputs cannot be cached per image
     deterministic_hq = False
 
-    def __init__(self, store: PairStore, *, preprocess: Any, crop: Sequence[int] | None, seed: int) -> None:
-        self.store, self.seed, self.epoch = store, int(seed), 0
+    def __init__(self, store: PairStore, *, preprocess: Any, crop: Sequence[int] | None, seed: int,
+                 flip: float = 0.0) -> None:
+        self.store, self.seed, self.epoch, self.flip = store, int(seed), 0, float(flip)
         size = store.hq.shape[1:3]
         self.crop = (int(crop[0]), int(crop[1])) if crop else (int(size[0]), int(size[1]))
         self.preprocess = dataclasses.replace(preprocess, input_size=self.crop)
@@ -431,6 +434,8 @@ class LinkPairs(torch.utils.data.Dataset):
         d = self.epoch % self.store.lq.shape[1]
         hq = np.ascontiguousarray(self.store.hq[k, y : y + ch, x : x + cw])
         lq = np.ascontiguousarray(self.store.lq[k, d, y : y + ch, x : x + cw])
+        if self.flip and rng.random() < self.flip:  # no draw at flip 0: the crops of older recipes stay
+            hq, lq = np.ascontiguousarray(hq[:, ::-1]), np.ascontiguousarray(lq[:, ::-1])
         return {
             "hq": to_tensor_batch([hq], self.preprocess),
             "lq": to_tensor_batch([lq], self.preprocess),
@@ -522,7 +527,7 @@ class GeneralTrainer(Trainer):
     def build_dataset(self) -> LinkPairs:
         store = self._store(self.train_places, self.cfg.run.seed, "encode training links")
         return LinkPairs(store, preprocess=self.student.preprocess, crop=self.cfg.model.crop,
-                         seed=self.cfg.run.seed)
+                         seed=self.cfg.run.seed, flip=self.cfg.model.flip)
 
     def build_objective(self) -> GeneralObjective:
         return GeneralObjective(self.student, self.teacher, self.cfg.loss,
