@@ -27,7 +27,7 @@ from pathlib import Path
 import _common as C  # first: sets sys.path and TORCH_HOME
 import numpy as np
 
-from vpr_ros.core.backends import default_cache_dir, make_backend, quantize_int8
+from vpr_ros.core.backends import CALIBRATIONS, default_cache_dir, make_backend, quantize_int8
 from vpr_ros.core.models import DEFAULT_WEIGHTS, load_model
 from vpr_ros.studies import cross_domain
 from vpr_ros.studies.accuracy import StudyConfig
@@ -37,19 +37,34 @@ RECIPE = C.REPO / "training" / "general_student.yaml"
 MAX_LOSS = 0.01  # ship int8 when it loses at most 1 point of R@1 on every set and link
 
 
-def calibration_images(n: int) -> list[np.ndarray]:
-    """``n`` images spread evenly over the general recipe's training pool (no test images)."""
-    from vpr_ros.training.methods.general import METHOD, build_pool
+def calibration_images(n: int, received: float = 0.0) -> list[np.ndarray]:
+    """``n`` images spread evenly over the general recipe's training pool (no test images); a share
+    ``received`` of them sent through a random link of the recipe's mix first (deployment inputs)."""
+    from vpr_ros.core.transmission import TransmissionConfig, degrade_image
+    from vpr_ros.training.methods.general import METHOD, build_pool, pair_rng
 
-    train, _ = build_pool(METHOD.load(RECIPE).data)
+    recipe = METHOD.load(RECIPE)
+    train, _ = build_pool(recipe.data)
     pick = np.unique(np.linspace(0, len(train.records) - 1, n).round().astype(int))
-    return [train.records[int(i)].load() for i in pick]
+    out = []
+    for i in pick:
+        image = train.records[int(i)].load()
+        rng = pair_rng(1234, int(i), 0)
+        if rng.random() < received:
+            spec = recipe.links.draw(rng)
+            if spec != "none":
+                image = degrade_image(image, TransmissionConfig.parse(spec)).image
+        out.append(image)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     ap.add_argument("--calibration", type=int, default=200, help="calibration images")
+    ap.add_argument("--calibrate", choices=CALIBRATIONS, default="minmax", help="activation-range method")
+    ap.add_argument("--received", type=float, default=0.0,
+                    help="share of the calibration images sent through a random link of the recipe first")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--runs", type=int, default=20, help="frames per repeat and variant")
@@ -63,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     target = (args.weights.with_suffix(".int8.onnx") if args.export  # where the backend looks for it
               else default_cache_dir() / f"{args.weights.stem}.int8.onnx")
     t0 = time.perf_counter()
-    quantize_int8(model, calibration_images(args.calibration), target)
+    quantize_int8(model, calibration_images(args.calibration, args.received), target,
+                  calibrate=args.calibrate)
+    how = args.calibrate
     print(f"int8 export {target} ({target.stat().st_size / 2**20:.1f} MiB) in "
-          f"{time.perf_counter() - t0:.0f} s, calibrated on {args.calibration} pool images", file=sys.stderr)
+          f"{time.perf_counter() - t0:.0f} s, calibrated ({how}) on {args.calibration} pool images, "
+          f"{args.received:g} of them received through a random link", file=sys.stderr)
 
     frame = C.camera_frames((240, 320), 1)[0]  # a 320x240 camera frame, resized by the backend to `size`
     backends = {p: make_backend(model, "onnx", device="cpu", precision=p, max_batch=1, threads=args.threads)
@@ -114,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nlargest R@1 loss {-100 * worst:.1f} points: int8 {'ships' if verdict else 'does not ship'} "
               f"as an option (limit {100 * MAX_LOSS:g} point)")
     C.record(NAME, {"machine": machine, "load": load.summary(), "weights": args.weights.name,
-                    "input_size": list(size), "threads": args.threads, "latency": latency,
+                    "input_size": list(size), "threads": args.threads, "calibrate": how,
+                    "calibration_received": args.received, "latency": latency,
                     "int8_over_fp32": ratio, "recall_at_1": recall, "ships": verdict,
                     "int8_file": str(target), "int8_mib": target.stat().st_size / 2**20})
     return 0

@@ -205,3 +205,30 @@ def test_int8_export_is_found_by_the_model_hash_and_close_to_fp32(tmp_path):
     f = make_backend(model, "onnx", device="cpu", cache_dir=tmp_path / "onnx", threads=1)
     cos = (q(images) * f(images)).sum(1)
     assert q.describe()["onnx"] == str(path) and cos.min() > 0.99
+
+
+def test_int8_calibration_methods_are_named_and_recorded(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import numpy_helper
+
+    from vpr_ros.core.backends import quantize_int8
+    from vpr_ros.core.errors import ModelError
+    from vpr_ros.core.models import load_model
+
+    model = load_model(_tiny_checkpoint(tmp_path / "m.pt", {"key": "tiny"}))
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(4)]
+    images[0] = np.zeros_like(images[0])  # an outlier image: black, far from the others
+    with pytest.raises(ModelError, match="minmax, moving-average"):
+        quantize_int8(model, images, tmp_path / "x.onnx", cache_dir=tmp_path / "onnx", calibrate="entropy")
+    ranges = {}
+    for how in ("minmax", "moving-average"):
+        path = quantize_int8(model, images, tmp_path / how / "m.int8.onnx", cache_dir=tmp_path / "onnx",
+                             calibrate=how)
+        q = onnx.load(str(path))
+        assert {p.key: p.value for p in q.metadata_props}["vpr_ros.calibration"] == how
+        scales = [numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("_scale")]
+        ranges[how] = float(np.sum([s for s in scales if s.ndim == 0]))  # per-tensor activation scales
+    # the mean of per-image extremes lies inside the extremes over all images: no range grows
+    assert ranges["moving-average"] < ranges["minmax"]

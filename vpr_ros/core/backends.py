@@ -414,18 +414,35 @@ def find_int8_export(model: VprModel, cache_dir: str | os.PathLike | None = None
                      "`python bench/int8.py --weights WEIGHTS --export`, or use precision fp32")
 
 
+#: Activation-range calibration of :func:`quantize_int8`: ``minmax`` (ONNX Runtime's default: the
+#: extremes over all calibration images), ``moving-average`` (the mean of each image's extremes: rare
+#: outliers no longer set the range). ONNX Runtime's histogram methods (percentile, entropy) fail on this
+#: model ("Too many bins for data range": a tensor of near-constant values) and are not offered.
+CALIBRATIONS = ("minmax", "moving-average")
+
+
 def quantize_int8(model: VprModel, calibration: Sequence[np.ndarray], out: str | os.PathLike, *,
-                  cache_dir: str | os.PathLike | None = None, per_channel: bool = True) -> Path:
+                  cache_dir: str | os.PathLike | None = None, per_channel: bool = True,
+                  calibrate: str = "minmax") -> Path:
     """Static int8 quantization (ONNX Runtime, QDQ, int8 weights per channel, uint8 activations with
-    min-max ranges) of ``model``'s fp32 export, calibrated on ``calibration`` (RGB uint8 images,
-    preprocessed as the backend does). Writes ``out`` (atomically) with the model's hash in its metadata,
-    which :func:`find_int8_export` matches."""
+    ranges from ``calibrate``, one of :data:`CALIBRATIONS`) of ``model``'s fp32 export, calibrated on
+    ``calibration`` (RGB uint8 images, preprocessed as the backend does). Writes ``out`` (atomically) with
+    the model's hash in its metadata, which :func:`find_int8_export` matches."""
     import onnx  # optional extra "fast"
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not calibration:
         raise ModelError("int8 calibration needs at least one image")
+    if calibrate not in CALIBRATIONS:
+        raise ModelError(f"int8 calibration {calibrate!r}: expected one of {', '.join(CALIBRATIONS)}")
+    extra = {"CalibMovingAverage": calibrate == "moving-average"}
     src, _ = export_onnx(model, cache_dir or default_cache_dir())
     name = onnx.load(str(src), load_external_data=False).graph.input[0].name
 
@@ -441,10 +458,12 @@ def quantize_int8(model: VprModel, calibration: Sequence[np.ndarray], out: str |
     with atomic_path(out) as tmp, atomic_path(out.with_suffix(".pre.onnx")) as pre:
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, extra_options=extra)
         q = onnx.load(str(tmp))
         onnx.helper.set_model_props(q, {INT8_HASH_KEY: model_hash(model),
-                                        "vpr_ros.calibration_images": str(len(calibration))})
+                                        "vpr_ros.calibration_images": str(len(calibration)),
+                                        "vpr_ros.calibration": calibrate})
         onnx.save(q, str(tmp))
     out.with_suffix(".pre.onnx").unlink(missing_ok=True)
     return out
