@@ -232,3 +232,30 @@ def test_int8_calibration_methods_are_named_and_recorded(tmp_path):
         ranges[how] = float(np.sum([s for s in scales if s.ndim == 0]))  # per-tensor activation scales
     # the mean of per-image extremes lies inside the extremes over all images: no range grows
     assert ranges["moving-average"] < ranges["minmax"]
+
+
+def test_int8_descriptors_are_cached_per_int8_export_not_per_weights(tmp_path, torch_home, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from vpr_ros.core.backends import default_cache_dir, quantize_int8
+    from vpr_ros.core.models import load_model
+    from vpr_ros.studies.accuracy import StudyConfig
+
+    monkeypatch.setenv("VPR_ROS_CACHE", str(tmp_path / "cache"))
+    shared = _loop_fixture(tmp_path / "shared")
+    ckpt = _tiny_checkpoint(tmp_path / "w" / "tiny.pt", {"key": "tiny", "train_domains": ["nordland"]})
+    model = load_model(ckpt)
+    rng = np.random.default_rng(0)
+    calib = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(4)]
+    calib[0] = np.zeros_like(calib[0])
+    cfg = StudyConfig(out=tmp_path / "out", page=None, shared=shared, datasets=("rtabmap_loop",),
+                      batch_size=8, progress=False, device="cpu")
+    cx = cross_domain.CrossConfig(links=("none",), checkpoints=[ckpt], backend="onnx", precision="int8",
+                                  deploy_size=(32, 64), write_cards=False)
+    target = default_cache_dir() / "tiny.int8.onnx"
+    quantize_int8(model, calib, target, calibrate="minmax")
+    first = cross_domain.evaluate(cfg, cx)
+    assert first["described"] > 0
+    assert cross_domain.evaluate(cfg, cx)["described"] == 0  # same export: every descriptor reused
+    quantize_int8(model, calib, target, calibrate="moving-average")  # same weights, another int8 model
+    again = cross_domain.evaluate(cfg, cx)
+    assert again["described"] == 2  # the checkpoint's map and its queries again; ImageNet (fp32) reused

@@ -20,6 +20,7 @@ checkpoint's bytes: writing a card does not invalidate them), input size and inf
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from vpr_ros.core.backends import default_backend
+from vpr_ros.core.backends import default_backend, find_int8_export
 from vpr_ros.core.extract import DescriptorExtractor
 from vpr_ros.core.fileio import atomic_write_text
 from vpr_ros.core.models import create_model, load_model
@@ -156,8 +157,15 @@ def evaluate(study_cfg: Any, cx: CrossConfig, *, sets: list | None = None) -> di
     def prec(c: Column) -> str:
         return cx.precision if c.card is not None else "fp32"
 
+    int8_files: dict[str, str] = {}
+
     def ident(c: Column) -> str:
-        return c.identity(backend, prec(c))
+        if prec(c) != "int8":
+            return c.identity(backend, prec(c))
+        if c.key not in int8_files:  # the int8 export in use: another calibration is another model
+            path = find_int8_export(c.load())
+            int8_files[c.key] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        return f"{c.identity(backend, 'int8')}:{int8_files[c.key]}"
 
     def fname(c: Column) -> str:  # cache file: beside the main study's ("loqi", ...); fp32 and int8 apart
         return f"cross_{c.key}" if prec(c) == "fp32" else f"cross_{c.key}.{prec(c)}"
