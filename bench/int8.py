@@ -40,8 +40,7 @@ MAX_LOSS = 0.01  # ship int8 when it loses at most 1 point of R@1 on every set a
 def calibration_images(n: int, received: float = 0.0) -> list[np.ndarray]:
     """``n`` images spread evenly over the general recipe's training pool (no test images); a share
     ``received`` of them sent through a random link of the recipe's mix first (deployment inputs)."""
-    from vpr_ros.core.transmission import TransmissionConfig, degrade_image
-    from vpr_ros.training.methods.general import METHOD, build_pool, pair_rng
+    from vpr_ros.training.methods.general import METHOD, build_pool, pair_rng, receive
 
     recipe = METHOD.load(RECIPE)
     train, _ = build_pool(recipe.data)
@@ -50,11 +49,7 @@ def calibration_images(n: int, received: float = 0.0) -> list[np.ndarray]:
     for i in pick:
         image = train.records[int(i)].load()
         rng = pair_rng(1234, int(i), 0)
-        if rng.random() < received:
-            spec = recipe.links.draw(rng)
-            if spec != "none":
-                image = degrade_image(image, TransmissionConfig.parse(spec)).image
-        out.append(image)
+        out.append(receive(image, recipe.links.draw(rng)) if rng.random() < received else image)
     return out
 
 
@@ -80,10 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     quantize_int8(model, calibration_images(args.calibration, args.received), target,
                   calibrate=args.calibrate)
-    how = args.calibrate
     print(f"int8 export {target} ({target.stat().st_size / 2**20:.1f} MiB) in "
-          f"{time.perf_counter() - t0:.0f} s, calibrated ({how}) on {args.calibration} pool images, "
-          f"{args.received:g} of them received through a random link", file=sys.stderr)
+          f"{time.perf_counter() - t0:.0f} s, calibrated ({args.calibrate}) on {args.calibration} pool "
+          f"images, {args.received:g} of them received through a random link", file=sys.stderr)
 
     frame = C.camera_frames((240, 320), 1)[0]  # a 320x240 camera frame, resized by the backend to `size`
     backends = {p: make_backend(model, "onnx", device="cpu", precision=p, max_batch=1, threads=args.threads)
@@ -132,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nlargest R@1 loss {-100 * worst:.1f} points: int8 {'ships' if verdict else 'does not ship'} "
               f"as an option (limit {100 * MAX_LOSS:g} point)")
     C.record(NAME, {"machine": machine, "load": load.summary(), "weights": args.weights.name,
-                    "input_size": list(size), "threads": args.threads, "calibrate": how,
+                    "input_size": list(size), "threads": args.threads, "calibrate": args.calibrate,
                     "calibration_received": args.received, "latency": latency,
                     "int8_over_fp32": ratio, "recall_at_1": recall, "ships": verdict,
                     "int8_file": str(target), "int8_mib": target.stat().st_size / 2**20})

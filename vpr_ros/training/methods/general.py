@@ -329,6 +329,12 @@ def to_gray_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(np.clip(np.rint(y), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
+def receive(image: np.ndarray, spec: str) -> np.ndarray:
+    """``image`` as received over the link ``spec`` (at its own resolution); the image itself for ``none``."""
+    cfg = TransmissionConfig.parse(spec)
+    return image if cfg.mode == "none" else degrade_image(image, cfg).image
+
+
 def pair_rng(seed: int, image: int, draw: int) -> np.random.Generator:
     """The generator of one (image, draw): depends only on the seed, the image's pool index and the draw."""
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, 7, int(image), int(draw)])
@@ -392,9 +398,7 @@ class PairStore:
                 for d in range(draws):
                     spec = mix.draw(pair_rng(seed, i, d))
                     row.append(spec)
-                    cfg = TransmissionConfig.parse(spec)
-                    received = image if cfg.mode == "none" else degrade_image(image, cfg).image
-                    lq[i, d] = resize_rgb(received, (h, w))
+                    lq[i, d] = resize_rgb(receive(image, spec), (h, w))
                 specs.append(row)
             hq.flush()
             lq.flush()
