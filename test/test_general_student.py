@@ -53,10 +53,10 @@ def test_nordland_pool_leaves_out_the_held_out_places_and_a_gap():
     assert not _nordland_kept(700, split) and _nordland_kept(700, None)  # block 7 = 7 mod 5 = 2
 
 
-def _images(folder: Path, n: int = 12) -> Path:
+def _images(folder: Path, n: int = 12, size: tuple[int, int] = (48, 64)) -> Path:
     rng = np.random.default_rng(0)
     for i in range(n):
-        save_image(folder / f"{i:02d}.png", rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+        save_image(folder / f"{i:02d}.png", rng.integers(0, 255, (*size, 3), dtype=np.uint8))
     return folder
 
 
@@ -199,3 +199,40 @@ def test_flip_outside_0_1_is_refused():
     validate_general(GeneralConfig(data=pool, model=GeneralModelConfig(flip=0.5)))
     with pytest.raises(ConfigError, match="model.flip"):
         validate_general(GeneralConfig(data=pool, model=GeneralModelConfig(flip=1.5)))
+
+
+def test_camera_scale_sends_the_frame_at_a_multiple_of_the_input_size(tmp_path):
+    """With ``links.camera_scale`` the link encodes the image resized to s x the input size: JPEG's 8x8
+    blocks reach a 32x48 input shrunk s times, so the received view is closer to the clean one than when a
+    16x24 image (blocks magnified 2x) is sent at its own size."""
+    from vpr_ros.training.methods.general import SourceConfig
+
+    recs = source_records(SourceConfig(kind="images", root=str(_images(tmp_path / "img", 6, size=(16, 24)))))
+    jpeg = {"clean": 0.0, "resize": 0.0, "h264": 0.0, "h265": 0.0, "jpeg_quality": [10, 10]}
+
+    def store(mix: LinkMixConfig) -> PairStore:
+        return PairStore.build(recs, size=[32, 48], draws=2, seed=1, mix=mix, root=tmp_path / "s",
+                               progress=False)
+
+    own, cam = store(LinkMixConfig(**jpeg)), store(LinkMixConfig(camera_scale=[3.0, 3.0], **jpeg))
+    assert own.folder != cam.folder
+    assert own.specs[0] == ["jpeg:10", "jpeg:10"] and cam.specs[0] == ["jpeg:10@3.00x", "jpeg:10@3.00x"]
+    assert np.array_equal(own.hq, cam.hq)  # the teacher's view does not change
+
+    def err(s: PairStore) -> float:
+        return float(np.abs(s.lq[:, 0].astype(np.float32) - s.hq.astype(np.float32)).mean())
+
+    assert err(cam) < 0.8 * err(own)
+    assert "sent at 3-3x the input size" in LinkMixConfig(camera_scale=[3.0, 3.0]).label()
+    # the key of a store without the option is the one it had before the option existed
+    assert PairStore.key(recs, [32, 48], 2, 1, LinkMixConfig(**jpeg)) == own.folder.name
+
+
+def test_camera_scale_range_is_checked():
+    from vpr_ros.training.methods.general import GeneralConfig, PoolConfig, SourceConfig, validate_general
+
+    pool = PoolConfig(sources=[SourceConfig(kind="images", root="imgs")])
+    validate_general(GeneralConfig(data=pool, links=LinkMixConfig(camera_scale=[1.0, 2.0])))
+    for bad in ([2.0, 1.0], [0.1, 1.0], [1.0]):
+        with pytest.raises(ConfigError, match="links.camera_scale"):
+            validate_general(GeneralConfig(data=pool, links=LinkMixConfig(camera_scale=bad)))

@@ -142,6 +142,12 @@ class LinkMixConfig:
     # share of the pool's images made grayscale (3 equal channels) before the teacher and the link see them:
     # many robot cameras are monochrome, and a link's artefacts differ without colour (no chroma planes)
     gray: float = 0.0
+    # the camera the link serves: each received frame is sent at s x the model input size (s uniform in
+    # [lo, hi] per (image, draw)), as from a camera larger than the model input (640x480 for a 240x320
+    # model: s = 2), so a link's artefacts (JPEG blocks, macroblocks, a resize's blur) reach the model at
+    # the deployment's scale. null: the pool image at its own size (images smaller than the input then show
+    # the artefacts magnified, Nordland's 64x32 frames 5-7x)
+    camera_scale: list[float] | None = None
 
     def weights(self) -> np.ndarray:
         w = np.array([getattr(self, k) for k in LINK_KINDS], dtype=np.float64)
@@ -158,6 +164,12 @@ class LinkMixConfig:
             return f"resize:{rng.uniform(self.resize_scale[0], self.resize_scale[1]):.3f}"
         return f"{kind}:{int(rng.integers(self.qp[0], self.qp[1] + 1))}"
 
+    def draw_camera(self, rng: np.random.Generator) -> float | None:
+        """The camera scale of one received frame (after :meth:`draw`, from the same generator), or None."""
+        if self.camera_scale is None:
+            return None
+        return float(rng.uniform(self.camera_scale[0], self.camera_scale[1]))
+
     def label(self) -> str:
         parts = [f"clean {self.clean:g}"]
         if self.jpeg:
@@ -168,6 +180,8 @@ class LinkMixConfig:
             if getattr(self, k):
                 parts.append(f"{k} qp{self.qp[0]}-{self.qp[1]} {getattr(self, k):g}")
         gray = f"; {self.gray:g} of the images grayscale" if self.gray else ""
+        if self.camera_scale is not None:
+            gray += f"; sent at {self.camera_scale[0]:g}-{self.camera_scale[1]:g}x the input size"
         return "random link: " + ", ".join(parts) + gray
 
     def is_gray(self, seed: int, image: int) -> bool:
@@ -230,6 +244,9 @@ def validate_general(cfg: GeneralConfig) -> GeneralConfig:
     check(len(lk.qp) == 2 and 0 <= lk.qp[0] <= lk.qp[1] <= 51, "links.qp",
           f"must be [lo, hi] within 0..51, got {lk.qp}")
     check(0 <= lk.gray <= 1, "links.gray", f"must be within 0..1, got {lk.gray}")
+    check(lk.camera_scale is None or (len(lk.camera_scale) == 2 and 0.25 <= lk.camera_scale[0]
+                                      <= lk.camera_scale[1] <= 8), "links.camera_scale",
+          f"must be null or [lo, hi] within 0.25..8, got {lk.camera_scale}")
     check(cfg.loss.ickd or cfg.loss.mse, "loss", "enable loss.ickd or loss.mse")
     check(not cfg.loss.triplet, "loss.triplet", "the pool has no labels: the triplet loss cannot be used")
     check(not cfg.loss.cache_teacher, "loss.cache_teacher",
@@ -345,8 +362,9 @@ class PairStore:
 
     ``hq``: (N, H, W, 3) uint8, each pool image resized to the input size (what the teacher sees);
     ``lq``: (N, draws, H, W, 3) uint8, the image sent through the link of (seed, image, draw) at its own
-    resolution and the received frame resized to the input size (what the student sees); ``specs``: the
-    links. Saved as .npy files (read memory-mapped) in ``root/<key>``, ``key`` a hash of the records,
+    resolution (or at ``links.camera_scale`` x the input size) and the received frame resized to the input
+    size (what the student sees); ``specs``: the links (``spec@S x`` with a camera scale).
+    Saved as .npy files (read memory-mapped) in ``root/<key>``, ``key`` a hash of the records,
     size, draws, seed and link mix; a store killed while being written is rebuilt (no ``done.json``).
     """
 
@@ -365,8 +383,9 @@ class PairStore:
     def key(records: Sequence[ImageRecord], size: Sequence[int], draws: int, seed: int,
             mix: LinkMixConfig) -> str:
         links = dataclasses.asdict(mix)
-        if not mix.gray:  # stores built before the option keep their key
-            links.pop("gray")
+        for opt in ("gray", "camera_scale"):  # stores built before an option keep their key
+            if not links[opt]:
+                links.pop(opt)
         text = json.dumps([STORE_VERSION, [f"{r.path}|{r.name}" for r in records], list(size), draws, seed,
                            links])
         return hashlib.sha1(text.encode()).hexdigest()[:16]
@@ -396,9 +415,13 @@ class PairStore:
                 hq[i] = resize_rgb(image, (h, w))
                 row = []
                 for d in range(draws):
-                    spec = mix.draw(pair_rng(seed, i, d))
-                    row.append(spec)
-                    lq[i, d] = resize_rgb(receive(image, spec), (h, w))
+                    rng = pair_rng(seed, i, d)
+                    spec = mix.draw(rng)
+                    scale = mix.draw_camera(rng) if spec != "none" else None
+                    sent = None if scale is None else (round(scale * h), round(scale * w))
+                    frame = image if sent is None else resize_rgb(image, sent)
+                    row.append(spec if scale is None else f"{spec}@{scale:.2f}x")
+                    lq[i, d] = resize_rgb(receive(frame, spec), (h, w))
                 specs.append(row)
             hq.flush()
             lq.flush()
