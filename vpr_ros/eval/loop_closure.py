@@ -33,12 +33,15 @@ from vpr_ros.core.loop_closure import (
     LoopClosureDetector,
 )
 from vpr_ros.core.models import DEFAULT_WEIGHTS, resolve_model
+from vpr_ros.core.models.resolve import DEFAULT_KEY
 from vpr_ros.core.transmission import TransmissionConfig, Transmitter
 from vpr_ros.data.places import load_rtabmap_loop
 from vpr_ros.eval.metrics import PRCurve, json_default, loop_closure_pr, precision_recall
 from vpr_ros.eval.plots import plot_pr_curves
 
 log = logging.getLogger(__name__)
+#: The packaged default student's label in reports (``structvpr_<card key>``).
+DEFAULT_LABEL = f"structvpr_{DEFAULT_KEY}"
 
 #: Sweeps of :func:`choose_operating_point`: candidates verified per query, inlier thresholds.
 TOP_K_GRID = (1, 3, 5)
@@ -247,9 +250,9 @@ def evaluate_loop_closure(
     if models is None:
         models = [("structvpr_imagenet", None)]
         if DEFAULT_WEIGHTS.is_file():
-            models.append(("structvpr_loqi", str(DEFAULT_WEIGHTS)))
+            models.append((DEFAULT_LABEL, str(DEFAULT_WEIGHTS)))
     if ship_model is None:
-        ship_model = "structvpr_loqi" if any(m == "structvpr_loqi" for m, _ in models) else models[0][0]
+        ship_model = DEFAULT_LABEL if any(m == DEFAULT_LABEL for m, _ in models) else models[0][0]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     configs = [TransmissionConfig.parse(s) for s in degradations]
