@@ -208,15 +208,18 @@ def test_runner_refuses_bad_configuration(capsys):
 
 
 def test_graph_demo_agrees_with_offline(nordland_dir, torch_home, tmp_path):
-    from vpr_ros.ros.demo import run_graph_demo
+    from vpr_ros.ros.demo import nordland_places, run_graph_demo
 
-    paths = run_graph_demo(nordland_root=nordland_dir, out_dir=tmp_path, every=3, weights="imagenet",
-                           input_size="native", max_frames=24, rate_hz=30.0)
+    places = nordland_places(nordland_dir, every=3, max_frames=24)
+    assert len(places.queries) <= 24
+    paths = run_graph_demo(dataset=places, out_dir=tmp_path, weights="imagenet", input_size="native",
+                           max_frames=12, rate_hz=30.0)
     result = json.loads(paths["ros_graph_json"].read_text())
     assert paths["ros_graph_plot"].stat().st_size > 10_000
     assert result["agree"] and len(result["runs"]) == 2
     full, jpeg = result["runs"]
-    assert full["place_matches_received"] == full["frames"] == result["queries"]
+    assert full["place_matches_received"] == full["frames"] == result["queries"] <= 12
+    assert result["query_every"] == 2 and result["database"] == len(places.database)
     assert full["recall_graph"] == full["recall_offline"] and jpeg["recall_graph"] == jpeg["recall_offline"]
     assert jpeg["degradation_label"] == "jpeg_q10" and jpeg["bytes_per_frame"] < full["bytes_per_frame"] / 3
     assert full["latency_e2e_ms"]["p50"] > 0

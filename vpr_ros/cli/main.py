@@ -456,9 +456,10 @@ def _demo_ros(args: argparse.Namespace, root: Path) -> dict[str, Path]:
     except ImportError as exc:
         print(f"\n(ROS graph part skipped: {exc})")
         return {}
-    return demo.run_graph_demo(nordland_root=root, out_dir=Path(args.out) / "ros", every=args.every,
-                               weights=args.weights, input_size=args.input_size, backend=args.backend,
-                               precision=args.precision, threads=args.threads)
+    places = demo.nordland_places(root, args.every or 1)
+    return demo.run_graph_demo(dataset=places, out_dir=Path(args.out) / "ros", weights=args.weights,
+                               input_size=args.input_size, backend=args.backend, precision=args.precision,
+                               threads=args.threads)
 
 
 # --------------------------------------------------------------------------- parser

@@ -1,14 +1,17 @@
-"""The ROS part of ``vpr-ros demo``: Nordland winter frames through a real in-process ROS 2 graph.
+"""The ROS part of ``vpr-ros demo``: a place set's query frames through a real in-process ROS 2 graph.
 
 camera (this module, real ``sensor_msgs/Image`` messages) -> transmitter node -> localizer node
--> ``PlaceMatch`` back here. Two runs over the same winter frames: the link at full quality
-(``mode: none``), then at JPEG q=10 (a runtime parameter change of the transmitter). Recall@1/5
+-> ``PlaceMatch`` back here, against a map of the set's database images. Two runs over the same query
+frames: the link at full quality (``mode: none``), then at JPEG q=10 (a runtime parameter change of the
+transmitter). Recall@1/5
 through the graph and the end-to-end latency are compared with the offline pipeline on the same
 frames (same model, same map, same degradation): the graph must give the same matches.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -40,14 +43,14 @@ from vpr_ros.ros import graph as node_graph
 from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
 from vpr_ros.ros.runner import InProcessGraph
 
-__all__ = ["run_graph_demo"]
+__all__ = ["nordland_places", "run_graph_demo"]
 
 K = 5
 
 
 @dataclass
 class _Run:
-    """One pass of the winter frames through the graph and offline."""
+    """One pass of the query frames through the graph and offline."""
 
     label: str
     config: TransmissionConfig
@@ -64,14 +67,16 @@ def _size_arg(input_size: str | tuple | None) -> str | tuple | None:
     return "" if input_size is None else input_size
 
 
-def _effective_every(root: Path, every: int, max_frames: int) -> int:
+def nordland_places(root: str | os.PathLike, every: int = 3, max_frames: int = 80) -> PlaceDataset:
+    """Every ``every``-th Nordland place (summer map, winter queries), thinned further to about
+    ``max_frames`` places."""
     total = len([p for p in (Path(root) / "summer").iterdir() if p.suffix.lower() == ".png"])
-    return max(1, int(every), math.ceil(total / max(1, max_frames)))
+    return load_nordland(root, every=max(1, int(every), math.ceil(total / max(1, max_frames))))
 
 
-def _summer_map(ext: DescriptorExtractor, label: str, ds: PlaceDataset,
-                cache: Path) -> tuple[PlaceMap, np.ndarray]:
-    """Load the cached summer map when it matches this model, else build and save it.
+def _database_map(ext: DescriptorExtractor, label: str, ds: PlaceDataset,
+                  cache: Path) -> tuple[PlaceMap, np.ndarray]:
+    """Load the cached map of the database images when it matches this model, else build and save it.
 
     Returns the map and, per map id, the database record index (from the entries' source paths).
     """
@@ -191,7 +196,7 @@ def _graph_runs(ext: DescriptorExtractor, label: str, map_dir: Path, frames: lis
                 t_next = max(t_next + period, time.monotonic()) if i else time.monotonic()
                 time.sleep(max(0.0, t_next - time.monotonic()))
                 msg = rgb_to_image_msg(frame, "rgb8", Header(stamp=float_to_stamp(base + i),
-                                                              frame_id="nordland_winter"))
+                                                              frame_id="camera"))
                 sent_at[base + i] = time.monotonic()
                 pub.publish(msg)
             graph.wait_for(lambda b=base: all(b + i in matches for i in range(len(frames))), 60.0)
@@ -222,16 +227,16 @@ def _tx_params(config: TransmissionConfig) -> dict[str, Any]:
     return {k: d[k] for k in ("mode", "jpeg_quality", "scale", "upscale", "qp")}
 
 
-def run_graph_demo(*, nordland_root: str | os.PathLike, out_dir: str | os.PathLike, every: int = 3,
-                   weights: str | None = None, input_size: str | tuple | None = "128x256",
-                   max_frames: int = 80, rate_hz: float = 10.0, quality: int = 10, backend: str = "auto",
-                   precision: str = "fp32", threads: int = 0) -> dict[str, Path]:
+def run_graph_demo(*, dataset: PlaceDataset, out_dir: str | os.PathLike, weights: str | None = None,
+                   input_size: str | tuple | None = "128x256", max_frames: int = 80, rate_hz: float = 10.0,
+                   quality: int = 10, backend: str = "auto", precision: str = "fp32",
+                   threads: int = 0) -> dict[str, Path]:
     """Recall@1/5 and latency through the ROS graph at full quality and at JPEG ``quality``.
 
-    Uses every ``every``-th Nordland place, thinned further to about ``max_frames`` places so
-    the run stays near a minute on two CPU cores. Writes ``graph_demo.json`` and
-    ``graph_demo.png`` (latency histogram, recall graph vs offline) under ``out_dir``.
-    ``backend`` / ``precision`` / ``threads``: how the model runs (the localizer's parameters).
+    The map holds ``dataset``'s database images; its queries, thinned to at most ``max_frames`` (every
+    k-th), are the camera frames, so the run stays near a minute on two CPU cores. Writes
+    ``graph_demo.json`` and ``graph_demo.png`` (latency histogram, recall graph vs offline) under
+    ``out_dir``. ``backend`` / ``precision`` / ``threads``: how the model runs (the localizer's parameters).
     """
 
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -240,17 +245,18 @@ def run_graph_demo(*, nordland_root: str | os.PathLike, out_dir: str | os.PathLi
     if not os.environ.get("HOME") and not os.environ.get("ROS_LOG_DIR"):
         os.environ["ROS_LOG_DIR"] = str(out / "ros_log")
     t_start = time.perf_counter()
-    step = _effective_every(Path(nordland_root), every, max_frames)
+    step = max(1, math.ceil(len(dataset.queries) / max(1, max_frames)))
+    ds = dataclasses.replace(dataset, queries=dataset.queries[::step])
     print("\nROS graph demo: camera -> transmitter -> localizer -> PlaceMatch "
-          f"(Nordland, every {step}th place)")
-    ds = load_nordland(nordland_root, every=step)
+          f"({ds.name}: {len(ds.database)} map images, {len(ds.queries)} query frames)")
     ext, label = build_extractor(weights or "default", "", _size_arg(input_size), "auto", 16, backend=backend,
                                  precision=precision, threads=threads)
     size = ext.preprocess.input_size
     size_tag = "native" if size is None else f"{size[0]}x{size[1]}"
     print(f"  model {label} ({ext.dim}-d) on {ext.device}, backend {backend} {precision}, input {size_tag}")
-    cache = out / f"nordland_summer_every{step}_{label.replace('@', '_')}_{size_tag}"
-    place_map, db_of_id = _summer_map(ext, label, ds, cache)
+    ident = hashlib.sha1("\n".join(str(r.path) for r in ds.database).encode()).hexdigest()[:8]
+    cache = out / f"{ds.name}_{len(ds.database)}_{ident}_{label.replace('@', '_')}_{size_tag}"
+    place_map, db_of_id = _database_map(ext, label, ds, cache)
     frames = [r.load() for r in ds.queries]
     positives = ds.positives()
     runs = [_Run("full quality", TransmissionConfig(mode="none")),
@@ -289,7 +295,7 @@ def run_graph_demo(*, nordland_root: str | os.PathLike, out_dir: str | os.PathLi
                else "WARNING: the graph and the offline evaluation disagree on some frames (see JSON)")
     print(f"  {verdict}")
     result = {
-        "dataset": ds.name, "every": step, "database": len(ds.database), "queries": len(frames),
+        "dataset": ds.name, "query_every": step, "database": len(ds.database), "queries": len(frames),
         "model": label, "input_size": size_tag, "device": str(ext.device), "backend": backend,
         "rate_hz": rate_hz,
         "runs": summary, "agree": agree, "graph_seconds": graph_s,
