@@ -131,3 +131,20 @@ def test_ros_commands_without_ros_packages_give_one_clear_line():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
     assert out.returncode == 2, out.stderr
     assert "needs ROS 2 Python packages" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_demo_runs_on_another_place_set(shared_dir, torch_home, tmp_path, capsys):
+    """``demo --set rtabmap_loop``: the study's corridor protocol (40 map frames, the revisit as queries),
+    every demo link, and the default set follows the default student."""
+    from vpr_ros.cli.main import DEFAULT_DEMO_SET, DEMO_SETS
+    from vpr_ros.core.models.resolve import DEFAULT_KEY
+
+    assert DEFAULT_DEMO_SET.get(DEFAULT_KEY, "nordland") in DEMO_SETS
+    out = tmp_path / "demo"
+    rc = main(["demo", "--shared", str(shared_dir), "--set", "rtabmap_loop", "--no-ros", "--model",
+               "structvpr_mobilenetv2", "--input-size", "48x64", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    assert "RTAB-Map loop sequence" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["degradation"] for r in results] == ["none", "jpeg_q10", "res_0.25", "h264_qp40"]
+    assert {r["n_queries"] for r in results} == {44} and {r["name"] for r in results} == {"rtabmap_loop"}

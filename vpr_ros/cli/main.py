@@ -325,7 +325,7 @@ def run_eval(args: argparse.Namespace, specs: Sequence[str]) -> tuple[list, dict
     lengths = sorted(set(getattr(args, "sequence_length", None) or ()))
     velocity = _sequence_velocity(args) if lengths else (0.0, 0.0)
     check_output_dir(args.out)  # an unwritable --out is found now, not after the whole run
-    ds = _dataset(args)
+    ds = getattr(args, "place_set", None) or _dataset(args)
     ext = _extractor(args)
     t0 = time.perf_counter()
     k = max(max(RECALL_NS), SEQUENCE_CANDIDATES) if lengths else max(RECALL_NS)
@@ -397,35 +397,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The set ``vpr-ros demo`` runs on by default, per default student (its card key): Nordland's held-out
+#: places for the Nordland LoQI student (its own domain), a street it never saw for the general student.
+DEMO_SETS = ("nordland", "kitti00", "rtabmap_loop")
+DEFAULT_DEMO_SET = {"loqi": "nordland", "general": "kitti00"}
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     shared = Path(args.shared) if args.shared else paths.shared_root()
-    root = shared / "data" / "nordland_64x32"
-    if not root.is_dir():
-        raise VprError(f"the demo needs the Nordland data at {root}; pass --shared or set VPR_ROS_SHARED")
     from vpr_ros.core.models import DEFAULT_WEIGHTS  # the model registry imports torch
+    from vpr_ros.core.models.resolve import DEFAULT_KEY
 
+    key = args.set or DEFAULT_DEMO_SET.get(DEFAULT_KEY, "nordland")
     packaged = not args.weights and not args.model and DEFAULT_WEIGHTS.is_file()
-    if args.input_size is None and not packaged:
-        args.input_size = "128x256"  # ImageNet fallback: a size that suits Nordland's 2:1 frames
-    # The places the packaged student never saw; any model is evaluated on them, for fair comparisons.
-    split = _training_split(DEFAULT_WEIGHTS) if args.places == "held-out" else None
-    if args.every is None:
-        args.every = 1 if split else 3
-    print(f"vpr_ros demo: map from Nordland summer, queries from Nordland winter ({root})")
-    if split:
-        print(f"  places held out from the packaged student's training: blocks of {split['block']:g} frames, "
-              f"every {split['val_every']}th from {split['val_offset']} (--places all for every place)")
-    args.dataset, args.root, args.limit = "nordland", root, None
-    args.frame_filter = _held_out_filter(split) if split else None
+    if key == "nordland":
+        ds = None
+        root = shared / "data" / "nordland_64x32"
+        if not root.is_dir():
+            raise VprError(f"the demo needs the Nordland data at {root}; pass --shared or set VPR_ROS_SHARED")
+        if args.input_size is None and not packaged:
+            args.input_size = "128x256"  # ImageNet fallback: a size that suits Nordland's 2:1 frames
+        # The places the packaged student never saw; any model is evaluated on them, for fair comparisons.
+        split = _training_split(DEFAULT_WEIGHTS) if args.places == "held-out" else None
+        if args.every is None:
+            args.every = 1 if split else 3
+        print(f"vpr_ros demo: map from Nordland summer, queries from Nordland winter ({root})")
+        if split:
+            print(f"  places held out from the packaged student's training: blocks of {split['block']:g} "
+                  f"frames, every {split['val_every']}th from {split['val_offset']} (--places all for every "
+                  "place)")
+        args.dataset, args.root, args.limit = "nordland", root, None
+        args.frame_filter = _held_out_filter(split) if split else None
+    else:
+        from vpr_ros.studies.accuracy import StudyConfig, load_sets  # the study's protocol for the set
+
+        try:
+            ds = load_sets(StudyConfig(shared=shared, datasets=(key,)))[0]
+        except (OSError, VprError) as exc:
+            raise VprError(f"the demo needs the {key} data under {shared / 'data'} ({exc}); pass --shared or "
+                           "set VPR_ROS_SHARED") from None
+        if args.input_size is None and not packaged:
+            args.input_size = "240x320"
+        print(f"vpr_ros demo: {ds.title}: {len(ds.database)} map images, {len(ds.queries)} queries "
+              f"({ds.ground_truth.text})")
+    args.place_set = ds
     _, outputs = run_eval(args, args.degrade or list(DEMO_DEGRADATIONS))
-    if packaged:  # Nordland is the default student's domain: its card says how it does elsewhere
+    if packaged:  # the card says how the default does in and out of its training domain
         from vpr_ros.core.models.card import format_card, read_card
 
         print("\nthe packaged default in and out of its training domain (model card, `make study`; "
               "docs/results.md):")
         print("\n".join(format_card(read_card(DEFAULT_WEIGHTS), default=True)))
     if not args.no_ros:
-        outputs.update(_demo_ros(args, root))
+        outputs.update(_demo_ros(args, root if ds is None else ds))
     print("\nplots and results:")
     for name, p in outputs.items():
         print(f"  {name:28s} {p}")
@@ -450,13 +474,14 @@ def _held_out_filter(split: dict):
     return held_out
 
 
-def _demo_ros(args: argparse.Namespace, root: Path) -> dict[str, Path]:
+def _demo_ros(args: argparse.Namespace, where: Path | Any) -> dict[str, Path]:
+    """The graph part on a place set (``where``), or on Nordland places of the folder ``where``."""
     try:  # rclpy is optional: without it the demo skips its graph part
         demo = importlib.import_module("vpr_ros.ros.demo")
     except ImportError as exc:
         print(f"\n(ROS graph part skipped: {exc})")
         return {}
-    places = demo.nordland_places(root, args.every or 1)
+    places = demo.nordland_places(where, args.every or 1) if isinstance(where, Path) else where
     return demo.run_graph_demo(dataset=places, out_dir=Path(args.out) / "ros", weights=args.weights,
                                input_size=args.input_size, backend=args.backend, precision=args.precision,
                                threads=args.threads)
@@ -504,13 +529,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sequence_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="Nordland winter->summer at high and low quality (+ the ROS graph)")
+    p = sub.add_parser("demo", help="a place set at high and low quality (+ the ROS graph)")
     p.add_argument("--shared", help="shared data folder (default $VPR_ROS_SHARED or ../shared)")
+    p.add_argument("--set", choices=DEMO_SETS, default=None,
+                   help="nordland (winter->summer), kitti00 (a street) or rtabmap_loop (a corridor); "
+                        "default: the default student's demo set (Nordland for the LoQI student, KITTI 00 "
+                        "for the general one)")
     p.add_argument("--out", default="results/demo", help="folder for results.json and plots")
     p.add_argument("--every", type=int, default=None,
-                   help="use every N-th Nordland place (default 1 on held-out places, else 3)")
+                   help="nordland: use every N-th place (default 1 on held-out places, else 3)")
     p.add_argument("--places", choices=["held-out", "all"], default="held-out",
-                   help="only places the packaged student was not trained on (default), or all")
+                   help="nordland: only places the packaged student was not trained on (default), or all")
     p.add_argument("--degrade", action="append", help=f"degradation specs (default {DEMO_DEGRADATIONS})")
     p.add_argument("--no-ros", action="store_true", help="skip the ROS graph part")
     _add_model_args(p)
