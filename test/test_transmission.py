@@ -392,3 +392,14 @@ def test_psnr() -> None:
     assert psnr(a, b) == pytest.approx(10 * math.log10(48))
     with pytest.raises(ValueError, match="shapes differ"):
         psnr(a, a[:2])
+
+
+def test_received_image_is_the_frame_itself_without_a_link():
+    from vpr_ros.core.transmission import TransmissionConfig, degrade_image, received_image
+
+    frame = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    assert received_image(frame, TransmissionConfig(mode="none")) is frame  # no encoding, no copy
+    jpeg = TransmissionConfig(mode="jpeg", jpeg_quality=10)
+    got = received_image(frame, jpeg)
+    assert got.shape == frame.shape and not np.array_equal(got, frame)
+    assert np.array_equal(got, degrade_image(frame, jpeg).image)

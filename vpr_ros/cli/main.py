@@ -325,7 +325,9 @@ def run_eval(args: argparse.Namespace, specs: Sequence[str]) -> tuple[list, dict
     lengths = sorted(set(getattr(args, "sequence_length", None) or ()))
     velocity = _sequence_velocity(args) if lengths else (0.0, 0.0)
     check_output_dir(args.out)  # an unwritable --out is found now, not after the whole run
-    ds = getattr(args, "place_set", None) or _dataset(args)
+    ds = getattr(args, "place_set", None)
+    if ds is None:  # the demo hands a ready set; the other commands name one
+        ds = _dataset(args)
     ext = _extractor(args)
     t0 = time.perf_counter()
     k = max(max(RECALL_NS), SEQUENCE_CANDIDATES) if lengths else max(RECALL_NS)

@@ -693,3 +693,9 @@ def degrade_image(
         for image in before[-(config.gop - 1) :]:
             tx.process(image)
     return tx.process(frame)
+
+
+def received_image(frame: np.ndarray, config: TransmissionConfig) -> np.ndarray:
+    """The image that arrives when ``frame`` is sent alone (:func:`degrade_image`); ``frame`` itself,
+    without encoding, for mode ``none``."""
+    return frame if config.mode == "none" else degrade_image(frame, config).image

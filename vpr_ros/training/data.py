@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from vpr_ros.core.errors import DatasetError
 from vpr_ros.core.models.registry import Preprocess
 from vpr_ros.core.preprocess import to_tensor_batch
-from vpr_ros.core.transmission import TransmissionConfig, degrade_image
+from vpr_ros.core.transmission import TransmissionConfig, received_image
 from vpr_ros.data.bags import read_image_bag
 from vpr_ros.data.places import GroundTruth, ImageRecord, PlaceDataset, load_image_folder, load_nordland
 from vpr_ros.training.config import DataConfig
@@ -188,7 +188,7 @@ class Degrader:
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         cfg = self.configs[int(rng.integers(len(self.configs)))] if len(self.configs) > 1 else self.configs[0]
-        return image if cfg.mode == "none" else degrade_image(image, cfg).image
+        return received_image(image, cfg)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

@@ -53,7 +53,7 @@ from vpr_ros.core.fileio import atomic_path, atomic_write_text, remove_stale_tem
 from vpr_ros.core.models import read_checkpoint
 from vpr_ros.core.models.registry import VprModel
 from vpr_ros.core.preprocess import resize_rgb, to_tensor_batch
-from vpr_ros.core.transmission import TransmissionConfig, degrade_image
+from vpr_ros.core.transmission import TransmissionConfig, received_image
 from vpr_ros.data.bags import read_image_bag
 from vpr_ros.data.files import IMAGE_SUFFIXES
 from vpr_ros.data.places import (
@@ -179,10 +179,10 @@ class LinkMixConfig:
         for k in ("h264", "h265"):
             if getattr(self, k):
                 parts.append(f"{k} qp{self.qp[0]}-{self.qp[1]} {getattr(self, k):g}")
-        gray = f"; {self.gray:g} of the images grayscale" if self.gray else ""
+        extra = f"; {self.gray:g} of the images grayscale" if self.gray else ""
         if self.camera_scale is not None:
-            gray += f"; sent at {self.camera_scale[0]:g}-{self.camera_scale[1]:g}x the input size"
-        return "random link: " + ", ".join(parts) + gray
+            extra += f"; sent at {self.camera_scale[0]:g}-{self.camera_scale[1]:g}x the input size"
+        return "random link: " + ", ".join(parts) + extra
 
     def is_gray(self, seed: int, image: int) -> bool:
         """Whether pool image ``image`` is made grayscale (the same for its clean view and every draw)."""
@@ -348,8 +348,7 @@ def to_gray_rgb(image: np.ndarray) -> np.ndarray:
 
 def receive(image: np.ndarray, spec: str) -> np.ndarray:
     """``image`` as received over the link ``spec`` (at its own resolution); the image itself for ``none``."""
-    cfg = TransmissionConfig.parse(spec)
-    return image if cfg.mode == "none" else degrade_image(image, cfg).image
+    return received_image(image, TransmissionConfig.parse(spec))
 
 
 def pair_rng(seed: int, image: int, draw: int) -> np.random.Generator:
@@ -418,9 +417,12 @@ class PairStore:
                     rng = pair_rng(seed, i, d)
                     spec = mix.draw(rng)
                     scale = mix.draw_camera(rng) if spec != "none" else None
-                    sent = None if scale is None else (round(scale * h), round(scale * w))
-                    frame = image if sent is None else resize_rgb(image, sent)
-                    row.append(spec if scale is None else f"{spec}@{scale:.2f}x")
+                    if scale is None:
+                        frame, label = image, spec
+                    else:
+                        frame = resize_rgb(image, (round(scale * h), round(scale * w)))
+                        label = f"{spec}@{scale:.2f}x"
+                    row.append(label)
                     lq[i, d] = resize_rgb(receive(frame, spec), (h, w))
                 specs.append(row)
             hq.flush()

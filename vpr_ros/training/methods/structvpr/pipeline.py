@@ -45,7 +45,7 @@ from vpr_ros.core.fileio import atomic_path, atomic_write_text
 from vpr_ros.core.images import save_image
 from vpr_ros.core.models import create_model, model_from_checkpoint, read_checkpoint
 from vpr_ros.core.models.registry import Preprocess, VprModel
-from vpr_ros.core.transmission import TransmissionConfig, degrade_image
+from vpr_ros.core.transmission import TransmissionConfig, degrade_image, received_image
 from vpr_ros.data.places import GroundTruth, ImageRecord, PlaceDataset, load_kitti
 from vpr_ros.training.config import (
     DataConfig,
@@ -886,13 +886,7 @@ class StructVPR:
                 q = describe_slme(model, self.bank, files)  # type: ignore[arg-type]
             else:
                 cfg = TransmissionConfig.parse(spec)
-                q = describe(
-                    model,
-                    [
-                        r.load() if cfg.mode == "none" else degrade_image(r.load(), cfg).image
-                        for r in p.queries
-                    ],
-                )
+                q = describe(model, [received_image(r.load(), cfg) for r in p.queries])
             rec = recall_on_places(q, db, p, (1, 5, 10))
             out[label] = {int(n): float(v) for n, v in rec.items()}
         return out
