@@ -83,12 +83,13 @@ from vpr_ros.training.methods.loqi import (
     load_branch,
     validate_loss,
 )
+from vpr_ros.training.synthetic import dead_leaves_records
 
 log = logging.getLogger("vpr_ros.training.methods.general")
 
-SOURCE_KINDS = ("nordland", "ie_tower", "kitti", "rtabmap_loop", "images", "bags")
+SOURCE_KINDS = ("nordland", "ie_tower", "kitti", "rtabmap_loop", "images", "bags", "dead_leaves")
 #: The domain (dataset family) each source kind belongs to; ``images`` / ``bags`` name theirs.
-KIND_DOMAIN = {k: k for k in ("nordland", "ie_tower", "kitti", "rtabmap_loop")}
+KIND_DOMAIN = {k: k for k in ("nordland", "ie_tower", "kitti", "rtabmap_loop", "dead_leaves")}
 LINK_KINDS = ("clean", "jpeg", "resize", "h264", "h265")
 STORE_VERSION = 1
 
@@ -102,7 +103,8 @@ class SourceConfig:
 
     ``every`` / ``offset``: records ``[offset::every]`` of each list (Nordland: of each season; IE tower: of
     gallery and queries; KITTI: of each sequence). ``exclude_split``: Nordland places to leave out (the
-    held-out blocks of a place split and ``gap`` frames around them).
+    held-out blocks of a place split and ``gap`` frames around them). ``dead_leaves``: ``count``
+    procedural images of ``size`` from ``seed`` (``training/synthetic.py``; no ``root``).
     """
 
     kind: str = "nordland"
@@ -116,6 +118,9 @@ class SourceConfig:
     bags: list[str] = field(default_factory=list)  # bags: rosbag2 folders relative to root
     image_topic: str = "/camera/image_raw"  # bags
     domain: str = ""  # images / bags: the domain name on the model card (default: the folder name)
+    count: int = 1000  # dead_leaves: how many images
+    size: list[int] = field(default_factory=lambda: [240, 320])  # dead_leaves: [H, W]
+    seed: int = 0  # dead_leaves
 
 
 @dataclass
@@ -221,7 +226,10 @@ def validate_general(cfg: GeneralConfig) -> GeneralConfig:
     for i, s in enumerate(d.sources):
         where = f"data.sources[{i}]"
         check(s.kind in SOURCE_KINDS, f"{where}.kind", f"{s.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
-        check(bool(s.root), f"{where}.root", "the source folder is required")
+        check(bool(s.root) or s.kind == "dead_leaves", f"{where}.root", "the source folder is required")
+        check(s.kind != "dead_leaves" or s.count >= 1, f"{where}.count", f"must be >= 1, got {s.count}")
+        check(s.kind != "dead_leaves" or (len(s.size) == 2 and min(s.size) >= 16), f"{where}.size",
+              f"must be [H, W] with H, W >= 16, got {s.size}")
         check(s.every >= 1, f"{where}.every", f"must be >= 1, got {s.every}")
         check(0 <= s.offset < s.every, f"{where}.offset", f"must be in 0..{s.every - 1}, got {s.offset}")
         check(s.limit is None or s.limit >= 1, f"{where}.limit", f"must be >= 1 or null, got {s.limit}")
@@ -289,6 +297,8 @@ def source_records(src: SourceConfig) -> list[ImageRecord]:
         lists = [load_kitti(root, seq).database for seq in src.sequences]
     elif src.kind == "rtabmap_loop":
         lists = [load_rtabmap_loop(root).database]
+    elif src.kind == "dead_leaves":
+        lists = [list(dead_leaves_records(src.count, seed=src.seed, size=(src.size[0], src.size[1])))]
     elif src.kind == "images":
         if not root.is_dir():
             raise DatasetError(f"{root}: image folder not found")
@@ -501,7 +511,9 @@ def pool_card(cfg: GeneralConfig, n_images: int) -> dict[str, Any]:
     parts = []
     for s in cfg.data.sources:
         what = {"nordland": f"Nordland {'+'.join(s.seasons)}", "ie_tower": "IE tower",
-                "kitti": f"KITTI {'+'.join(s.sequences)}", "rtabmap_loop": "RTAB-Map loop"}.get(
+                "kitti": f"KITTI {'+'.join(s.sequences)}", "rtabmap_loop": "RTAB-Map loop",
+                "dead_leaves": f"{s.count} dead-leaves images {s.size[0]}x{s.size[1]} (synthetic, seed "
+                               f"{s.seed})"}.get(
                     s.kind, f"{s.kind} {Path(s.root).name}")
         if s.every > 1:
             what += f" (one image in {s.every}, from index {s.offset})"
