@@ -135,6 +135,17 @@ def test_packaged_students_resolve_by_their_card_key():
     assert resolve_model("general").preprocess.input_size == (240, 320)
 
 
+def test_the_default_is_the_general_student():
+    """Issue 17: ``weights="default"`` (and no weights at all) is the general student, read by its card."""
+    from vpr_ros.core.backends import model_hash
+    from vpr_ros.core.models import DEFAULT_WEIGHTS, resolve_model
+
+    assert read_card(DEFAULT_WEIGHTS).key == "general"
+    default = resolve_model("default")
+    assert default.preprocess.input_size == (240, 320)
+    assert model_hash(default) == model_hash(resolve_model("general")) == model_hash(resolve_model())
+
+
 def test_localizer_takes_a_packaged_student_by_name():
     ext, _ = build_extractor("general", "", "", "cpu", 4, backend="torch")
     assert ext.preprocess.input_size == (240, 320) and ext.dim == 448

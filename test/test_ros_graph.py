@@ -208,9 +208,10 @@ def test_runner_refuses_bad_configuration(capsys):
 
 
 def test_graph_demo_agrees_with_offline(nordland_dir, torch_home, tmp_path):
-    from vpr_ros.ros.demo import nordland_places, run_graph_demo
+    from vpr_ros.data.places import nordland_sample
+    from vpr_ros.ros.demo import run_graph_demo
 
-    places = nordland_places(nordland_dir, every=3, max_frames=24)
+    places = nordland_sample(nordland_dir, every=3, max_places=24)
     assert len(places.queries) <= 24
     paths = run_graph_demo(dataset=places, out_dir=tmp_path, weights="imagenet", input_size="native",
                            max_frames=12, rate_hz=30.0)

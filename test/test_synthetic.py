@@ -11,7 +11,8 @@ from vpr_ros.training.synthetic import dead_leaves, dead_leaves_records, leaf_ra
 
 def test_leaf_radii_follow_the_r_cubed_law():
     # p(r) = c r^-3 on [2, 8]: CDF F(x) = (2^-2 - x^-2) / (2^-2 - 8^-2); by hand, F(x) = 1/2 at
-    # x^-2 = 1/4 - (1/2)(15/64) = 8.5/64, x = 2.7440; F(x) = 0.9 at x^-2 = 1/4 - 0.9 (15/64) = 2.5/64, x = 5.0596
+    # x^-2 = 1/4 - (1/2)(15/64) = 8.5/64, x = 2.7440; F(x) = 0.9 at x^-2 = 1/4 - 0.9 (15/64) = 2.5/64,
+    # x = 5.0596
     r = leaf_radii(np.random.default_rng(0), 200_000, 2.0, 8.0)
     assert r.min() >= 2.0 and r.max() <= 8.0
     assert np.quantile(r, 0.5) == pytest.approx(2.7440, abs=0.01)

@@ -27,6 +27,7 @@ from vpr_ros.cli import train as train_commands
 from vpr_ros.core.errors import OutputError, VprError
 from vpr_ros.core.fileio import check_output_dir, display_path
 from vpr_ros.data.files import IMAGE_SUFFIXES
+from vpr_ros.data.places import PlaceDataset, nordland_sample
 
 log = logging.getLogger("vpr_ros")
 
@@ -451,7 +452,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "docs/results.md):")
         print("\n".join(format_card(read_card(DEFAULT_WEIGHTS), default=True)))
     if not args.no_ros:
-        outputs.update(_demo_ros(args, root if ds is None else ds))
+        outputs.update(_demo_ros(args, nordland_sample(root, args.every or 1) if ds is None else ds))
     print("\nplots and results:")
     for name, p in outputs.items():
         print(f"  {name:28s} {p}")
@@ -476,14 +477,13 @@ def _held_out_filter(split: dict):
     return held_out
 
 
-def _demo_ros(args: argparse.Namespace, where: Path | Any) -> dict[str, Path]:
-    """The graph part on a place set (``where``), or on Nordland places of the folder ``where``."""
+def _demo_ros(args: argparse.Namespace, places: PlaceDataset) -> dict[str, Path]:
+    """The graph part of the demo on ``places`` (its queries thinned to 80 frames)."""
     try:  # rclpy is optional: without it the demo skips its graph part
         demo = importlib.import_module("vpr_ros.ros.demo")
     except ImportError as exc:
         print(f"\n(ROS graph part skipped: {exc})")
         return {}
-    places = demo.nordland_places(where, args.every or 1) if isinstance(where, Path) else where
     return demo.run_graph_demo(dataset=places, out_dir=Path(args.out) / "ros", weights=args.weights,
                                input_size=args.input_size, backend=args.backend, precision=args.precision,
                                threads=args.threads)

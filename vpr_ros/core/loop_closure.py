@@ -53,7 +53,7 @@ from vpr_ros.core.mapdb import PlaceMap, UnknownEntryError
 #: The operating point chosen by ``vpr-ros loop-eval`` on rtabmap_loop (see docs/loop_closure.md):
 #: the highest recall at precision 1.0 for the default model, clean and degraded links alike.
 DEFAULT_EXCLUSION_WINDOW_S = 10.0
-DEFAULT_SCORE_THRESHOLD = 0.85
+DEFAULT_SCORE_THRESHOLD = 0.96  # the general student at 240x320 (LoQI 32x64: 0.85)
 DEFAULT_TOP_K = 5
 DEFAULT_MIN_INLIERS = DEFAULT_VERIFY_MIN_INLIERS
 

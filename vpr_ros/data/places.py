@@ -623,6 +623,13 @@ IE_TOWER_GT = ("area", "floor", "clip")
 _IE_NAME = re.compile(r"^(?P<clip>.+)_frame_(?P<frame>\d+)\.[A-Za-z]+$")
 
 
+def nordland_sample(root: str | Path, every: int = 3, max_places: int = 80) -> PlaceDataset:
+    """Every ``every``-th Nordland place (summer map, winter queries), thinned further to about
+    ``max_places`` places (the demo's graph run)."""
+    total = len([p for p in (Path(root) / "summer").iterdir() if p.suffix.lower() == ".png"])
+    return load_nordland(root, every=max(1, int(every), math.ceil(total / max(1, max_places))))
+
+
 def load_ie_tower(
     root: str | Path,
     *,

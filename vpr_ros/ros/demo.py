@@ -36,14 +36,14 @@ from vpr_ros.core.fileio import atomic_write_text
 from vpr_ros.core.localizer import build_extractor
 from vpr_ros.core.mapdb import PlaceMap, map_path
 from vpr_ros.core.transmission import TransmissionConfig, Transmitter
-from vpr_ros.data.places import PlaceDataset, load_nordland
+from vpr_ros.data.places import PlaceDataset
 from vpr_ros.eval.metrics import recall_at_n
 from vpr_ros.eval.offline import map_from_records
 from vpr_ros.ros import graph as node_graph
 from vpr_ros.ros.conversions import float_to_stamp, rgb_to_image_msg
 from vpr_ros.ros.runner import InProcessGraph
 
-__all__ = ["nordland_places", "run_graph_demo"]
+__all__ = ["run_graph_demo"]
 
 K = 5
 
@@ -65,13 +65,6 @@ class _Run:
 
 def _size_arg(input_size: str | tuple | None) -> str | tuple | None:
     return "" if input_size is None else input_size
-
-
-def nordland_places(root: str | os.PathLike, every: int = 3, max_frames: int = 80) -> PlaceDataset:
-    """Every ``every``-th Nordland place (summer map, winter queries), thinned further to about
-    ``max_frames`` places."""
-    total = len([p for p in (Path(root) / "summer").iterdir() if p.suffix.lower() == ".png"])
-    return load_nordland(root, every=max(1, int(every), math.ceil(total / max(1, max_frames))))
 
 
 def _database_map(ext: DescriptorExtractor, label: str, ds: PlaceDataset,

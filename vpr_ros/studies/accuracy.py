@@ -214,7 +214,7 @@ def build_models(cfg: StudyConfig) -> list[StudyModel]:
                           "Nordland (other places), JPEG q10 queries",
                           "not trained (pass StudyConfig.finetuned)")
         elif key == "loqi":
-            m = _packaged(key, "LoQI-VPR distilled (packaged default student)", LOQI_WEIGHTS,
+            m = _packaged(key, "LoQI-VPR distilled (packaged Nordland student)", LOQI_WEIGHTS,
                           "Nordland (other places), JPEG q10 queries", f"{LOQI_WEIGHTS} missing")
         elif key == "structvpr":
             m = _packaged(key, "StructVPR distilled (KITTI 05)", STRUCTVPR_WEIGHTS, "KITTI 05",

@@ -22,7 +22,7 @@ PACKAGED = {
     "general": WEIGHTS_DIR / "structvpr_mobilenetv2_general.pt",  # general low-quality student, 240x320
 }
 #: The key of the default student (``weights="default"`` and no weights at all).
-DEFAULT_KEY = "loqi"
+DEFAULT_KEY = "general"
 DEFAULT_WEIGHTS = PACKAGED[DEFAULT_KEY]
 DEFAULT_MODEL = "structvpr_mobilenetv2"
 
