@@ -43,13 +43,13 @@ LENGTH, CANDIDATES = 10, 30
 def student():
     import torch
 
-    from vpr_ros.core.models import DEFAULT_WEIGHTS
+    from vpr_ros.core.models.resolve import PACKAGED
 
-    if not DEFAULT_WEIGHTS.is_file():
-        pytest.skip("needs the packaged student")
+    if not PACKAGED["loqi"].is_file():
+        pytest.skip("needs the packaged Nordland LoQI student")
     threads = torch.get_num_threads()  # one thread (process-wide) for this module: on busy shared cores
     try:  # OpenMP's spinning workers make 2 threads several times slower; restored afterwards
-        yield build_extractor("default", "", "", "cpu", 16, threads=1)
+        yield build_extractor("loqi", "", "", "cpu", 16, threads=1)  # Nordland's own student
     finally:
         torch.set_num_threads(threads)
 

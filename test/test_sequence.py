@@ -211,16 +211,17 @@ _SEGMENTS = ["forward"] * 41 + ["stop"] * 15 + ["reverse"] * 15 + ["stop"] * 10 
 
 @pytest.fixture(scope="module")
 def nordland_similarities(nordland_dir):
-    """Held-out Nordland places, winter queries through JPEG q10, the packaged student: (S, truth)."""
+    """Held-out Nordland places, winter queries through JPEG q10, the Nordland LoQI student: (S, truth)."""
     from vpr_ros.core.extract import DescriptorExtractor
-    from vpr_ros.core.models import DEFAULT_WEIGHTS, resolve_model
+    from vpr_ros.core.models import resolve_model
+    from vpr_ros.core.models.resolve import PACKAGED
     from vpr_ros.core.transmission import TransmissionConfig, Transmitter
     from vpr_ros.data.places import load_nordland
     from vpr_ros.studies.accuracy import _is_held_out, held_out_split
 
     split = held_out_split()
-    if split is None or not DEFAULT_WEIGHTS.is_file():
-        pytest.skip("needs the packaged student and its place split")
+    if split is None or not PACKAGED["loqi"].is_file():
+        pytest.skip("needs the packaged LoQI student and its place split")
     import torch
 
     ds = load_nordland(nordland_dir)
@@ -228,7 +229,7 @@ def nordland_similarities(nordland_dir):
     qs = [r for r in ds.queries if _is_held_out(r.frame_index, split)]
     threads = torch.get_num_threads()
     try:  # one thread: on busy shared cores OpenMP's spinning workers make 2 threads far slower
-        ext = DescriptorExtractor(resolve_model(), device="cpu", batch_size=64, threads=1)
+        ext = DescriptorExtractor(resolve_model("loqi"), device="cpu", batch_size=64, threads=1)
         tx = Transmitter(TransmissionConfig.parse("jpeg:10"))
         q = ext([tx.process(r.load()).image for r in qs])
         sim = q @ ext([r.load() for r in db]).T
