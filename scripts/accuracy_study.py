@@ -62,8 +62,10 @@ def ensure_finetuned(cache: Path, teacher: str | None = None) -> tuple[Path, dic
 
     Teacher: ``teacher``, else the one named in the packaged student's sidecar when that file exists
     (the exact teacher of the deployed student), else ``training/teacher_nordland.yaml`` trained into
-    ``cache/teacher`` (seed 0, one thread: 1000 steps, 2-7 min on 2 CPU cores; bit-identical to the
-    original). Returns the checkpoint and its provenance.
+    ``cache/teacher`` (seed 0, one thread: 1000 steps, 2-7 min on 2 CPU cores). That retrained teacher is
+    not the original (measured 2026-12-04: other weights, and the control from it scores other numbers,
+    e.g. IE tower clean R@1 26.6 against 31.0), so keep the named teacher file when regenerating the
+    page. Returns the checkpoint and its provenance.
     """
     sidecar = study.LOQI_WEIGHTS.with_suffix(".json")
     named = json.loads(sidecar.read_text()).get("teacher") if sidecar.is_file() else None
