@@ -148,3 +148,20 @@ def test_demo_runs_on_another_place_set(shared_dir, torch_home, tmp_path, capsys
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["degradation"] for r in results] == ["none", "jpeg_q10", "res_0.25", "h264_qp40"]
     assert {r["n_queries"] for r in results} == {44} and {r["name"] for r in results} == {"rtabmap_loop"}
+
+
+def test_nordland_demo_keeps_to_the_held_out_places(shared_dir, torch_home, tmp_path, capsys):
+    """``demo --set nordland``: the places no packaged student trained on (the LoQI student's recorded
+    split, 700 of them), also now that the default student's own card records no Nordland split."""
+    from vpr_ros.studies.accuracy import held_out_split
+
+    assert held_out_split() is not None
+    out = tmp_path / "demo"
+    rc = main(["demo", "--shared", str(shared_dir), "--set", "nordland", "--no-ros", "--model",
+               "structvpr_mobilenetv2", "--input-size", "32x64", "--device", "cpu", "--degrade", "none",
+               "--out", str(out)])
+    assert rc == 0
+    assert "places held out from the packaged students' training: blocks of 100 frames, every 5th from 2" in (
+        capsys.readouterr().out)
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["n_queries"] for r in results] == [700]

@@ -217,7 +217,7 @@ def nordland_similarities(nordland_dir):
     from vpr_ros.core.models.resolve import PACKAGED
     from vpr_ros.core.transmission import TransmissionConfig, Transmitter
     from vpr_ros.data.places import load_nordland
-    from vpr_ros.studies.accuracy import _is_held_out, held_out_split
+    from vpr_ros.studies.accuracy import held_out_split, is_held_out
 
     split = held_out_split()
     if split is None or not PACKAGED["loqi"].is_file():
@@ -225,8 +225,8 @@ def nordland_similarities(nordland_dir):
     import torch
 
     ds = load_nordland(nordland_dir)
-    db = [r for r in ds.database if _is_held_out(r.frame_index, split)]
-    qs = [r for r in ds.queries if _is_held_out(r.frame_index, split)]
+    db = [r for r in ds.database if is_held_out(r.frame_index, split)]
+    qs = [r for r in ds.queries if is_held_out(r.frame_index, split)]
     threads = torch.get_num_threads()
     try:  # one thread: on busy shared cores OpenMP's spinning workers make 2 threads far slower
         ext = DescriptorExtractor(resolve_model("loqi"), device="cpu", batch_size=64, threads=1)

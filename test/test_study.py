@@ -91,7 +91,7 @@ def test_study_sets_hold_out_training_places_and_have_ground_truth(shared_dir):
     assert split is not None
     assert [s.name for s in (nord, kitti, rtab)] == ["nordland", "kitti05", "rtabmap_loop"]
     assert len(study.stream(nord)) == 700 and len(nord.database) == 700  # the LoQI study's validation places
-    assert all(study._is_held_out(r.frame_index, split) for r in nord.database + nord.queries)
+    assert all(study.is_held_out(r.frame_index, split) for r in nord.database + nord.queries)
     assert study.domains(kitti)["structvpr"].startswith("TRAINING DATA")  # flagged, never a plain test set
     assert len(kitti.database) == 30 and len(study.stream(kitti)) == 150
     assert all(len(p) > 0 for p in kitti.positives())

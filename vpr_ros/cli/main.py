@@ -9,8 +9,8 @@ imports the heavy modules it needs (torch, faiss, rclpy) when it runs, so buildi
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
-import json
 import logging
 import math
 import sys
@@ -410,6 +410,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     shared = Path(args.shared) if args.shared else paths.shared_root()
     from vpr_ros.core.models import DEFAULT_WEIGHTS  # the model registry imports torch
     from vpr_ros.core.models.resolve import DEFAULT_KEY
+    from vpr_ros.studies import accuracy as study  # Nordland's held-out split, the other sets' protocols
 
     key = args.set or DEFAULT_DEMO_SET.get(DEFAULT_KEY, "nordland")
     packaged = not args.weights and not args.model and DEFAULT_WEIGHTS.is_file()
@@ -420,22 +421,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise VprError(f"the demo needs the Nordland data at {root}; pass --shared or set VPR_ROS_SHARED")
         if args.input_size is None and not packaged:
             args.input_size = "128x256"  # ImageNet fallback: a size that suits Nordland's 2:1 frames
-        # The places the packaged student never saw; any model is evaluated on them, for fair comparisons.
-        split = _training_split(DEFAULT_WEIGHTS) if args.places == "held-out" else None
+        # The places no packaged student trained on (the split recorded with the Nordland LoQI student; the
+        # general student's pool leaves out the same ones); any model is evaluated on them, for fair
+        # comparisons.
+        split = study.held_out_split() if args.places == "held-out" else None
         if args.every is None:
             args.every = 1 if split else 3
         print(f"vpr_ros demo: map from Nordland summer, queries from Nordland winter ({root})")
         if split:
-            print(f"  places held out from the packaged student's training: blocks of {split['block']:g} "
-                  f"frames, every {split['val_every']}th from {split['val_offset']} (--places all for every "
-                  "place)")
+            print(f"  places held out from the packaged students' training: blocks of {split['block']:g} "
+                  f"frames, every {split['val_every']:g}th from {split['val_offset']:g} (--places all for "
+                  "every place)")
         args.dataset, args.root, args.limit = "nordland", root, None
-        args.frame_filter = _held_out_filter(split) if split else None
+        args.frame_filter = functools.partial(study.is_held_out, split=split) if split else None
     else:
-        from vpr_ros.studies.accuracy import StudyConfig, load_sets  # the study's protocol for the set
-
-        try:
-            ds = load_sets(StudyConfig(shared=shared, datasets=(key,)))[0]
+        try:  # the study's protocol for the set
+            ds = study.load_sets(study.StudyConfig(shared=shared, datasets=(key,)))[0]
         except (OSError, VprError) as exc:
             raise VprError(f"the demo needs the {key} data under {shared / 'data'} ({exc}); pass --shared or "
                            "set VPR_ROS_SHARED") from None
@@ -457,24 +458,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name, p in outputs.items():
         print(f"  {name:28s} {p}")
     return 0
-
-
-def _training_split(weights: Path) -> dict | None:
-    """The place split recorded in a packaged student's sidecar JSON (None when absent)."""
-    sidecar = weights.with_suffix(".json")
-    try:
-        split = json.loads(sidecar.read_text())["split"]
-        return {k: split[k] for k in ("block", "val_every", "val_offset")}
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
-
-
-def _held_out_filter(split: dict):
-    def held_out(frame_index: int | None) -> bool:
-        block = int(frame_index // split["block"]) if frame_index is not None else -1
-        return block % int(split["val_every"]) == int(split["val_offset"])
-
-    return held_out
 
 
 def _demo_ros(args: argparse.Namespace, places: PlaceDataset) -> dict[str, Path]:
@@ -541,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=int, default=None,
                    help="nordland: use every N-th place (default 1 on held-out places, else 3)")
     p.add_argument("--places", choices=["held-out", "all"], default="held-out",
-                   help="nordland: only places the packaged student was not trained on (default), or all")
+                   help="nordland: only places the packaged students were not trained on (default), or all")
     p.add_argument("--degrade", action="append", help=f"degradation specs (default {DEMO_DEGRADATIONS})")
     p.add_argument("--no-ros", action="store_true", help="skip the ROS graph part")
     _add_model_args(p)

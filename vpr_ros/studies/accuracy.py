@@ -294,7 +294,7 @@ def held_out_split(weights: Path = LOQI_WEIGHTS) -> dict[str, float] | None:
         return None
 
 
-def _is_held_out(frame: int | None, split: dict[str, float]) -> bool:
+def is_held_out(frame: int | None, split: dict[str, float]) -> bool:
     return frame is not None and int(frame // split["block"]) % int(split["val_every"]) == int(
         split["val_offset"]
     )
@@ -326,8 +326,8 @@ def load_sets(cfg: StudyConfig) -> list[PlaceDataset]:
                     f"{LOQI_WEIGHTS.with_suffix('.json')}: no place split; cannot hold out places"
                 )
             ds = load_nordland(data / "nordland_64x32")
-            db = [r for r in ds.database if _is_held_out(r.frame_index, split)]
-            qs = [r for r in ds.queries if _is_held_out(r.frame_index, split)]
+            db = [r for r in ds.database if is_held_out(r.frame_index, split)]
+            qs = [r for r in ds.queries if is_held_out(r.frame_index, split)]
             keep = {r.frame_index for r in qs[:: cfg.nordland_every]}
             db = [r for r in db if r.frame_index in keep] if cfg.nordland_every > 1 else db
             qs = [r for r in qs if r.frame_index in keep]
