@@ -3,9 +3,9 @@ same machine, agreement with the CPU reference, and corridor R@1 through the sta
 
 Variants (RGB uint8 frames in, preprocessing included, as a node pays it; ``make_backend``):
 ``cpu_onnx`` ONNX Runtime, CPU provider, ``--threads`` intra-op threads (2: the robot computer this project
-is measured on, the CPU default); ``cuda_fp32`` and ``cuda_fp16`` torch on the GPU (channels_last; fp16 =
-``precision: fp16``, what the GPU default of the nodes would take). Every repeat times each variant in a
-shuffled order; ratios are per repeat, medians over repeats.
+is measured on; what ``backend: auto`` runs without a GPU); ``cuda_fp32`` torch on the GPU (channels_last;
+what ``auto`` runs with one) and ``cuda_fp16`` (``precision: fp16``). Every repeat times each variant in a
+shuffled order; ratios are per repeat, medians over repeats. Results: bench/README.md section 8.
 
 Accuracy: the RTAB-Map corridor (84 real frames) described by each variant against torch fp32 on the CPU
 (max |difference|, minimum cosine), and R@1 of the study's corridor split (frames 1-40 the map, 41-84 the
@@ -29,16 +29,19 @@ from vpr_ros.core.backends import make_backend
 from vpr_ros.core.images import load_image
 from vpr_ros.core.models import parse_size, resolve_model
 from vpr_ros.core.transmission import TransmissionConfig, Transmitter
+from vpr_ros.data.places import load_rtabmap_loop, rtabmap_revisit
 from vpr_ros.eval.metrics import recall_at_n
-from vpr_ros.studies.accuracy import StudyConfig, load_sets, query_positions, stream
-from vpr_ros.studies.cross_domain import CROSS_LINKS
 
 NAME = "gpu"
 
 
+#: the cross-domain study's links (vpr_ros.studies.cross_domain.CROSS_LINKS, which needs faiss to import)
+LINKS = ("none", "jpeg:10", "resize:0.25", "h264:40", "h265:40")
+
+
 def corridor(shared):
-    """The study's corridor set and its frames (RGB uint8, as read)."""
-    (ds,) = load_sets(StudyConfig(shared=shared, datasets=("rtabmap_loop",), progress=False))
+    """The study's corridor split and its frames (RGB uint8, as read)."""
+    ds = rtabmap_revisit(load_rtabmap_loop(shared / "data" / "rtabmap_loop"))
     return ds, [load_image(r.path) for r in ds.database], [load_image(r.path) for r in ds.queries]
 
 
@@ -83,16 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     positives = ds.positives()
     ref = make_backend(model, "torch", device="cpu", channels_last=False)
     variants = gpu_variants(model)
-    frames = db + qs
-    sent = [load_image(r.path) for r in stream(ds)]
+    frames = db + qs  # the study sends the whole sequence through the link, in order
     ref_desc = ref(frames)
     agree = {k: dict(zip(("max_abs", "min_cos"), agreement(b(frames), ref_desc), strict=True))
              for k, b in variants.items()}
     recall: dict[str, dict[str, float]] = {}
-    for spec in CROSS_LINKS:
+    for spec in LINKS:
         tx = Transmitter(TransmissionConfig.parse(spec))  # the study's stream: the whole sequence, in order
-        received = [tx.process(im).image for im in sent]
-        rq = [received[i] for i in query_positions(ds)]  # the queries received, the map as recorded
+        rq = [tx.process(im).image for im in frames][len(db):]  # the queries received, the map as recorded
         recall[spec] = {k: r_at_1(b, db, rq, positives) for k, b in {"cpu_torch": ref, **variants}.items()}
     print("\nagreement with torch fp32 on the CPU (84 corridor frames):")
     for k, a in agree.items():

@@ -187,6 +187,14 @@ def test_fp16_on_cuda_agrees_with_fp32(student, real_images):  # pragma: no cove
     assert next(student.parameters()).dtype == torch.float32  # the caller's model is untouched
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_backend_leaves_the_callers_cpu_model_usable(student, real_images):  # pragma: no cover
+    cuda = make_backend(student, "torch", device="cuda")
+    assert next(student.parameters()).device.type == "cpu"  # moved a copy, not the caller's model
+    max_abs, min_cos = agree(cuda(real_images), reference(student, real_images))
+    assert min_cos >= 0.9999 and max_abs <= 1e-3
+
+
 def test_backend_is_an_inference_backend_and_describes_itself(onnx_backend):
     assert isinstance(onnx_backend, InferenceBackend)
     info = onnx_backend.describe()

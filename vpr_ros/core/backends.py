@@ -259,6 +259,8 @@ class TorchBackend(InferenceBackend):
                 raise ModelError(f"precision fp16 needs a CUDA device (got {device}); half-precision "
                                  "convolutions on CPU are slower and less accurate than fp32: use fp32")
             model = copy.deepcopy(model).half()  # leave the caller's fp32 model as it is
+        elif next(model.parameters()).device != device:
+            model = copy.deepcopy(model)  # leave the caller's model where it is (a CPU model stays usable)
         super().__init__(model, device, precision, max_batch)
         if threads:  # process-wide: torch has one intra-op pool per process
             torch.set_num_threads(int(threads))

@@ -731,6 +731,14 @@ def load_rtabmap_loop(root: str | Path) -> PlaceDataset:
                         ground_truth=GroundTruth("pairs", pairs=pairs, text="RTAB-Map's loop matrix"))
 
 
+def rtabmap_revisit(ds: PlaceDataset) -> PlaceDataset:
+    """The corridor sequence as a map and its revisit (the study's recall split): frames 1 .. N/2 - 2
+    (1-40 of 84) are the database, the rest (41-84, the second pass) the queries."""
+    n = len(ds.database)
+    half = n // 2 - 2
+    return ds.subset(database=range(half), queries=range(half, n))
+
+
 def load_kitti(root: str | Path, sequence: str = "00", *, radius_m: float = 10.0) -> PlaceDataset:
     """KITTI odometry frames ``root/<sequence>/image_0/*`` as a single traverse (every frame a database
     image and a query; positives within ``radius_m``, the query's own frame excluded), with planar

@@ -61,6 +61,7 @@ from vpr_ros.data.places import (
     load_nordland,
     load_rtabmap_loop,
     load_tokyo_pair,
+    rtabmap_revisit,
 )
 from vpr_ros.eval.loop_closure import SequenceRun, choose_operating_point, operating_stats, pr_curve
 from vpr_ros.eval.metrics import (
@@ -358,11 +359,10 @@ def load_sets(cfg: StudyConfig) -> list[PlaceDataset]:
                 "viewpoint offset + compression, no revisit (the StructVPR study's test protocol)",
             ))
         elif key == "rtabmap_loop":
-            ds = load_rtabmap_loop(data / "rtabmap_loop")
-            n = len(ds.database)
-            half = n // 2 - 2  # frames 1-40 are the map, 41-84 (the revisit) the queries
+            ds = rtabmap_revisit(load_rtabmap_loop(data / "rtabmap_loop"))
+            half, n = len(ds.database), len(ds.database) + len(ds.queries)
             sets.append(dataclasses.replace(
-                ds.subset(database=range(half), queries=range(half, n)),
+                ds,
                 title="RTAB-Map loop sequence (indoor corridor)",
                 notes=f"recall: frames 1-{half} are the map, {half + 1}-{n} the queries; loop closure: the "
                 "whole sequence through the link, as a robot streaming to a remote SLAM back end",
