@@ -9,6 +9,7 @@ launch_ros and an ament install of vpr_ros (colcon, docs/colcon.md) are importab
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import signal
@@ -143,10 +144,12 @@ def test_graph_imports_and_wires_without_rclpy():
         f"p = graph.load_params_file({str(REPO / 'config' / 'localize.yaml')!r})\n"
         "p = graph.wire(p, use_transmitter=True)\n"
         "print(*(p[n]['image_topic'] for n in ('localizer', 'loop_closure', 'transmitter')))\n"
+        "print(p['loop_closure']['score_threshold'])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["vpr/transmitted/image", "vpr/transmitted/image", "camera/image_raw"]
+    assert out.stdout.split() == ["vpr/transmitted/image", "vpr/transmitted/image", "camera/image_raw",
+                                  "0.96"]  # the default weights' card, read from its sidecar
 
 
 def test_graph_nodes_are_the_packaged_executables():
@@ -177,7 +180,7 @@ def test_wiring_rules():
     assert on["localizer"]["transmission_stats_topic"] == "link_stats"
     # the loop closure reads what the localizer reads, its matches and its map
     assert on["loop_closure"] == {"match_topic": "m", "image_topic": "link", "image_transport": "raw",
-                                  "map_path": "site.vprmap"}
+                                  "map_path": "site.vprmap", "score_threshold": 0.96}  # the default's card
     off = wire(full, use_transmitter=False)
     assert off["localizer"] == full["localizer"] and off["transmitter"] == full["transmitter"]
     lc = off["loop_closure"]
@@ -189,6 +192,45 @@ def test_wiring_rules():
     assert w["localizer"]["transmission_stats_topic"] == "mine"
     assert w["loop_closure"]["image_topic"] == "other" and w["loop_closure"]["match_topic"] == "m"
     assert full["localizer"]["image_topic"] == "cam"  # the input is not changed
+
+
+def test_the_loop_closure_threshold_is_the_one_on_the_weights_card(tmp_path):
+    """Descriptor similarities are on each model's scale: the loop-closure node gets the score_threshold
+    `vpr-ros loop-eval` chose for the localizer's weights (general 0.96, loqi 0.85, KITTI StructVPR 0.93,
+    measured on rtabmap_loop), unless its own section sets one."""
+    import shutil
+
+    from vpr_ros.core.loop_closure import DEFAULT_SCORE_THRESHOLD
+    from vpr_ros.core.models.card import read_card
+    from vpr_ros.paths import PACKAGED
+    from vpr_ros.ros.graph import wire
+
+    def threshold(params):
+        return wire(params, use_transmitter=False).get("loop_closure", {}).get("score_threshold")
+
+    assert threshold({"localizer": {"weights": "loqi"}}) == 0.85
+    assert threshold({"localizer": {"weights": "structvpr"}}) == 0.93
+    assert threshold({"*": {"weights": "general"}}) == threshold({}) == DEFAULT_SCORE_THRESHOLD == 0.96
+    assert threshold({"localizer": {"weights": "imagenet"}}) is None  # no card: the node's default
+    assert threshold({"localizer": {"weights": "loqi"}, "loop_closure": {"score_threshold": 0.9}}) == 0.9
+    bare = tmp_path / "loqi_copy.pt"  # a checkpoint without its .json sidecar: read from the file
+    shutil.copy(PACKAGED["loqi"], bare)
+    assert threshold({"localizer": {"weights": str(bare)}}) == 0.85
+    for path in PACKAGED.values():  # the sidecar the fast path reads is the checkpoint's card
+        sidecar = json.loads(path.with_suffix(".json").read_text())["card"]["loop_closure"]
+        assert sidecar == read_card(path).loop_closure
+
+
+def test_a_card_entry_states_the_operating_point_and_how_it_was_measured():
+    from vpr_ros.eval.loop_closure import card_entry
+
+    point = {"top_k": 5, "min_inliers": 25, "score_threshold": 0.9612, "max_false_inliers": 12,
+             "per_condition": {"none": {"precision": 1.0, "recall": 0.84}, "jpeg_q10": {"precision": 1.0,
+                                                                                      "recall": 0.7727}}}
+    assert card_entry(point, date="2026-12-04") == {
+        "score_threshold": 0.9612, "top_k": 5, "min_inliers": 25,
+        "measured": "vpr-ros loop-eval on rtabmap_loop, 2026-12-04: none P 1.00 R 0.84, "
+                    "jpeg_q10 P 1.00 R 0.77"}
 
 
 def test_wiring_takes_unset_sources_from_the_node_defaults():

@@ -105,6 +105,14 @@ def cmd_loop_eval(args: argparse.Namespace) -> int:
                         for k, v in op["per_condition"].items())
         print(f"  operating point: top_k {op['top_k']}, min_inliers {op['min_inliers']}, "
               f"score_threshold {op['score_threshold']:.4f} -> {per}")
+    if args.write_card:
+        from vpr_ros.core.models.card import write_card
+        from vpr_ros.eval.loop_closure import card_entry
+
+        for m in r["models"].values():
+            if m["weights"]:
+                changed = write_card(m["weights"], {"loop_closure": card_entry(m["operating_point"])})
+                print(f"{m['weights']}: card {'updated' if changed else 'unchanged'}")
     s = r["shipped"]
     print(f"\nshipped ({s['model']}): exclusion_window_s {s['exclusion_window_s']:g}, score_threshold "
           f"{s['score_threshold']:.4f}, top_k {s['top_k']}, geometric_verification true, min_inliers "
@@ -179,4 +187,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", action="append", help="extra checkpoint(s) to evaluate besides ImageNet")
     p.add_argument("--degrade", action="append", help="link specs (default none, jpeg:10, h264:40)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--write-card", action="store_true",
+                   help="record each --weights checkpoint's operating point on its model card (the launch "
+                        "file and the runner give the loop-closure node its score_threshold)")
     p.set_defaults(func=cmd_loop_eval)

@@ -210,6 +210,16 @@ def choose_operating_point(
     return point
 
 
+def card_entry(point: dict[str, Any], *, date: str | None = None) -> dict[str, Any]:
+    """The model card's ``loop_closure`` entry of an operating point (:func:`choose_operating_point`)."""
+    per = ", ".join(f"{k} P {v['precision']:.2f} R {v['recall']:.2f}"
+                    for k, v in point["per_condition"].items())
+    day = date or time.strftime("%Y-%m-%d")
+    return {"score_threshold": float(point["score_threshold"]), "top_k": int(point["top_k"]),
+            "min_inliers": int(point["min_inliers"]),
+            "measured": f"vpr-ros loop-eval on rtabmap_loop, {day}: {per}"}
+
+
 # --------------------------------------------------------------------------- rtabmap_loop evaluation
 
 LOOP_EVAL_DEGRADATIONS = ("none", "jpeg:10", "h264:40")

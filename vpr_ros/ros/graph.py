@@ -9,7 +9,8 @@ Importing it needs no rclpy: a node's module (with its ``PARAMS`` specs) is impo
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from vpr_ros.core.config_file import load_yaml, parse_value
 from vpr_ros.core.errors import ConfigError
 from vpr_ros.core.fileio import display_path
+from vpr_ros.paths import weights_file
 
 __all__ = [
     "KEEP_FILE",
@@ -121,7 +123,8 @@ class Wire:
 
     ``when``: the switch under which the wire applies (None: always). ``rule``: ``"unset"`` wires
     only a parameter the node's own section leaves unset, ``"empty"`` also one set to ``""``,
-    ``"always"`` overrides the section. A wired value beats a ``/**`` one.
+    ``"always"`` overrides the section. A wired value beats a ``/**`` one. ``derive``: a function of the
+    source's value giving the wired value (None from it: the parameter stays unset, at its default).
     """
 
     node: str
@@ -130,6 +133,28 @@ class Wire:
     value: Any = None
     when: str | None = None
     rule: str = "unset"
+    derive: Callable[[Any], Any] | None = None
+
+
+def card_score_threshold(weights: Any) -> float | None:
+    """The loop-closure score threshold on the card of the localizer's ``weights`` (None: no card value;
+    the loop-closure node keeps its default). Read from the checkpoint's ``.json`` sidecar when it has one
+    (``write_card`` keeps both; no torch), else from the checkpoint."""
+    path = weights_file(str(weights))
+    if path is None:
+        return None
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            value = (json.loads(sidecar.read_text()).get("card") or {}).get("loop_closure", {}).get(
+                "score_threshold")
+        except (ValueError, AttributeError):
+            value = None
+        if value is not None:
+            return float(value)
+    from vpr_ros.core.models.card import loop_score_threshold  # torch
+
+    return loop_score_threshold(path)
 
 
 #: How the nodes' topics connect, applied in this order. With the transmitter it reads the camera
@@ -147,12 +172,15 @@ WIRES: tuple[Wire, ...] = (
     Wire("loop_closure", "image_topic", "localizer.image_topic"),
     Wire("loop_closure", "image_transport", "localizer.image_transport"),
     Wire("loop_closure", "map_path", "localizer.map_path"),
+    # descriptor similarities are on each model's own scale: the threshold is on the weights' card
+    Wire("loop_closure", "score_threshold", "localizer.weights", derive=card_score_threshold),
 )
 
 
-def wired_params(name: str) -> tuple[str, ...]:
-    """The parameters of node ``name`` that :data:`WIRES` may set."""
-    return tuple(dict.fromkeys(w.param for w in WIRES if w.node == name))
+def wired_params(name: str, *, derived: bool = True) -> tuple[str, ...]:
+    """The parameters of node ``name`` that :data:`WIRES` may set (``derived=False``: only those that
+    take another parameter's value as it is, such as topics)."""
+    return tuple(dict.fromkeys(w.param for w in WIRES if w.node == name and (derived or w.derive is None)))
 
 
 def _source_value(params: Params, source: str) -> Any:
@@ -180,7 +208,12 @@ def wire(params: Params, *, use_transmitter: bool) -> Params:
         section = out.get(w.node, {})
         if w.rule == "unset" and w.param in section or w.rule == "empty" and section.get(w.param, "") != "":
             continue
-        out.setdefault(w.node, {})[w.param] = w.value if w.source is None else _source_value(out, w.source)
+        value = w.value if w.source is None else _source_value(out, w.source)
+        if w.derive is not None:
+            value = w.derive(value)
+            if value is None:
+                continue
+        out.setdefault(w.node, {})[w.param] = value
     return out
 
 

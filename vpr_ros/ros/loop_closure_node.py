@@ -98,7 +98,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("exclusion_window_s", DEFAULT_EXCLUSION_WINDOW_S, "candidates must be more than this many "
               "seconds older than the query (recent frames always look alike)", low=0.0, high=1e6),
     ParamSpec("score_threshold", DEFAULT_SCORE_THRESHOLD, "minimum descriptor similarity of a candidate "
-              "(cosine; model-specific, chosen by `vpr-ros loop-eval`)", low=-1.0, high=1.0),
+              "(cosine; model-specific, chosen by `vpr-ros loop-eval`: the launch file and the runner set "
+              "the one on the card of the localizer's weights when it is not given)", low=-1.0, high=1.0),
     ParamSpec("top_k", DEFAULT_TOP_K, "best candidates of a PlaceMatch that are checked", low=1, high=100),
     ParamSpec("max_closures", 1, "loop closures published per query at most (<= top_k)", low=1, high=100),
     ParamSpec("geometric_verification", True, "accept a candidate only if ORB matches agree with one "

@@ -106,6 +106,8 @@ def _comment(text: str, indent: str) -> list[str]:
 
 def _wire_text(w: graph.Wire) -> str:
     source = w.source if w.source is not None else render_value(w.value)
+    if w.derive is not None:
+        source = f"{w.derive.__name__}({source})"
     when = {"unset": "unless set here", "empty": "when empty here", "always": "always"}[w.rule]
     cond = f"with {w.when}, " if w.when else ""
     return f"{w.param} = {source} ({cond}{when})"

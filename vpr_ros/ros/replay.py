@@ -256,8 +256,9 @@ def run_replay(cfg: ReplayConfig) -> dict[str, Any]:
             "odom_topic": f"{ns}{inp.position_conn.topic}" if pos_type is Odometry else "",
         }
         # the replay's own topics beat the params file; the loop-closure node is wired to the localizer
+        # (a score_threshold the params file gives is kept: the weights' card gives it otherwise)
         lc_file = {k: v for k, v in params.get("loop_closure", {}).items()
-                   if k not in node_graph.wired_params("loop_closure")}
+                   if k not in node_graph.wired_params("loop_closure", derived=False)}
         params = node_graph.wire({**params, "localizer": {**params.get("localizer", {}), **loc_params},
                                   "loop_closure": {**lc_file, "loop_closure_topic": f"{ns}{LOOP_TOPIC}",
                                                    "diagnostics_period_s": 0.0}}, use_transmitter=False)

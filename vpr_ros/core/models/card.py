@@ -15,6 +15,11 @@ is copied; ``vpr-ros models`` and docs/results.md read it from there. Its fields
 ``cross_domain``
     written by the accuracy study (:mod:`vpr_ros.studies.cross_domain`): R@1 / R@5 per study set and link,
     each set's domain, and the in / out-of-domain means.
+``loop_closure``
+    written by ``vpr-ros loop-eval --write-card``: the loop-closure operating point chosen for this model
+    on RTAB-Map's sequence (``score_threshold``, ``top_k``, ``min_inliers``) and how it was measured. The
+    launch file and the runner give the loop-closure node this ``score_threshold`` for the localizer's
+    weights (:func:`loop_score_threshold`): descriptor similarities are on each model's own scale.
 
 The input size is not repeated in the card: it is the checkpoint's preprocessing (``model.preprocess``).
 :func:`write_card` rewrites only ``meta``; the weights and so :func:`weights_digest` stay the same.
@@ -34,6 +39,7 @@ from vpr_ros.core.backends import model_hash
 from vpr_ros.core.errors import ModelError
 from vpr_ros.core.fileio import atomic_path, atomic_write_text
 from vpr_ros.core.models.checkpoint import model_from_checkpoint, read_checkpoint
+from vpr_ros.paths import weights_file
 
 #: Study set -> dataset family (the unit of "in domain").
 SET_FAMILY = {
@@ -60,6 +66,7 @@ class ModelCard:
     train_domains: list[str] = field(default_factory=list)
     train_sets: list[str] = field(default_factory=list)
     cross_domain: dict[str, Any] = field(default_factory=dict)
+    loop_closure: dict[str, Any] = field(default_factory=dict)
 
     def domain(self, set_key: str) -> str:
         """``train`` (its training images), ``in`` (its dataset family) or ``out`` for a study set."""
@@ -93,6 +100,7 @@ def card_from_checkpoint(ckpt: dict[str, Any], path: Path) -> ModelCard:
         train_domains=[str(d) for d in card.get("train_domains", [])],
         train_sets=[str(s) for s in card.get("train_sets", [])],
         cross_domain=dict(card.get("cross_domain") or {}),
+        loop_closure=dict(card.get("loop_closure") or {}),
     )
 
 
@@ -127,6 +135,20 @@ def write_card(path: str | os.PathLike, updates: dict[str, Any]) -> bool:
     return True
 
 
+def loop_score_threshold(weights: str | os.PathLike | None) -> float | None:
+    """The loop-closure ``score_threshold`` on the card of the checkpoint ``weights`` names (as the
+    localizer's ``weights`` parameter: ``default``, a packaged key, a path); None when there is none
+    (ImageNet weights, a model name, a checkpoint without that card entry, a file that cannot be read)."""
+    path = weights_file(weights)
+    if path is None:
+        return None
+    try:
+        value = read_card(path).loop_closure.get("score_threshold")
+    except ModelError:
+        return None  # the localizer reports an unreadable checkpoint
+    return None if value is None else float(value)
+
+
 def weights_digest(path: str | os.PathLike) -> str:
     """sha256 of the model a checkpoint holds (description + every tensor), unchanged by its ``meta``."""
 
@@ -149,6 +171,11 @@ def format_card(card: ModelCard, *, default: bool = False) -> list[str]:
     lines = [f"{card.key}{tag}: {card.path.name}, input {card.size_text}, method {card.method}",
              f"    {card.title}",
              f"    trained on: {card.train_data}"]
+    lc = card.loop_closure
+    if lc.get("score_threshold") is not None:
+        lines.append(f"    loop closure: score_threshold {lc['score_threshold']:g}, top_k "
+                     f"{lc.get('top_k', '?')}, min_inliers {lc.get('min_inliers', '?')} "
+                     f"({lc.get('measured', 'how: not recorded')})")
     cd = card.cross_domain
     summary = cd.get("summary") or {}
     if not summary:

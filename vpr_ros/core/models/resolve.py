@@ -14,16 +14,10 @@ from vpr_ros.core.models.registry import VprModel, check_input_size, create_mode
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = paths.WEIGHTS_DIR
-#: The students shipped with the package (produced by ``vpr_ros.training``), by their model card's key:
-#: ``weights="loqi"`` etc. picks one (``vpr-ros models`` prints their cards).
-PACKAGED = {
-    "loqi": WEIGHTS_DIR / "structvpr_mobilenetv2_loqi.pt",  # Nordland LoQI student, 32x64
-    "structvpr": WEIGHTS_DIR / "structvpr_mobilenetv2_kitti.pt",  # KITTI StructVPR student, 96x320
-    "general": WEIGHTS_DIR / "structvpr_mobilenetv2_general.pt",  # general low-quality student, 240x320
-}
-#: The key of the default student (``weights="default"`` and no weights at all).
-DEFAULT_KEY = "general"
+PACKAGED = paths.PACKAGED  # the students shipped with the package, by their model card's key
+DEFAULT_KEY = paths.DEFAULT_KEY
 DEFAULT_WEIGHTS = PACKAGED[DEFAULT_KEY]
+weights_file = paths.weights_file
 DEFAULT_MODEL = "structvpr_mobilenetv2"
 
 
