@@ -152,9 +152,8 @@ def card_score_threshold(weights: Any) -> float | None:
             value = None
         if value is not None:
             return float(value)
-    from vpr_ros.core.models.card import loop_score_threshold  # torch
-
-    return loop_score_threshold(path)
+    card = importlib.import_module("vpr_ros.core.models.card")  # torch: only for a checkpoint without sidecar
+    return card.loop_score_threshold(path)
 
 
 #: How the nodes' topics connect, applied in this order. With the transmitter it reads the camera
