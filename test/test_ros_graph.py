@@ -194,6 +194,23 @@ def test_runner_from_config_maps_localizes_and_saves_on_sigterm(nordland_dir, to
         assert len(m.matches) == 5
 
 
+def test_runner_gives_the_loop_closure_node_the_threshold_on_the_weights_card(tmp_path):
+    """``vpr-ros localize --loop-closure`` with ``localizer.weights=loqi``: the loop-closure node starts at
+    the 0.85 on loqi's card (not the default student's 0.96); a threshold the params give wins."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for extra, expected in (([], "score >= 0.85,"), (["loop_closure.score_threshold=0.9"], "score >= 0.9,")):
+        ns = fresh_namespace()
+        sets = ["localizer.weights=loqi", "localizer.mode=map", f"localizer.map_path={tmp_path / ns[1:]}",
+                f"localizer.image_topic={ns}/camera", f"localizer.match_topic={ns}/match", *extra]
+        run = RunnerProcess(["--params", str(CONFIG), "--loop-closure",
+                             *(a for s in sets for a in ("--set", s))], env)
+        try:
+            assert run.wait_line(expected, 90.0), "\n".join(run.log)
+        finally:
+            rc = run.stop(signal.SIGTERM)
+        assert rc == 0, "\n".join(run.log)
+
+
 def test_runner_refuses_bad_configuration(capsys):
     from vpr_ros.cli.main import main
 
