@@ -193,6 +193,8 @@ def test_a_cuda_backend_leaves_the_callers_cpu_model_usable(student, real_images
     assert next(student.parameters()).device.type == "cpu"  # moved a copy, not the caller's model
     max_abs, min_cos = agree(cuda(real_images), reference(student, real_images))
     assert min_cos >= 0.9999 and max_abs <= 1e-3
+    on_gpu = copy.deepcopy(student).to("cuda:0")  # a model already there (a trainer's) is used, not copied
+    assert make_backend(on_gpu, "torch", device="cuda").model is on_gpu
 
 
 def test_backend_is_an_inference_backend_and_describes_itself(onnx_backend):

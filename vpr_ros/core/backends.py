@@ -241,6 +241,16 @@ class InferenceBackend:
         return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.describe().items())})"
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one (``cuda`` without an index is the current CUDA device)."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 class TorchBackend(InferenceBackend):
     """Eager PyTorch (``channels_last`` by default), optionally ``torch.compile``-d, fp32 or fp16 (CUDA).
 
@@ -259,7 +269,7 @@ class TorchBackend(InferenceBackend):
                 raise ModelError(f"precision fp16 needs a CUDA device (got {device}); half-precision "
                                  "convolutions on CPU are slower and less accurate than fp32: use fp32")
             model = copy.deepcopy(model).half()  # leave the caller's fp32 model as it is
-        elif next(model.parameters()).device != device:
+        elif not _same_device(next(model.parameters()).device, device):
             model = copy.deepcopy(model)  # leave the caller's model where it is (a CPU model stays usable)
         super().__init__(model, device, precision, max_batch)
         if threads:  # process-wide: torch has one intra-op pool per process
