@@ -28,15 +28,11 @@ import torch
 from vpr_ros.core.backends import make_backend
 from vpr_ros.core.images import load_image
 from vpr_ros.core.models import parse_size, resolve_model
-from vpr_ros.core.transmission import TransmissionConfig, Transmitter
+from vpr_ros.core.transmission import STANDARD_LINKS, TransmissionConfig, Transmitter
 from vpr_ros.data.places import load_rtabmap_loop, rtabmap_revisit
 from vpr_ros.eval.metrics import recall_at_n
 
 NAME = "gpu"
-
-
-#: the cross-domain study's links (vpr_ros.studies.cross_domain.CROSS_LINKS, which needs faiss to import)
-LINKS = ("none", "jpeg:10", "resize:0.25", "h264:40", "h265:40")
 
 
 def corridor(shared):
@@ -45,9 +41,8 @@ def corridor(shared):
     return ds, [load_image(r.path) for r in ds.database], [load_image(r.path) for r in ds.queries]
 
 
-def r_at_1(backend, db: list[np.ndarray], qs: list[np.ndarray], positives) -> float:
-    d, q = backend(db), backend(qs)
-    top = np.argmax(q @ d.T, axis=1)[:, None]
+def r_at_1(db_desc: np.ndarray, q_desc: np.ndarray, positives) -> float:
+    top = np.argmax(q_desc @ db_desc.T, axis=1)[:, None]
     return 100.0 * recall_at_n(top, positives, ns=(1,))[1]
 
 
@@ -87,18 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     ref = make_backend(model, "torch", device="cpu", channels_last=False)
     variants = gpu_variants(model)
     frames = db + qs  # the study sends the whole sequence through the link, in order
-    ref_desc = ref(frames)
-    agree = {k: dict(zip(("max_abs", "min_cos"), agreement(b(frames), ref_desc), strict=True))
-             for k, b in variants.items()}
+    backends = {"cpu_torch": ref, **variants}
+    clean = {k: b(frames) for k, b in backends.items()}
+    agree = {k: dict(zip(("max_abs", "min_cos"), agreement(clean[k], clean["cpu_torch"]), strict=True))
+             for k in variants}
+    db_desc = {k: d[: len(db)] for k, d in clean.items()}  # the map as recorded, described once
     recall: dict[str, dict[str, float]] = {}
-    for spec in LINKS:
+    for spec in STANDARD_LINKS:
         tx = Transmitter(TransmissionConfig.parse(spec))  # the study's stream: the whole sequence, in order
-        rq = [tx.process(im).image for im in frames][len(db):]  # the queries received, the map as recorded
-        recall[spec] = {k: r_at_1(b, db, rq, positives) for k, b in {"cpu_torch": ref, **variants}.items()}
+        rq = [tx.process(im).image for im in frames][len(db):]  # the queries as received
+        recall[spec] = {k: r_at_1(db_desc[k], b(rq), positives) for k, b in backends.items()}
     print("\nagreement with torch fp32 on the CPU (84 corridor frames):")
     for k, a in agree.items():
         print(f"  {k:10s} max |diff| {a['max_abs']:.2e}  min cos {a['min_cos']:.6f}")
-    names = ["cpu_torch", *variants]
+    names = list(backends)
     print(C.table([{"link": lb, **{k: f"{v[k]:.1f}" for k in names}} for lb, v in recall.items()],
                   ["link", *names]))
 

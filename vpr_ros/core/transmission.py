@@ -41,6 +41,8 @@ MODES = ("none", "jpeg", "resize", "h264", "h265", "bitrate")
 BITRATE_CODECS = ("jpeg", "h264", "h265")
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 MAX_QP = 51
+#: The standard links every study reports (clean, JPEG q10, 1/4 resolution, H.264 and H.265 at QP 40).
+STANDARD_LINKS = ("none", "jpeg:10", "resize:0.25", "h264:40", "h265:40")
 #: VBV buffer of the video rate controller in "bitrate" mode, in seconds of the budget. Half a
 #: second lets a keyframe borrow about five frames' worth of bits while keeping the rate close.
 VBV_SECONDS = 0.5

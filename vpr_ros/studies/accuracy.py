@@ -51,7 +51,7 @@ from vpr_ros.core.loop_closure import (
 )
 from vpr_ros.core.models import create_model, load_model
 from vpr_ros.core.models.card import weights_digest
-from vpr_ros.core.transmission import TransmissionConfig, Transmitter
+from vpr_ros.core.transmission import STANDARD_LINKS, TransmissionConfig, Transmitter
 from vpr_ros.data.places import (
     GroundTruth,
     ImageRecord,
@@ -121,7 +121,7 @@ CURVE_LINKS = ("none", "jpeg:10", "resize:0.25", "h265:40")
 #: Sequence matching (docs/sequence.md): R@1 against the sequence length L of this model on this set,
 #: over the standard links (L = 1 is the single frame).
 SEQUENCE_SET, SEQUENCE_MODEL = "nordland", "loqi"
-SEQUENCE_LINKS = ("none", "jpeg:10", "resize:0.25", "h264:40", "h265:40")
+SEQUENCE_LINKS = STANDARD_LINKS
 SEQUENCE_LENGTHS = (1, 5, 10, 20)
 SEQUENCE_CANDIDATES = 50
 GEN_BEGIN = "<!-- BEGIN GENERATED: scripts/accuracy_study.py; edits inside are overwritten -->"

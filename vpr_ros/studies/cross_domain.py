@@ -44,7 +44,7 @@ from vpr_ros.core.models.card import (
     write_card,
 )
 from vpr_ros.core.models.resolve import DEFAULT_WEIGHTS
-from vpr_ros.core.transmission import TransmissionConfig
+from vpr_ros.core.transmission import STANDARD_LINKS, TransmissionConfig
 from vpr_ros.eval.metrics import RECALL_NS, json_default, recall_at_n
 from vpr_ros.studies.accuracy import (
     _Cache,
@@ -61,7 +61,7 @@ from vpr_ros.studies.accuracy import (
 log = logging.getLogger(__name__)
 
 #: The standard links of the cross-domain table (clean, JPEG q10, 1/4 resolution, H.264 / H.265 QP 40).
-CROSS_LINKS = ("none", "jpeg:10", "resize:0.25", "h264:40", "h265:40")
+CROSS_LINKS = STANDARD_LINKS
 #: The deployment input size (H, W): what the nodes run the default student at.
 DEPLOY_SIZE = (240, 320)
 GATE_CLEAN_TOLERANCE = 0.01  # clean R@1 may be at most 1 point below the teacher's

@@ -17,7 +17,6 @@ WEIGHTS_DIR = paths.WEIGHTS_DIR
 PACKAGED = paths.PACKAGED  # the students shipped with the package, by their model card's key
 DEFAULT_KEY = paths.DEFAULT_KEY
 DEFAULT_WEIGHTS = PACKAGED[DEFAULT_KEY]
-weights_file = paths.weights_file
 DEFAULT_MODEL = "structvpr_mobilenetv2"
 
 
